@@ -1,0 +1,125 @@
+"""The `longtail` command: one plain function per subcommand."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from longtail.errors import LongtailError
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from longtail.config import load_config
+    from longtail.engine import fit
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or str(Path("runs") / Path(args.config).parent.name / Path(args.config).stem)
+    fit(cfg, out, resume=args.resume, data_root=args.data_root, download=args.download)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from longtail.engine import evaluate_run
+    from longtail.metrics import format_table
+
+    metrics = evaluate_run(args.run, args.split, args.plots, args.data_root, args.download)
+    print(format_table([(f"{args.run} ({args.split})", metrics)]))
+    for path in metrics.get("figures", []):
+        print(f"wrote {path}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from longtail.config import load_config
+    from longtail.data.describe import describe, format_description, write_indices
+
+    # Bare keys (imbalance=50) belong to the data section.
+    overrides = [o if "." in o.split("=", 1)[0] else f"data.{o}" for o in args.overrides]
+    if args.name_or_config.endswith((".yaml", ".yml")):
+        cfg = load_config(args.name_or_config, overrides)
+    else:
+        cfg = load_config(None, [f"data.name={args.name_or_config}", *overrides])
+    info = describe(cfg.data, args.data_root, args.download)
+    if args.indices:
+        write_indices(args.indices, info["indices"])
+    shown = {k: v for k, v in info.items() if k != "indices"}
+    print(json.dumps(shown, indent=2) if args.json else format_description(shown))
+
+
+def cmd_posthoc(args: argparse.Namespace) -> None:
+    from longtail.methods.posthoc import run_posthoc
+
+    run_posthoc(args.run, kind=args.kind, tau=args.tau, data_root=args.data_root)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from longtail.analysis import analyze_run
+
+    analyze_run(args.run, data_root=args.data_root)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from longtail.report import report
+
+    print(report(args.runs))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition: train, evaluate, analyse.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-root", help="dataset directory (default: data.root, $LONGTAIL_DATA, ~/.cache/longtail-data)")
+        p.add_argument("--download", action="store_true", help="fetch the official archive when it is missing")
+
+    p = sub.add_parser("train", help="train a config; writes a run directory")
+    p.add_argument("config", help="YAML config, e.g. configs/cifar10_lt/ce.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.05")
+    p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    data_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a run's exported model; writes eval-<split>.json")
+    p.add_argument("run", help="run directory or a model.pt inside one")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--plots", action="store_true", help="also draw per-class accuracy, confusion matrix, reliability")
+    data_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="show a long-tailed subset: per-class counts, groups, index sha256")
+    p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")
+    p.add_argument("overrides", nargs="*", help="overrides, e.g. imbalance=50 selection=first")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--indices", help="write the selected original train indices to this file, one per line")
+    data_options(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("posthoc", help="post-hoc logit adjustment of a finished run, folded into its head")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--kind", choices=["multiplicative", "additive"], default=None)
+    p.add_argument("--tau", type=float, default=None, help="fixed tau (default: search on the validation split)")
+    p.add_argument("--data-root")
+    p.set_defaults(func=cmd_posthoc)
+
+    p = sub.add_parser("analyze", help="FDR, cosine similarities, BN gamma, feature and classifier norms")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data-root")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="Markdown table of runs; seeds grouped into mean ± std")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LongtailError as exc:
+        print(f"longtail {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longtail {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,337 @@
+"""The run configuration: typed sections, YAML files, dotted command-line overrides.
+
+Every key has its default here, so the resolved `config.yaml` a run saves shows every setting.
+Choices are `Literal` types; validation happens before any work starts and names the bad key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from longtail.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10_lt"  # cifar10_lt | cifar100_lt | fashion_mnist_lt | imagenet_lt | places_lt | inat2018 | folder
+    root: Optional[str] = None  # null: --data-root, else $LONGTAIL_DATA, else ~/.cache/longtail-data
+    imbalance: float = 100.0
+    profile: Literal["exp", "step", "none"] = "exp"  # none: keep the dataset's natural counts
+    minority_fraction: float = 0.5
+    selection: Literal["ldam", "first"] = "ldam"
+    val_per_class: int = 0
+    subset_seed: int = 0
+    batch_size: int = 128
+    sampler: Literal["instance", "class_balanced", "sqrt"] = "instance"
+    num_workers: int = 0
+    augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
+    mean: Optional[list[float]] = None  # null: the dataset's standard values (resolved in the saved config)
+    std: Optional[list[float]] = None
+    # list-file / folder datasets (decoded in workers)
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    test_list: Optional[str] = None
+    path_remap: Optional[dict[str, str]] = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+    image_size: int = 224
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet32"  # registry name or "package.module:factory"
+    head: Literal["linear", "cosine", "etf"] = "linear"
+    head_scale: float = 1.0
+    head_bias: bool = True
+    pretrained: Optional[str] = None  # torchvision-format state dict file
+    width: int = 1024  # mlp hidden width
+    etf_seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    name: Literal["ce", "cb", "focal", "ldam", "la", "bs", "bce"] = "ce"
+    tau: float = 1.0  # logit-adjusted loss
+    beta: float = 0.9999  # class-balanced weights (cb, DRW)
+    gamma: float = 1.0  # focal
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 30.0
+    drw_start: Optional[float] = None  # fraction of training (< 1) or epoch; null: no deferred re-weighting
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["erm", "wb_stage2", "ewb", "crt", "lws", "tau_norm"] = "erm"
+    init_from: Optional[str] = None  # stage-1 run directory (or model.pt) that two-stage methods start from
+    freeze_bn: bool = True  # two-stage methods: BN statistics frozen (eval mode) while the head trains
+    maxnorm_thresh: float = 0.1
+    maxnorm_every: Literal["step", "epoch", "never"] = "step"
+    cb_variant: Literal["ce", "softmax_bce"] = "ce"
+    cache_features: bool = False  # two-stage methods with data.augment=none: compute backbone features once
+    feature_reg: float = 1.0e-2  # EWB lambda_fr
+    tau_norm_tau: Optional[float] = 1.0  # tau-normalisation; null: search on val
+
+
+@dataclass
+class MoreConfig:
+    enabled: bool = False
+    rank_ratio: float = 0.1
+    amplitude: float = 2.0  # A'; the applied amplitude is A = A' * num_classes
+    schedule: Literal["sin", "constant", "cosine", "ramp"] = "sin"
+    discrepancy: Literal["l2", "kl"] = "l2"
+    detach_general: bool = False
+    layers: list[str] = field(default_factory=lambda: ["Conv2d", "Linear"])
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns on module names
+    scale: float = 1.0  # s in W = W_g + s * B A
+    lowrank_lr: Optional[float] = None  # null: optim.lr
+    lowrank_weight_decay: Optional[float] = None  # null: optim.weight_decay
+
+
+@dataclass
+class PosthocConfig:
+    kind: Literal["none", "multiplicative", "additive"] = "none"
+    tau: Optional[float] = None  # null: search on the validation split
+    grid: list[float] = field(default_factory=lambda: [0.0, 2.0, 0.05])  # start, stop, step
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2.0e-4
+    wd_exclude_bn_bias: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr * world_size * batch_size / base_batch_size
+    base_batch_size: Optional[int] = None  # null: data.batch_size
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    warmup_epochs: float = 0.025  # fraction of training where < 1 (5 of 200 epochs), else epochs
+    milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions where < 1
+    gamma: float = 0.01  # LDAM-DRW: lr x0.01 at 80 %, x0.0001 at 90 %
+    min_lr: float = 0.0  # cosine floor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False
+    channels_last: bool = False
+    log_every: int = 50  # steps between progress-bar / TensorBoard updates
+    track_every: int = 0  # epochs between FDR / BN-gamma tracking; 0: off
+    sync_bn: bool = False
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "val"] = "test"
+    select: Literal["final", "best_val", "best_test"] = "final"
+    thresholds: Optional[list[int]] = None  # [many, few]; null: dataset default
+    ece_bins: int = 15
+    tta: Literal["none", "flip"] = "none"
+    batch_size: int = 512
+    every: int = 1  # epochs between evaluations during training
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    more: MoreConfig = field(default_factory=MoreConfig)
+    posthoc: PosthocConfig = field(default_factory=PosthocConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            allowed = ", ".join(str(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "optim.lr": cfg.optim.lr,
+        "eval.ece_bins": cfg.eval.ece_bins,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.every": cfg.eval.every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.data.imbalance < 1:
+        raise ConfigError(f"data.imbalance: must be >= 1 (max count / min count), got {cfg.data.imbalance}")
+    if not 0 < cfg.data.minority_fraction <= 1:
+        raise ConfigError(f"data.minority_fraction: must be in (0, 1], got {cfg.data.minority_fraction}")
+    for key, value in {
+        "data.val_per_class": cfg.data.val_per_class,
+        "data.num_workers": cfg.data.num_workers,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
+        "train.track_every": cfg.train.track_every,
+        "more.amplitude": cfg.more.amplitude,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0 < cfg.more.rank_ratio <= 1:
+        raise ConfigError(f"more.rank_ratio: must be in (0, 1], got {cfg.more.rank_ratio}")
+    if cfg.eval.thresholds is not None:
+        t = cfg.eval.thresholds
+        if len(t) != 2 or t[0] < t[1]:
+            raise ConfigError(f"eval.thresholds: expected [many, few] with many >= few, got {t}")
+    if len(cfg.posthoc.grid) != 3 or cfg.posthoc.grid[2] <= 0 or cfg.posthoc.grid[1] < cfg.posthoc.grid[0]:
+        raise ConfigError(f"posthoc.grid: expected [start, stop, step] with step > 0, got {cfg.posthoc.grid}")
+    if cfg.eval.select == "best_val" and cfg.data.val_per_class == 0 and cfg.data.val_list is None:
+        raise ConfigError(
+            "eval.select: best_val needs a validation split; set data.val_per_class (e.g. 20) "
+            "or choose eval.select=final"
+        )
+    if cfg.eval.split == "val" and cfg.data.val_per_class == 0 and cfg.data.val_list is None:
+        raise ConfigError("eval.split: val needs a validation split; set data.val_per_class or use eval.split=test")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
+        raise ConfigError("data.mean and data.std: must have the same number of channels")
+    if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"data.std: every entry must be > 0, got {cfg.data.std}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value is YAML: `5`, `0.05`, `true`, `null`, `[0.8, 0.9]`, `foo`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set `section.key=value` pairs on a nested dict (validated later with everything else)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. optim.lr=0.05")
+        section, key = parts
+        node = raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{section}' is not a section")
+        node[key] = _parse_scalar(text)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply `k=v` overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from longtail.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def resolve_epochs(value: float, epochs: int) -> int:
+    """Epoch-valued settings below 1 are fractions of training (0.8 of 200 epochs = epoch 160)."""
+    return int(round(value * epochs)) if value < 1 else int(value)

@@ -1,0 +1,26 @@
+"""Method registry: `method.name` -> the class implementing it (imported on first use)."""
+from __future__ import annotations
+
+import importlib
+
+from longtail.config import Config
+from longtail.methods.base import LossFn, Method, RunInfo
+
+METHODS: dict[str, str] = {
+    "erm": "longtail.methods.base:Method",
+}
+
+
+def register_method(name: str, target: str) -> None:
+    """Add a method: `target` is "package.module:Class" (a `Method` subclass)."""
+    METHODS[name] = target
+
+
+def build_method(cfg: Config, info: RunInfo, base_loss: LossFn) -> Method:
+    module, cls = METHODS[cfg.method.name].split(":")
+    method = getattr(importlib.import_module(module), cls)(cfg, info, base_loss)
+    if cfg.more.enabled:
+        from longtail.methods.more import wrap_if_enabled
+
+        method = wrap_if_enabled(method, cfg, info)
+    return method

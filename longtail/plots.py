@@ -1,0 +1,144 @@
+"""Evaluation figures: per-class accuracy against class size, confusion matrix, reliability diagram.
+
+Figures are drawn on the Agg canvas without pyplot (no global state, no display needed) and written
+atomically, so a crash never leaves a truncated PNG behind.
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from longtail.checkpoint import atomic_write_bytes
+from longtail.metrics import calibration_bins, expected_calibration_error, group_of_classes
+
+_MAX_TICKED_CLASSES = 40  # beyond this, per-class tick labels overlap into noise
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return str(path)
+
+
+def _class_ticks(ax, order: list[int], axis: str = "x") -> None:
+    if len(order) > _MAX_TICKED_CLASSES:
+        getattr(ax, f"set_{axis}ticks")([])
+        return
+    getattr(ax, f"set_{axis}ticks")(range(len(order)), [str(c) for c in order], fontsize=7)
+
+
+def plot_per_class_accuracy(
+    per_class: Sequence[Optional[float]],
+    class_counts: Sequence[int],
+    path: str | Path,
+    thresholds: Optional[Sequence[int]] = None,
+) -> str:
+    """Bars of per-class accuracy (%), classes sorted by training count, counts on a log axis.
+
+    With `thresholds` the bars are coloured by Many / Medium / Few group.
+    """
+    order = sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
+    acc = [math.nan if per_class[c] is None else per_class[c] for c in order]
+    colours = ["tab:blue"] * len(order)
+    fig = _new_figure(max(6.0, min(16.0, 0.12 * len(order))), 4.0)
+    ax = fig.add_subplot()
+    if thresholds is not None:
+        palette = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+        group = {}
+        for name, ids in zip(palette, group_of_classes(class_counts, thresholds)):
+            group.update({c: name for c in ids})
+        colours = [palette[group[c]] for c in order]
+        handles = [Patch(color=colour, label=name.capitalize()) for name, colour in palette.items()]
+        ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.bar(range(len(order)), acc, width=0.85, color=colours)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel("class (sorted by training images)")
+    _class_ticks(ax, order)
+    counts_ax = ax.twinx()
+    counts_ax.plot(range(len(order)), [class_counts[c] for c in order], color="black", marker=".", lw=1)
+    counts_ax.set_yscale("log")
+    counts_ax.set_ylabel("training images (log)")
+    ax.set_title("Per-class accuracy")
+    return _save(fig, path)
+
+
+def plot_confusion(
+    logits_or_preds: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    path: str | Path,
+    class_counts: Optional[Sequence[int]] = None,
+) -> str:
+    """Row-normalised confusion matrix (rows: true class), classes ordered from most to least frequent.
+
+    Frequency is the training count when `class_counts` is given, else the count in `targets`.
+    """
+    preds = logits_or_preds.detach().cpu()
+    if preds.ndim == 2:
+        preds = preds.argmax(dim=1)
+    targets = targets.detach().cpu().to(torch.int64)
+    cells = torch.bincount(targets * num_classes + preds.to(torch.int64), minlength=num_classes**2)
+    matrix = cells.view(num_classes, num_classes).to(torch.float64)
+    matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    freq = list(class_counts) if class_counts is not None else torch.bincount(targets, minlength=num_classes).tolist()
+    order = sorted(range(num_classes), key=lambda c: (-freq[c], c))
+    matrix = matrix[order][:, order]
+
+    side = max(4.5, min(12.0, 0.12 * num_classes + 3))
+    fig = _new_figure(side + 1, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    if num_classes <= 10:
+        for i in range(num_classes):
+            for j in range(num_classes):
+                value = float(matrix[i, j])
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value > 0.5 else "black")
+    _class_ticks(ax, order, "x")
+    _class_ticks(ax, order, "y")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (most frequent first)")
+    ax.set_title("Confusion matrix (row-normalised)")
+    return _save(fig, path)
+
+
+def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Path, bins: int = 15) -> str:
+    """Reliability diagram: accuracy per confidence bin, the gap to the diagonal, and the bin shares."""
+    conf, acc, counts = calibration_bins(logits, targets, bins)
+    ece = expected_calibration_error(logits, targets, bins)
+    width = 1.0 / bins
+    centres = [(i + 0.5) * width for i in range(bins)]
+    filled = counts > 0
+
+    fig = _new_figure(5.0, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.bar(centres, torch.where(filled, acc, 0).tolist(), width=width, color="tab:blue",
+            edgecolor="black", lw=0.5, label="accuracy")
+    top.bar(centres, torch.where(filled, conf - acc, 0).tolist(), bottom=acc.tolist(), width=width,
+            color="tab:red", alpha=0.35, edgecolor="tab:red", hatch="//", lw=0.5, label="gap to confidence")
+    top.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"Reliability diagram (ECE {ece:.2f} %, {bins} bins)")
+    bottom.bar(centres, (counts / counts.sum()).tolist(), width=width, color="gray", edgecolor="black", lw=0.5)
+    bottom.set_xlabel("confidence (max softmax)")
+    bottom.set_ylabel("share of samples")
+    return _save(fig, path)

@@ -1,0 +1,76 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longtail.config import Config, apply_overrides, from_dict, load_config, resolve_epochs, save_config
+from longtail.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*/*.yaml"))
+
+
+def test_defaults_are_the_ldam_drw_recipe():
+    cfg = Config()
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.data.batch_size) == (0.1, 0.9, 2e-4, 128)
+    assert cfg.schedule.milestones == [0.8, 0.9] and cfg.schedule.gamma == 0.01
+    assert cfg.eval.select == "final" and cfg.eval.ece_bins == 15
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_overrides_are_typed_yaml_values():
+    cfg = load_config(None, ["train.epochs=5", "optim.lr=0.05", "schedule.milestones=[0.5, 0.75]", "model.pretrained=null"])
+    assert cfg.train.epochs == 5 and cfg.optim.lr == 0.05 and cfg.schedule.milestones == [0.5, 0.75]
+    assert isinstance(load_config(None, ["optim.lr=1"]).optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.epoch=5", ["train.epoch", "known keys", "epochs"]),
+        ("trian.epochs=5", ["trian", "known keys"]),
+        ("train.epochs=five", ["train.epochs", "integer"]),
+        ("loss.name=softmax", ["loss.name", "softmax", "ce, cb, focal, ldam, la, bs, bce"]),
+        ("data.batch_size=0", ["data.batch_size", "> 0"]),
+        ("train.amp=maybe", ["train.amp", "true or false"]),
+        ("eval.select=best_val", ["best_val", "val_per_class"]),
+        ("more.rank_ratio=2", ["more.rank_ratio", "(0, 1]"]),
+        ("trainepochs", ["section.key=value"]),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["loss.name=la", "more.enabled=true"])
+    save_config(cfg, tmp_path / "config.yaml")
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert set(raw) == {"data", "model", "loss", "method", "more", "posthoc", "optim", "schedule", "train", "eval"}
+    assert from_dict(raw) == cfg
+
+
+def test_fractions_scale_with_training_length():
+    assert resolve_epochs(0.8, 200) == 160 and resolve_epochs(0.8, 10) == 8 and resolve_epochs(30, 10) == 30
+
+
+def test_apply_overrides_creates_sections():
+    assert apply_overrides({}, ["more.enabled=true"]) == {"more": {"enabled": True}}
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: -3\n")
+    proc = subprocess.run([sys.executable, "-m", "longtail", "train", str(bad), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.epochs: must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,139 @@
+"""End to end on tiny fake data: train, kill, resume, evaluate, export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fake_data import write_fashion_mnist
+from longtail.checkpoint import load_checkpoint
+from longtail.config import load_config
+from longtail.engine import fit, lr_factor
+from longtail.errors import ConfigError, DivergedError
+from longtail.methods import register_method
+from longtail.methods.base import Method
+
+TINY = [
+    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
+    "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
+    return root
+
+
+def _cli(*args, env_root):
+    env = {**os.environ, "LONGTAIL_DATA": str(env_root)}
+    return subprocess.run([sys.executable, "-m", "longtail", *args], capture_output=True, text=True, env=env)
+
+
+def test_run_directory_has_every_file(tmp_path, data_root):
+    out = tmp_path / "run"
+    results = fit(load_config(None, TINY), out, data_root=str(data_root))
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "results.json", "model.pt", "model.yaml"):
+        assert (out / name).exists(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("top1", "balanced", "many", "medium", "few", "ece", "nll", "per_class", "class_counts",
+                "thresholds", "split", "checkpoint", "epoch", "seed", "config"):
+        assert key in saved, key
+    assert saved["checkpoint"] == "final" and saved["epoch"] == 3 and saved["thresholds"] == [1000, 200]
+    assert saved["class_counts"] == results["class_counts"] and len(saved["per_class"]) == 10
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and "test" in lines[-1]
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_root):
+    overrides = [*TINY, "train.epochs=4"]
+    reference = tmp_path / "reference"
+    fit(load_config(None, overrides), reference, data_root=str(data_root))
+
+    killed = tmp_path / "killed"
+    config = tmp_path / "tiny.yaml"
+    config.write_text("")
+    env = {**os.environ, "LONGTAIL_DATA": str(data_root)}
+    proc = subprocess.Popen([sys.executable, "-m", "longtail", "train", str(config), *overrides, "--out", str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoint.pt").exists():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+
+    resumed = _cli("train", str(config), *overrides, "--out", str(killed), "--resume", env_root=data_root)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(reference / "model.pt", weights_only=True)
+    b = torch.load(killed / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (reference, killed))
+    assert ra["per_class"] == rb["per_class"] and ra["nll"] == rb["nll"]
+    epochs = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_changed_config(tmp_path, data_root):
+    out = tmp_path / "run"
+    fit(load_config(None, [*TINY, "train.epochs=1"]), out, data_root=str(data_root))
+    with pytest.raises(ConfigError, match="optim.lr"):
+        fit(load_config(None, [*TINY, "train.epochs=1", "optim.lr=0.5"]), out, resume=True, data_root=str(data_root))
+    with pytest.raises(ConfigError, match="--resume"):
+        fit(load_config(None, [*TINY, "train.epochs=1"]), out, data_root=str(data_root))
+
+
+class NanAfterFirstEpoch(Method):
+    def criterion(self, features, logits, y, progress):
+        loss, logs = super().criterion(features, logits, y, progress)
+        return (loss * float("nan") if progress >= 0.5 else loss), logs
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root):
+    register_method("nan_test", f"{__name__}:NanAfterFirstEpoch")
+    cfg = load_config(None, [*TINY, "train.epochs=2"])
+    cfg.method.name = "nan_test"
+    with pytest.raises(DivergedError, match="last good checkpoint"):
+        fit(cfg, tmp_path / "run", data_root=str(data_root))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_best_val_selection_is_recorded(tmp_path, data_root):
+    cfg = load_config(None, [*TINY, "data.val_per_class=3", "eval.select=best_val"])
+    results = fit(cfg, tmp_path / "run", data_root=str(data_root))
+    assert results["checkpoint"] == "best_val" and 1 <= results["epoch"] <= 3
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_eval_cli_reproduces_results_and_draws_plots(tmp_path, data_root):
+    out = tmp_path / "run"
+    results = fit(load_config(None, TINY), out, data_root=str(data_root))
+    proc = _cli("eval", str(out), "--plots", env_root=data_root)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((out / "eval-test.json").read_text())
+    assert again["per_class"] == results["per_class"]
+    assert abs(again["top1"] - results["top1"]) < 1e-9
+    for name in ("per_class-test.png", "confusion-test.png", "reliability-test.png"):
+        assert (out / "figures" / name).stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["top1"] == results["top1"]
+
+
+def test_schedule_warmup_then_steps():
+    cfg = load_config(None, ["train.epochs=10", "schedule.warmup_epochs=0.1"])
+    factors = [lr_factor(s, cfg, steps_per_epoch=10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[79] == 1.0 and factors[80] == pytest.approx(0.01) and factors[90] == pytest.approx(1e-4)
+    cos = load_config(None, ["train.epochs=10", "schedule.name=cosine", "schedule.warmup_epochs=0"])
+    assert lr_factor(0, cos, 10) == pytest.approx(1.0) and lr_factor(50, cos, 10) == pytest.approx(0.5)
