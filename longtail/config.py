@@ -261,13 +261,6 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"eval.thresholds: expected [many, few] with many >= few, got {t}")
     if len(cfg.posthoc.grid) != 3 or cfg.posthoc.grid[2] <= 0 or cfg.posthoc.grid[1] < cfg.posthoc.grid[0]:
         raise ConfigError(f"posthoc.grid: expected [start, stop, step] with step > 0, got {cfg.posthoc.grid}")
-    if cfg.eval.select == "best_val" and cfg.data.val_per_class == 0 and cfg.data.val_list is None:
-        raise ConfigError(
-            "eval.select: best_val needs a validation split; set data.val_per_class (e.g. 20) "
-            "or choose eval.select=final"
-        )
-    if cfg.eval.split == "val" and cfg.data.val_per_class == 0 and cfg.data.val_list is None:
-        raise ConfigError("eval.split: val needs a validation split; set data.val_per_class or use eval.split=test")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):

@@ -222,6 +222,9 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     device = dist.init_from_env(device.type) or device
     seed_everything(cfg.train.seed)
     data = build_data(cfg.data, data_root, download)
+    if data.val is None and (cfg.eval.select == "best_val" or cfg.eval.split == "val"):
+        raise ConfigError(f"eval.select={cfg.eval.select} / eval.split={cfg.eval.split} need a validation split and "
+                          f"{data.name} has none here: set data.val_per_class (e.g. 20) or give data.val_list")
     # Resolve dataset defaults into the config so the saved config.yaml shows what was used.
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
     model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size)
@@ -469,7 +472,7 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     run = load_run(path, data_root, download)
     split = run.data.val if split_name == "val" else run.data.test
     if split is None:
-        raise ConfigError(f"--split val: the run {run.run_dir} has no validation split (data.val_per_class is 0)")
+        raise ConfigError(f"--split val: the run {run.run_dir} has no validation split (data.val_per_class / data.val_list)")
     device = select_device(run.cfg.train.device)
     model = run.model.to(device)
     logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta)

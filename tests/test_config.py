@@ -38,7 +38,6 @@ def test_overrides_are_typed_yaml_values():
         ("loss.name=softmax", ["loss.name", "softmax", "ce, cb, focal, ldam, la, bs, bce"]),
         ("data.batch_size=0", ["data.batch_size", "> 0"]),
         ("train.amp=maybe", ["train.amp", "true or false"]),
-        ("eval.select=best_val", ["best_val", "val_per_class"]),
         ("more.rank_ratio=2", ["more.rank_ratio", "(0, 1]"]),
         ("trainepochs", ["section.key=value"]),
     ],

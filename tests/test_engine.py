@@ -56,12 +56,13 @@ def test_run_directory_has_every_file(tmp_path, data_root):
 
 def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_root):
     overrides = [*TINY, "train.epochs=4"]
-    reference = tmp_path / "reference"
-    fit(load_config(None, overrides), reference, data_root=str(data_root))
-
-    killed = tmp_path / "killed"
+    # Both runs in fresh processes: the same thread count, so the same floating-point reduction order.
     config = tmp_path / "tiny.yaml"
     config.write_text("")
+    reference = tmp_path / "reference"
+    assert _cli("train", str(config), *overrides, "--out", str(reference), env_root=data_root).returncode == 0
+
+    killed = tmp_path / "killed"
     env = {**os.environ, "LONGTAIL_DATA": str(data_root)}
     proc = subprocess.Popen([sys.executable, "-m", "longtail", "train", str(config), *overrides, "--out", str(killed)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,6 +116,12 @@ def test_best_val_selection_is_recorded(tmp_path, data_root):
     results = fit(cfg, tmp_path / "run", data_root=str(data_root))
     assert results["checkpoint"] == "best_val" and 1 <= results["epoch"] <= 3
     assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_best_val_without_a_validation_split_is_refused(tmp_path, data_root):
+    with pytest.raises(ConfigError, match="val_per_class"):
+        fit(load_config(None, [*TINY, "eval.select=best_val"]), tmp_path / "run", data_root=str(data_root))
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_cli_reproduces_results_and_draws_plots(tmp_path, data_root):

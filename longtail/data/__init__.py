@@ -1,0 +1,152 @@
+"""Datasets: read the files, pick the long-tailed subset, hold the splits.
+
+`build_data(data_cfg, root, download)` looks `data_cfg.name` up in a registry; other dataset kinds
+(list files, folders) add themselves with `@register_dataset(name)`.
+
+The identity of a long-tailed subset is `indices_sha256`: the SHA-256 of the selected original train
+indices, in selection order (class by class), each written as a little-endian int64 (8 bytes) —
+`hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from longtail.config import DataConfig
+from longtail.data.cifar import CIFAR10_DIR, CIFAR100_DIR, RawDataset, read_cifar10, read_cifar100
+from longtail.data.download import CIFAR10, CIFAR100, download_archive, download_fashion_mnist
+from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
+from longtail.data.profiles import lt_subset
+from longtail.data.splits import InMemorySplit, Split
+from longtail.errors import ConfigError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+
+@dataclass
+class LTData:
+    name: str
+    num_classes: int
+    class_counts: list[int]  # train images per class
+    train: Split
+    val: Optional[Split]
+    test: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_channels: int
+    image_size: int
+    default_thresholds: tuple[int, int]  # (many, few): Many > many, Few < few, Medium in between
+    indices: torch.Tensor  # original train indices (int64), selection order
+    indices_sha256: str
+    val_indices: Optional[torch.Tensor]
+    class_names: list[str]
+
+
+Builder = Callable[[DataConfig, Path, bool], LTData]
+_DATASETS: dict[str, Builder] = {}
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: `builder(data_cfg, root: Path, download: bool) -> LTData` serves `data.name: name`."""
+    def add(builder: Builder) -> Builder:
+        _DATASETS[name] = builder
+        return builder
+    return add
+
+
+def dataset_names() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def resolve_root(root: str | os.PathLike | None, data_cfg: DataConfig) -> Path:
+    """The explicit root, else data.root, else $LONGTAIL_DATA, else ~/.cache/longtail-data."""
+    chosen = root or data_cfg.root or os.environ.get("LONGTAIL_DATA") or "~/.cache/longtail-data"
+    return Path(chosen).expanduser()
+
+
+def build_data(data_cfg: DataConfig, root: str | os.PathLike | None = None, download: bool = False) -> LTData:
+    if data_cfg.name not in _DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {data_cfg.name!r}; known: {', '.join(dataset_names())}")
+    return _DATASETS[data_cfg.name](data_cfg, resolve_root(root, data_cfg), download)
+
+
+def indices_sha256(indices) -> str:
+    return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()
+
+
+def default_thresholds(num_classes: int) -> tuple[int, int]:
+    """(many, few): 1000/200 for datasets of up to 10 classes (else CIFAR-10-LT has no Few group), else 100/20."""
+    return (1000, 200) if num_classes <= 10 else (100, 20)
+
+
+def _stats(given: Optional[list[float]], default: tuple[float, ...], key: str) -> tuple[float, ...]:
+    if given is None:
+        return default
+    if len(given) != len(default):
+        raise ConfigError(f"{key}: this dataset has {len(default)} channel(s), got {len(given)} values")
+    return tuple(given)
+
+
+def from_raw(name: str, raw: RawDataset, data_cfg: DataConfig, mean: tuple[float, ...],
+             std: tuple[float, ...]) -> LTData:
+    """Pick the long-tailed subset of an in-memory dataset and wrap its splits."""
+    num_classes = len(raw.class_names)
+    subset = lt_subset(raw.train_labels, num_classes, data_cfg)
+    mean = _stats(data_cfg.mean, mean, "data.mean")
+    std = _stats(data_cfg.std, std, "data.std")
+
+    def split(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> InMemorySplit:
+        return InMemorySplit(torch.from_numpy(images[indices]), torch.from_numpy(labels[indices]),
+                             torch.from_numpy(indices), mean, std, data_cfg.augment, num_classes)
+
+    train = split(raw.train_images, raw.train_labels, subset.train)
+    val = split(raw.train_images, raw.train_labels, subset.val) if data_cfg.val_per_class > 0 else None
+    test = split(raw.test_images, raw.test_labels, np.arange(len(raw.test_labels), dtype=np.int64))
+    return LTData(
+        name=name, num_classes=num_classes, class_counts=subset.counts, train=train, val=val, test=test,
+        mean=mean, std=std, in_channels=raw.train_images.shape[1], image_size=raw.train_images.shape[2],
+        default_thresholds=default_thresholds(num_classes), indices=train.indices,
+        indices_sha256=indices_sha256(subset.train), val_indices=val.indices if val is not None else None,
+        class_names=raw.class_names,
+    )
+
+
+def _missing(name: str, expected: Path) -> ConfigError:
+    return ConfigError(f"{name}: no dataset files at {expected}; pass --download to fetch the official archive, "
+                       f"or point --data-root DIR (or $LONGTAIL_DATA) at a directory that has them")
+
+
+@register_dataset("cifar10_lt")
+def _cifar10_lt(data_cfg: DataConfig, root: Path, download: bool) -> LTData:
+    if not (root / CIFAR10_DIR).is_dir():
+        if not download:
+            raise _missing(data_cfg.name, root / CIFAR10_DIR)
+        download_archive(CIFAR10, root, CIFAR10_DIR)
+    return from_raw(data_cfg.name, read_cifar10(root), data_cfg, CIFAR_MEAN, CIFAR_STD)
+
+
+@register_dataset("cifar100_lt")
+def _cifar100_lt(data_cfg: DataConfig, root: Path, download: bool) -> LTData:
+    if not (root / CIFAR100_DIR).is_dir():
+        if not download:
+            raise _missing(data_cfg.name, root / CIFAR100_DIR)
+        download_archive(CIFAR100, root, CIFAR100_DIR)
+    return from_raw(data_cfg.name, read_cifar100(root), data_cfg, CIFAR_MEAN, CIFAR_STD)
+
+
+@register_dataset("fashion_mnist_lt")
+def _fashion_mnist_lt(data_cfg: DataConfig, root: Path, download: bool) -> LTData:
+    if not find_idx(fashion_mnist_dir(root), FASHION_MNIST_FILES[0]).exists():
+        if not download:
+            raise _missing(data_cfg.name, root / FASHION_MNIST_DIRS[0])
+        download_fashion_mnist(root / FASHION_MNIST_DIRS[0])
+    return from_raw(data_cfg.name, read_fashion_mnist(root), data_cfg, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+from longtail.data import folder, listfile  # noqa: E402,F401  (they register their datasets)

@@ -1,0 +1,120 @@
+"""In-memory splits: uint8 images in RAM, batches in a sampler's order, on-device input preparation.
+
+Samplers (each epoch as long as the split, deterministic from (seed, epoch)):
+- `instance`: a random permutation; `None`: sequential order (evaluation);
+- `class_balanced`: a class uniformly at random, then an instance of it uniformly;
+- `sqrt`: a class with probability proportional to sqrt(n_k), then an instance uniformly.
+With `world` > 1 processes, rank r takes positions r, r + world, ... of the same epoch order, padded by
+repeating its start so that all ranks see equally many samples. `idx` (position in the split) reveals
+the repeats, so gathered evaluation can drop them.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterator, Optional, Protocol, Sequence
+
+import torch
+
+from longtail.data.augment import crop_flip
+from longtail.errors import ConfigError
+
+SAMPLERS = ("instance", "class_balanced", "sqrt")
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Split(Protocol):
+    """What the engine needs from any split (in-memory here, decoded-from-files elsewhere)."""
+
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+    def __len__(self) -> int: ...
+    def class_counts(self) -> list[int]: ...
+    def batches(self, batch_size: int, *, sampler: Optional[str], seed: int, epoch: int, rank: int = 0,
+                world: int = 1, drop_last: bool = False) -> Iterator[Batch]: ...
+    def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int: ...
+    def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
+                 generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+def epoch_generator(seed: int, epoch: int, purpose: str = "sampler") -> torch.Generator:
+    """A CPU generator for one (purpose, seed, epoch). torch's CPU generator keeps only 32 bits of its
+    seed, so the three are hashed into those bits instead of being packed side by side."""
+    digest = hashlib.sha256(f"{purpose}:{seed}:{epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
+
+
+def epoch_order(labels: torch.Tensor, num_classes: int, sampler: Optional[str], seed: int,
+                epoch: int) -> torch.Tensor:
+    """Positions 0..N-1 in the order (or with the repeats) `sampler` visits them in this epoch."""
+    n = len(labels)
+    if sampler is None:
+        return torch.arange(n)
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"data.sampler: {sampler!r} is not allowed; choose one of: {', '.join(SAMPLERS)}")
+    g = epoch_generator(seed, epoch)
+    if sampler == "instance":
+        return torch.randperm(n, generator=g)
+    counts = torch.bincount(labels, minlength=num_classes)
+    weights = (counts > 0).double() if sampler == "class_balanced" else counts.double().sqrt()
+    classes = torch.multinomial(weights, n, replacement=True, generator=g)
+    # Positions sorted by class: class k occupies by_class[start[k] : start[k] + counts[k]].
+    by_class = torch.argsort(labels, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    size = counts[classes]
+    within = torch.minimum((torch.rand(n, generator=g, dtype=torch.float64) * size).long(), size - 1)
+    return by_class[start[classes] + within]
+
+
+def rank_slice(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s share of `order`, padded from its start to a multiple of `world`."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    total = math.ceil(len(order) / world) * world
+    padded = order.repeat(math.ceil(total / max(len(order), 1)))[:total]
+    return padded[rank::world]
+
+
+class InMemorySplit:
+    """uint8 images N x C x H x W, int64 labels and original file indices, all on the CPU."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                 mean: Sequence[float], std: Sequence[float], augment: str, num_classes: int):
+        if not (len(images) == len(labels) == len(indices)):
+            raise ValueError("images, labels and indices must have the same length")
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError(f"mean / std need {images.shape[1]} values (one per channel), got {len(mean)} / {len(std)}")
+        self.images, self.labels, self.indices = images, labels.long(), indices.long()
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+        per_rank = math.ceil(len(self) / world)
+        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+    def batches(self, batch_size: int, *, sampler: Optional[str] = "instance", seed: int = 0, epoch: int = 0,
+                rank: int = 0, world: int = 1, drop_last: bool = False) -> Iterator[Batch]:
+        """(uint8 images, labels, positions in this split) on the CPU."""
+        order = rank_slice(epoch_order(self.labels, self.num_classes, sampler, seed, epoch), rank, world)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            pos = order[start:start + batch_size]
+            yield self.images[pos], self.labels[pos], pos
+
+    def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 batch -> normalised float on `device`; training adds crop/flip per `augment`."""
+        x = x.to(device, non_blocking=True).float().div_(255)
+        if train and self.augment != "none":
+            x = crop_flip(x, generator, crop=self.augment == "crop_flip")
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std

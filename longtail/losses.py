@@ -1,0 +1,180 @@
+"""Base losses every method composes with: plain functions `f(logits, targets, counts, ...)`.
+
+`counts` are the training images per class (ce, focal and bce accept and ignore them, so every loss
+has the same call signature). `weight` is an optional per-class weight (as in
+`F.cross_entropy`): a weighted loss is sum_i w_{y_i} l_i / sum_i w_{y_i} for every loss here, so
+weighting means the same thing whichever loss it is applied to. `build_loss` turns the `loss`
+config section into the `LossFn(logits, targets, progress)` the methods call.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from longtail.config import LossConfig, resolve_epochs
+from longtail.errors import ConfigError
+
+Counts = Union[torch.Tensor, Sequence[int]]
+
+
+def _counts_on(counts: Counts, logits: torch.Tensor) -> torch.Tensor:
+    # float32 even for half-precision logits: a dataset's total count overflows float16
+    return torch.as_tensor(counts, dtype=torch.float32, device=logits.device)
+
+
+def _weighted_mean(per_sample: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    if weight is None:
+        return per_sample.mean()
+    w = weight.to(per_sample)[targets]
+    return (w * per_sample).sum() / w.sum()
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, counts: Optional[Counts] = None, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, weight=None if weight is None else weight.to(logits))
+
+
+def class_balanced_weights(counts: Counts, beta: float) -> torch.Tensor:
+    """Cui et al.'s inverse effective numbers, w_k = (1 - beta) / (1 - beta^n_k), rescaled to sum to C."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    if (n < 1).any():
+        counts_list = n.long().tolist()
+        raise ConfigError(f"class-balanced weights need >= 1 training image in every class; counts: {counts_list}")
+    w = (1.0 - beta) / (1.0 - beta**n)
+    return (w * len(n) / w.sum()).float()
+
+
+def class_balanced_ce(
+    logits: torch.Tensor, targets: torch.Tensor, counts: Counts, beta: float = 0.9999
+) -> torch.Tensor:
+    return cross_entropy(logits, targets, weight=class_balanced_weights(counts, beta))
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    counts: Optional[Counts] = None,
+    gamma: float = 1.0,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Lin et al.: -(1 - p_t)^gamma log p_t on the softmax probability of the target class."""
+    log_pt = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+    return _weighted_mean(-((1.0 - log_pt.exp()) ** gamma) * log_pt, targets, weight)
+
+
+def ldam_margins(counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
+    """Per-class margins proportional to n_k^(-1/4), the largest (rarest class) equal to `max_margin`."""
+    m = torch.as_tensor(counts, dtype=torch.float64) ** -0.25
+    return (m * (max_margin / m.max())).float()
+
+
+def ldam_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    counts: Counts,
+    max_margin: float = 0.5,
+    scale: float = 30.0,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Cao et al.: CE on scale * (z - m_y e_y); the margin only lowers the target logit."""
+    margins = ldam_margins(counts, max_margin).to(logits)
+    z = logits - F.one_hot(targets, logits.shape[1]).to(logits) * margins[targets][:, None]
+    return cross_entropy(scale * z, targets, weight=weight)
+
+
+def logit_adjusted_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    counts: Counts,
+    tau: float = 1.0,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Menon et al.: CE on z + tau log pi, pi the training class prior."""
+    n = _counts_on(counts, logits)
+    return cross_entropy(logits + tau * torch.log(n / n.sum()), targets, weight=weight)
+
+
+def balanced_softmax_loss(
+    logits: torch.Tensor, targets: torch.Tensor, counts: Counts, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Ren et al.: CE on z + log n."""
+    return cross_entropy(logits + torch.log(_counts_on(counts, logits)), targets, weight=weight)
+
+
+def bce_loss(
+    logits: torch.Tensor, targets: torch.Tensor, counts: Optional[Counts] = None, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Binary cross-entropy with logits on one-hot targets, averaged over classes and samples."""
+    onehot = F.one_hot(targets, logits.shape[1]).to(logits)
+    per_sample = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(dim=1)
+    return _weighted_mean(per_sample, targets, weight)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+NAMES = ("ce", "cb", "focal", "ldam", "la", "bs", "bce")
+
+
+class ConfiguredLoss:
+    """`loss(logits, targets, progress)`: the configured base loss. Class-balanced weights apply
+    throughout for `cb`, and from `drw_frac` of training on (deferred re-weighting) when
+    `loss.drw_start` is set."""
+
+    def __init__(self, loss_cfg: LossConfig, class_counts: Sequence[int], epochs: int):
+        if loss_cfg.name not in NAMES:
+            raise ConfigError(f"loss.name: unknown loss {loss_cfg.name!r}; choose one of: {', '.join(NAMES)}")
+        if not 0.0 <= loss_cfg.beta < 1.0:
+            raise ConfigError(f"loss.beta: must be in [0, 1), got {loss_cfg.beta}")
+        if loss_cfg.gamma < 0:
+            raise ConfigError(f"loss.gamma: must be >= 0, got {loss_cfg.gamma}")
+        self.cfg = loss_cfg
+        self.counts = torch.as_tensor(class_counts, dtype=torch.float32)
+        self.drw_epoch: Optional[int] = None  # the resolved DRW start, for the record
+        self.weights_from: Optional[float] = None  # progress from which the class-balanced weights apply
+        if loss_cfg.name == "cb":
+            if loss_cfg.drw_start is not None:
+                raise ConfigError("loss.drw_start: the cb loss is class-balanced from the start; "
+                                  "set loss.drw_start: null or use it with ce, focal, ldam, la, bs or bce")
+            self.weights_from = 0.0
+        elif loss_cfg.drw_start is not None:
+            if loss_cfg.drw_start < 0:
+                raise ConfigError(f"loss.drw_start: must be >= 0 (a fraction of training below 1, else an epoch), "
+                                  f"got {loss_cfg.drw_start}")
+            self.drw_epoch = resolve_epochs(loss_cfg.drw_start, epochs)
+            self.weights_from = self.drw_epoch / epochs
+        self.class_weights = None
+        if self.weights_from is not None:
+            self.class_weights = class_balanced_weights(class_counts, loss_cfg.beta)
+
+    def weight(self, progress: float) -> Optional[torch.Tensor]:
+        """The per-class weights in force at `progress` (fraction of training done), or None."""
+        if self.weights_from is not None and progress >= self.weights_from:
+            return self.class_weights
+        return None
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        if self.counts.device != logits.device:
+            self.counts = self.counts.to(logits.device)
+            if self.class_weights is not None:
+                self.class_weights = self.class_weights.to(logits.device)
+        c, n, w = self.cfg, self.counts, self.weight(progress)
+        if c.name == "focal":
+            return focal_loss(logits, targets, n, gamma=c.gamma, weight=w)
+        if c.name == "ldam":
+            return ldam_loss(logits, targets, n, max_margin=c.ldam_max_margin, scale=c.ldam_scale, weight=w)
+        if c.name == "la":
+            return logit_adjusted_loss(logits, targets, n, tau=c.tau, weight=w)
+        if c.name == "bs":
+            return balanced_softmax_loss(logits, targets, n, weight=w)
+        if c.name == "bce":
+            return bce_loss(logits, targets, n, weight=w)
+        return cross_entropy(logits, targets, n, weight=w)  # ce, and cb with its weights
+
+
+def build_loss(loss_cfg: LossConfig, class_counts: Sequence[int], epochs: int) -> LossFn:
+    """The configured loss as `LossFn(logits, targets, progress)`."""
+    if epochs < 1:
+        raise ConfigError(f"train.epochs: must be >= 1, got {epochs}")
+    return ConfiguredLoss(loss_cfg, class_counts, epochs)

@@ -1,0 +1,102 @@
+"""Models: a backbone from the registry plus the head named in the config.
+
+Contract for every model (built-in or a user's): `features(x) -> (N, d)` (penultimate: after the
+last ReLU and pooling), `feature_dim = d`, attribute `head` (features -> logits), and
+`forward(x) = head(features(x))`. A factory `f(num_classes, in_channels, image_size, model_cfg)`
+returns the backbone; `build_model` attaches the head (replacing any the factory made). A backbone
+may define `init_head(head)` to initialise or load the new head its own way.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from longtail.config import ModelConfig, from_dict
+from longtail.errors import ConfigError
+from longtail.models import mlp, resnet, resnet_cifar  # noqa: F401  (they register their models)
+from longtail.models.heads import CosineHead, ETFHead, LinearHead, build_head
+from longtail.models.registry import MODELS, get_factory, register
+
+__all__ = [
+    "MODELS", "register", "get_factory", "build_model", "model_spec", "load_exported",
+    "build_head", "LinearHead", "CosineHead", "ETFHead",
+]
+
+
+def _check_contract(model: nn.Module, name: str, num_classes: int, in_channels: int, image_size: int) -> None:
+    """Run two blank images through the model so a mismatch fails at build time with a clear message."""
+    need = "a model needs features(x) -> (N, feature_dim), an int feature_dim and forward(x) = head(features(x))"
+    x = torch.zeros(2, in_channels, image_size, image_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feats = model.features(x)
+            if not isinstance(feats, torch.Tensor) or feats.shape != (2, model.feature_dim):
+                got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+                raise ConfigError(f"model.name: {name}: features() gave {got} for 2 images, expected "
+                                  f"(2, {model.feature_dim}); {need}")
+            logits = model(x)
+            expected = model.head(feats)
+            if not isinstance(logits, torch.Tensor) or logits.shape != (2, num_classes) or not torch.allclose(
+                logits, expected, rtol=1e-4, atol=1e-5
+            ):
+                raise ConfigError(f"model.name: {name}: forward(x) is not head(features(x)) with {num_classes} "
+                                  f"classes; {need}")
+    finally:
+        model.train(was_training)
+
+
+def build_model(model_cfg: ModelConfig, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """The backbone named by `model.name` with the head named by `model.head`."""
+    model = get_factory(model_cfg.name)(num_classes, in_channels, image_size, model_cfg)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {model_cfg.name} returned {type(model).__name__}, not a torch nn.Module")
+    d = getattr(model, "feature_dim", None)
+    if not callable(getattr(model, "features", None)) or not isinstance(d, int) or d < 1:
+        raise ConfigError(
+            f"model.name: {model_cfg.name} lacks a features(x) method or a positive int feature_dim; "
+            "every model needs both (see longtail.models)"
+        )
+    head = build_head(model_cfg, d, num_classes)
+    if hasattr(model, "init_head"):
+        model.init_head(head)
+    model.head = head
+    _check_contract(model, model_cfg.name, num_classes, in_channels, image_size)
+    return model
+
+
+def model_spec(model_cfg: ModelConfig, model: nn.Module, num_classes: int, in_channels: int, image_size: int) -> dict:
+    """What `model.yaml` records so that `model.pt` reloads into the same architecture.
+
+    The head settings are read off `model.head`, because a method may have swapped it since the
+    model was built (post-hoc adjustment folds an etf head into a linear one).
+    """
+    spec = dataclasses.asdict(model_cfg)
+    del spec["pretrained"]  # the trained weights are in model.pt
+    head = model.head
+    if isinstance(head, CosineHead):
+        spec.update(head="cosine", head_scale=head.scale)
+    elif isinstance(head, (nn.Linear, ETFHead)):
+        kind = "etf" if isinstance(head, ETFHead) else "linear"
+        spec.update(head=kind, head_scale=1.0, head_bias=head.bias is not None)
+    else:
+        raise TypeError(f"cannot export a model whose head is a {type(head).__name__}: load_exported rebuilds only "
+                        "LinearHead, CosineHead and ETFHead heads; fold it into one of those first")
+    return {"model": spec, "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+
+
+def load_exported(spec: dict, state_dict: dict) -> nn.Module:
+    """Rebuild the architecture `spec` (a loaded `model.yaml`) describes and load `state_dict` into it."""
+    keys = ("model", "num_classes", "in_channels", "image_size")
+    if not isinstance(spec, dict) or any(k not in spec for k in keys) or not isinstance(spec["model"], dict):
+        raise ConfigError(f"model.yaml: expected a mapping with keys {', '.join(keys)} ('model' a mapping)")
+    model_cfg = from_dict({"model": {**spec["model"], "pretrained": None}}).model
+    model = build_model(model_cfg, spec["num_classes"], spec["in_channels"], spec["image_size"])
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.pt does not fit the architecture in model.yaml ({model_cfg.name}): {exc}") from None
+    return model
