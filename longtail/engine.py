@@ -197,9 +197,11 @@ def train_one_epoch(
                 writer.add_scalar("train/lr", lr, step)
                 for key, value in logs.items():
                     writer.add_scalar(f"train/{key}", float(value), step)
+    dist.average_bn_stats(model)  # before evaluation and checkpointing, so every rank holds the same model
     method.after_epoch(model, epoch)
     elapsed = time.perf_counter() - start
-    stats = {f"train_{k}" if k == "loss" else k: dist.all_reduce_mean(v / steps, device) for k, v in sums.items()}
+    means = dist.mean_over_ranks({k: v / steps for k, v in sums.items()}, device)
+    stats = {f"train_{k}" if k == "loss" else k: v for k, v in means.items()}
     stats.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=seen * dist.world_size() / elapsed,
                  epoch_seconds=elapsed)
     return stats
@@ -234,8 +236,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
                    run_dir=str(run_dir) if run_dir else None)
     method = build_method(cfg, info, build_loss(cfg.loss, data.class_counts, cfg.train.epochs))
     model = method.prepare(model).to(device)
-    if cfg.train.sync_bn and dist.world_size() > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.sync_bn:
+        model = dist.convert_sync_batchnorm(model, device)
     if cfg.train.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     dist.broadcast_model(model)
@@ -299,11 +301,17 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         state = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # The schedule is rebuilt at this run's step rather than loaded: steps per epoch and the linearly
+        # scaled lr depend on the number of processes, which may differ from the run that saved it.
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["initial_lr"] = base_lr
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps),
+                                                      last_epoch=(state["epoch"] + 1) * steps - 1)
         scaler.load_state_dict(state["scaler"])
         _restore_rng(state["rng"])
         start_epoch, best = state["epoch"] + 1, state["best"]
-        _truncate_metrics(out / "metrics.jsonl", start_epoch)
+        if dist.is_main():
+            _truncate_metrics(out / "metrics.jsonl", start_epoch)
     elif dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -346,7 +354,9 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         dist.barrier()
     if writer is not None:
         writer.close()
-    return finish(run, out, best)
+    results = finish(run, out, best)
+    dist.cleanup()
+    return results
 
 
 def finish(run: Run, out: Path, best: dict) -> dict:
@@ -391,7 +401,8 @@ def finish(run: Run, out: Path, best: dict) -> dict:
     if dist.is_main():
         export_model(model, cfg, data, out)
         atomic_write_json(out / "results.json", results)
-        print(format_table([(f"{cfg.method.name}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)]))
+        print(format_table([(f"{results['method']}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)]))
+    dist.barrier()  # no rank returns before rank 0 has written the run's files
     return results
 
 

@@ -1,0 +1,290 @@
+"""MORE (model rebalancing, SPEC §3): all of it in one file.
+
+Each selected weight becomes W = W_g + s * B A (a `torch.nn.utils.parametrize` parametrization, so
+W_g stays the layer's own parameter). Every step runs the model twice: with the low-rank part (full)
+and without it (general only). L_MORE, the class-prior-weighted discrepancy between the two outputs,
+penalises head-class samples most, which pushes the low-rank part toward the tail classes. Its
+weight alpha(t) follows a schedule over training. After training the parts merge into plain
+weights, so the exported model is the base architecture and costs nothing extra at inference.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from longtail.config import Config, MoreConfig
+from longtail.errors import ConfigError
+from longtail.methods.base import Method, RunInfo
+
+SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
+# Second stages retrain the classifier of a finished run (WB's MaxNorm even edits `head.weight` in place,
+# which a decomposed head only computes): MORE belongs in the stage-1 run, whose model.pt is merged.
+SECOND_STAGES = ("wb_stage2", "crt", "lws", "tau_norm")
+
+
+class LowRank(nn.Module):
+    """The parametrization W_g -> W_g + s * B A (B: out x r, A: r x fan_in), switchable off."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator, order: list[str]):
+        super().__init__()
+        self.order = order  # the owner's parameter names in registration order, restored by `merge`
+        out, fan_in = weight.shape[0], weight[0].numel()
+        # Kaiming-uniform with a = sqrt(5), nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        # Drawn by hand because nn.init takes a generator only from torch 2.2 on.
+        a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+        self.A = nn.Parameter(a.to(weight))
+        # B = 0: the decomposed model starts as exactly the plain model.
+        self.B = nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype, device=weight.device))
+        self.scale = scale
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        return weight + self.scale * (self.B @ self.A).view_as(weight)
+
+
+def lowrank_rank(weight_shape: torch.Size | tuple[int, ...], rank_ratio: float) -> int:
+    """r = max(1, round(rank_ratio * min(out, fan_in))); a conv weight is viewed as out x (in/groups*kh*kw)."""
+    out, fan_in = weight_shape[0], math.prod(weight_shape[1:])
+    return max(1, round(rank_ratio * min(out, fan_in)))
+
+
+def layer_types(names: list[str]) -> tuple[type[nn.Module], ...]:
+    """`more.layers` names -> module classes; a kind MORE cannot decompose is an error, not a skip."""
+    unknown = [n for n in names if n not in SUPPORTED_LAYERS]
+    if unknown:
+        raise ConfigError(
+            f"more.layers: cannot decompose {unknown[0]!r}; supported layer kinds: {', '.join(SUPPORTED_LAYERS)}"
+        )
+    return tuple(SUPPORTED_LAYERS[n] for n in names)
+
+
+def decompose(model: nn.Module, more: MoreConfig, seed: int = 0) -> list[str]:
+    """Add a low-rank part to every selected trainable weight in place; returns the module names."""
+    types = layer_types(more.layers)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, types) or any(fnmatch.fnmatchcase(name, p) for p in more.exclude):
+            continue
+        weight = module.weight
+        # A buffer (fixed ETF head) or a frozen weight does not train, so it has nothing to rebalance.
+        if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+            continue
+        chosen.append((name, module))
+    if not chosen:
+        raise ConfigError(
+            f"more: no trainable layer of kinds {more.layers} is left after more.exclude={more.exclude}; "
+            "loosen more.exclude or set more.enabled=false"
+        )
+    for _, module in chosen:
+        rank = lowrank_rank(module.weight.shape, more.rank_ratio)
+        part = LowRank(module.weight, rank, more.scale, generator, order=list(module._parameters))
+        parametrize.register_parametrization(module, "weight", part)
+    return [name for name, _ in chosen]
+
+
+def _lowrank_parts(model: nn.Module) -> list[LowRank]:
+    return [m for m in model.modules() if isinstance(m, LowRank)]
+
+
+def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The A and B matrices of every decomposed layer."""
+    return [p for part in _lowrank_parts(model) for p in (part.A, part.B)]
+
+
+@contextmanager
+def general_only(model: nn.Module) -> Iterator[None]:
+    """Inside the block every layer computes with W_g alone."""
+    parts = _lowrank_parts(model)
+    for part in parts:
+        part.enabled = False
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.enabled = True
+
+
+@contextmanager
+def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BN still normalises with batch statistics, but its running statistics come out unchanged.
+
+    The block updates throw-away copies. Copying the old values back in place instead would bump the
+    buffers' version counters, which autograd checks: the full pass saved them for its backward.
+    """
+    saved = [
+        (m, name, buf)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for name, buf in m.named_buffers(recurse=False)
+        if name in ("running_mean", "running_var", "num_batches_tracked")
+    ]
+    for m, name, buf in saved:
+        setattr(m, name, buf.clone())
+    try:
+        yield
+    finally:
+        for m, name, buf in saved:
+            setattr(m, name, buf)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold W_g + s B A into plain weights: the base architecture and state-dict keys, same outputs.
+
+    A weight that carries other parametrizations besides MORE's has them folded in too.
+    """
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        parts = [p for p in module.parametrizations["weight"] if isinstance(p, LowRank)]
+        if not parts:
+            continue
+        for part in parts:
+            part.enabled = True
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        # Re-registering moved `weight` last; restore the order so model.pt lists keys as the base model does.
+        module._parameters = {k: module._parameters[k] for k in parts[0].order}
+    return model
+
+
+def alpha(schedule: str, amplitude: float, progress: float) -> float:
+    """alpha(t) for progress = t / T; `amplitude` is the applied A (already times num_classes)."""
+    angle = math.pi * progress
+    if schedule == "sin":
+        return amplitude * math.sin(angle)
+    if schedule == "constant":
+        return amplitude
+    if schedule == "cosine":
+        return amplitude * (1 + math.cos(angle)) / 2
+    if schedule == "ramp":
+        return amplitude * (1 - math.cos(angle)) / 2
+    raise ConfigError(f"more.schedule: {schedule!r} is not allowed; choose one of: sin, constant, cosine, ramp")
+
+
+def discrepancy(z_full: torch.Tensor, z_gen: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample ||z_full - z_gen||^2 (`l2`) or KL(softmax(z_full) || softmax(z_gen)) (`kl`), shape (N,)."""
+    z_full, z_gen = z_full.float(), z_gen.float()  # half-precision logits under AMP
+    if kind == "l2":
+        return (z_full - z_gen).pow(2).sum(dim=1)
+    if kind == "kl":
+        log_full, log_gen = F.log_softmax(z_full, dim=1), F.log_softmax(z_gen, dim=1)
+        return (log_full.exp() * (log_full - log_gen)).sum(dim=1)
+    raise ConfigError(f"more.discrepancy: {kind!r} is not allowed; choose one of: l2, kl")
+
+
+def sample_weights(targets: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
+    """pi_y per sample; for multi-hot targets the mean prior of its positive labels (none: the smallest prior)."""
+    if targets.ndim == 1:
+        return class_prior[targets]
+    positives = (targets > 0).to(class_prior.dtype)
+    count = positives.sum(dim=1)
+    mean_prior = (positives @ class_prior) / count.clamp(min=1)
+    return torch.where(count > 0, mean_prior, class_prior.min())
+
+
+def more_loss(
+    z_full: torch.Tensor, z_gen: torch.Tensor, targets: torch.Tensor, class_prior: torch.Tensor, kind: str = "l2"
+) -> torch.Tensor:
+    """L_MORE = mean_i pi_{y_i} * discrepancy(z_full_i, z_gen_i)."""
+    return (sample_weights(targets, class_prior) * discrepancy(z_full, z_gen, kind)).mean()
+
+
+def more_loss_multilabel(
+    z_full: torch.Tensor,
+    z_gen: torch.Tensor,
+    targets_multihot: torch.Tensor,
+    class_prior: torch.Tensor,
+    kind: str = "l2",
+) -> torch.Tensor:
+    """L_MORE for multi-hot targets (N x C): each sample weighted by the mean prior of its positive labels."""
+    if targets_multihot.ndim != 2:
+        shape = tuple(targets_multihot.shape)
+        raise ValueError(f"targets_multihot: expected an N x C multi-hot tensor, got shape {shape}")
+    return more_loss(z_full, z_gen, targets_multihot, class_prior, kind)
+
+
+class More(Method):
+    """Wraps another method: its forward and criterion, plus the general-only pass and L_MORE."""
+
+    def __init__(self, inner: Method, cfg: Config, info: RunInfo):
+        super().__init__(cfg, info, inner.base_loss)
+        layer_types(cfg.more.layers)  # refuse unsupported kinds before any work starts
+        if cfg.method.name in SECOND_STAGES:
+            raise ConfigError(
+                f"more.enabled: MORE trains a whole model in one stage, but method.name={cfg.method.name} retrains "
+                "the classifier of a stage-1 run; enable MORE in the stage-1 run instead (its model.pt is merged) "
+                "or set more.enabled=false"
+            )
+        self.inner = inner
+        self.more = cfg.more
+        self.amplitude = cfg.more.amplitude * info.num_classes
+        self.class_prior = info.prior.to(info.device)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = self.inner.prepare(model)
+        decompose(model, self.more, seed=self.cfg.train.seed)
+        return model
+
+    def train_split(self, split: Any, model: nn.Module) -> Any:
+        return self.inner.train_split(split, model)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        groups = self.inner.param_groups(model)
+        if self.more.lowrank_lr is None and self.more.lowrank_weight_decay is None:
+            return groups  # A and B train like W_g (SPEC §3 default)
+        lowrank = lowrank_parameters(model)
+        ids = {id(p) for p in lowrank}
+        split = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+        wd = self.more.lowrank_weight_decay
+        group = {"params": lowrank, "weight_decay": self.cfg.optim.weight_decay if wd is None else wd}
+        if self.more.lowrank_lr is not None:
+            group["lr"] = self.more.lowrank_lr
+        return [g for g in split if g["params"]] + [group]
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.forward(model, x)
+
+    def criterion(
+        self, features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, progress: float
+    ) -> tuple[torch.Tensor, dict]:
+        return self.inner.criterion(features, logits, y, progress)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[torch.Tensor, dict]:
+        features, z_full = self.inner.forward(model, x)
+        loss, logs = self.inner.criterion(features, z_full, y, progress)
+        a = alpha(self.more.schedule, self.amplitude, progress)
+        # The general pass needs a graph only when L_MORE's gradient flows through it (alpha != 0, not detached).
+        needs_grad = a != 0 and not self.more.detach_general
+        grad = needs_grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), general_only(model), bn_stats_frozen(model):
+            _, z_gen = self.inner.forward(model, x)
+        l_more = more_loss(z_full, z_gen, y, self.class_prior, self.more.discrepancy)
+        logs = {**logs, "more_alpha": a, "more_loss": l_more.detach()}
+        return loss + a * l_more, logs
+
+    def train_mode(self, model: nn.Module) -> None:
+        self.inner.train_mode(model)
+
+    def after_step(self, model: nn.Module) -> None:
+        self.inner.after_step(model)
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        self.inner.after_epoch(model, epoch)
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        # Merge first, so the inner method's folding (EWB's post-hoc adjustment) acts on plain weights.
+        return self.inner.finalize(merge(model))
+
+
+def wrap_if_enabled(method: Method, cfg: Config, info: RunInfo) -> Method:
+    """`build_method` calls this last: MORE around any method when `more.enabled` is true."""
+    return More(method, cfg, info) if cfg.more.enabled else method
