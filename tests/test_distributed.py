@@ -1,0 +1,240 @@
+"""Multi-process training under torchrun: 2 CPU processes (gloo) on tiny fake Fashion-MNIST-LT.
+
+One 2-process MORE run is the reference. A second run, identical but for rank 1 failing in the middle of
+epoch 2, must end the launcher with an error and leave its epoch-1 checkpoint, which then resumes on 2
+processes (to the reference's exact weights) and on 1 process (on that world size's lr schedule).
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fake_data import write_fashion_mnist, write_idx
+from longtail import distributed
+from longtail.config import load_config
+from longtail.data.idx import read_idx
+from longtail.data.splits import SAMPLERS, InMemorySplit, epoch_order
+from longtail.engine import effective_lr, lr_factor
+from longtail.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
+                                reason="this torch build has no gloo backend for CPU processes")
+
+TEST_IMAGES = 99  # odd: the 2-process evaluation pads one duplicate, which must not be counted
+TRAIN = [
+    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=mlp", "model.width=32",
+    "train.epochs=3", "optim.lr=0.05", "optim.lr_scaling=linear", "schedule.name=cosine", "eval.batch_size=16",
+    "more.enabled=true",
+]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+# `longtail` with rank 1 raising at its LONGTAIL_TEST_FAIL_AT-th gradient all-reduce, while rank 0 waits in it.
+DRIVER = """
+import os, sys
+from longtail import distributed
+from longtail.cli import main
+
+fail_at, average, calls = int(os.environ["LONGTAIL_TEST_FAIL_AT"]), distributed.average_gradients, [0]
+
+def average_or_fail(model):
+    calls[0] += 1
+    if distributed.rank() == 1 and calls[0] == fail_at:
+        raise RuntimeError("injected failure of rank 1")
+    average(model)
+
+distributed.average_gradients = average_or_fail
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _launch(args: list, env: dict, timeout: float = 150) -> tuple[subprocess.CompletedProcess, float]:
+    """Run to completion; past `timeout` kill the whole process group (launcher and workers) and fail."""
+    start = time.monotonic()
+    proc = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, args))} still ran after {timeout} s (hung?)\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err), time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("data")
+    fake = write_fashion_mnist(root, train_per_class=40, test_per_class=10)
+    for name, ndim in (("t10k-images-idx3-ubyte", 3), ("t10k-labels-idx1-ubyte", 1)):
+        write_idx(fake.path / name, read_idx(fake.path / f"{name}.gz", ndim)[:TEST_IMAGES], gz=True)
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**base, "LONGTAIL_DATA": str(root), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text("")
+    return path
+
+
+def _train(config: Path, out: Path, *extra: str) -> list:
+    return ["train", config, *TRAIN, "--out", out, *extra]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env, config) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    done, _ = _launch([*TORCHRUN, "-m", "longtail", *_train(config, out)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory, env, config) -> tuple[Path, subprocess.CompletedProcess, float]:
+    tmp = tmp_path_factory.mktemp("crash")
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    steps = math.ceil(math.ceil(199 / 2) / 16)  # 199 training images at imbalance 5; batch 16 per rank
+    out = tmp / "run"
+    done, seconds = _launch([*TORCHRUN, driver, *_train(config, out)], {**env, "LONGTAIL_TEST_FAIL_AT": str(steps + 3)})
+    return out, done, seconds
+
+
+def test_two_process_results_equal_a_single_process_eval_of_the_exported_model(reference, env):
+    results = json.loads((reference / "results.json").read_text())
+    assert results["world_size"] == 2 and results["effective_batch_size"] == 32
+    assert results["effective_lr"] == pytest.approx(0.1)  # linear rule: 0.05 * 2 processes * 16 / 16
+    assert results["num_samples"] == TEST_IMAGES  # the padding duplicate is dropped
+
+    done, _ = _launch([sys.executable, "-m", "longtail", "eval", reference], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = json.loads((reference / "eval-test.json").read_text())
+    assert single["num_samples"] == TEST_IMAGES
+    # Identical only if both ranks evaluated rank 0's exported weights, BN running statistics included.
+    assert results["per_class"] == single["per_class"]
+    for key in ("top1", "balanced", "many", "medium", "few"):
+        assert results[key] == single[key], key
+    assert results["nll"] == pytest.approx(single["nll"], rel=1e-5)
+    assert results["ece"] == pytest.approx(single["ece"], rel=1e-4, abs=1e-6)
+
+
+def test_more_runs_on_two_processes(reference):
+    results = json.loads((reference / "results.json").read_text())
+    assert results["method"] == "erm+more"
+    records = _metrics(reference)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all("more_loss" in r and math.isfinite(r["more_loss"]) for r in records)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    merged = torch.load(reference / "model.pt", weights_only=True)
+    assert not any("parametrizations" in k for k in merged)  # the low-rank parts were merged before export
+
+
+def test_a_failing_rank_ends_the_launch_with_an_error_instead_of_hanging(crashed):
+    out, done, seconds = crashed
+    assert done.returncode != 0
+    assert "injected failure of rank 1" in done.stderr
+    assert seconds < 120, f"the launcher needed {seconds:.0f} s to give up"
+    assert not (out / "results.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0  # epoch 1 was saved, epoch 2 was not
+
+
+def test_crashed_run_resumes_on_two_processes_to_the_uninterrupted_weights(crashed, reference, env, config, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(crashed[0], out)
+    done, _ = _launch([*TORCHRUN, "-m", "longtail", *_train(config, out, "--resume")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["epoch"] for r in _metrics(out)] == [1, 2, 3]
+    resumed = torch.load(out / "model.pt", weights_only=True)
+    uninterrupted = torch.load(reference / "model.pt", weights_only=True)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_two_process_checkpoint_resumes_on_one_process_with_its_own_schedule(crashed, env, config, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(crashed[0], out)
+    done, _ = _launch([sys.executable, "-m", "longtail", *_train(config, out, "--resume")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 1 and results["effective_batch_size"] == 16
+    records = _metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    # From epoch 2 on, the lr is that of a 1-process run: its steps per epoch, its linearly scaled lr.
+    cfg = load_config(None, TRAIN)
+    steps = math.ceil(199 / 16)
+    assert records[1]["lr"] == pytest.approx(effective_lr(cfg) * lr_factor(2 * steps, cfg, steps), rel=1e-9)
+    assert records[0]["lr"] != pytest.approx(records[1]["lr"])
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shares_interleave_to_the_single_process_epoch_order(sampler, world):
+    labels = torch.repeat_interleave(torch.arange(5), torch.tensor([40, 20, 9, 4, 2]))  # 75 images, long-tailed
+    split = InMemorySplit(torch.zeros(len(labels), 1, 2, 2, dtype=torch.uint8), labels, torch.arange(len(labels)),
+                          mean=[0.5], std=[0.5], augment="none", num_classes=5)
+    for epoch in (0, 1):
+        order = epoch_order(labels, 5, sampler, seed=3, epoch=epoch)
+        shares = [torch.cat([idx for _, _, idx in split.batches(8, sampler=sampler, seed=3, epoch=epoch,
+                                                                 rank=r, world=world)]) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1 and len(shares[0]) == math.ceil(len(labels) / world)
+        interleaved = torch.stack(shares, dim=1).reshape(-1)
+        assert torch.equal(interleaved[:len(labels)], order)
+        assert torch.equal(interleaved[len(labels):], order[:len(interleaved) - len(labels)])  # padding only
+
+
+def _collectives_worker(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                             timeout=timedelta(seconds=30))
+    try:
+        cpu = torch.device("cpu")
+        # A key logged by one rank only must neither hang the other nor be diluted by it.
+        logged = {"loss": 1.0 + 2 * rank, **({"tail_only": 5.0} if rank == 1 else {})}
+        assert distributed.mean_over_ranks(logged, cpu) == {"loss": 2.0, "tail_only": 5.0}
+
+        model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
+        model[0].bias.requires_grad_(False)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, rank + 1.0)
+        model[0].bias.grad = None
+        model[1].bias.grad = None  # no gradient on any rank: stays None
+        if rank == 0:
+            model[2].bias.grad = None  # a gradient on rank 1 only: averaged with a zero
+        distributed.average_gradients(model)
+        assert torch.equal(model[0].weight.grad, torch.full((3, 2), 1.5))
+        assert model[0].bias.grad is None and model[1].bias.grad is None
+        assert torch.equal(model[2].bias.grad, torch.tensor([1.0]))
+
+        model[1].running_mean.fill_(rank)
+        model[1].running_var.fill_(1.0 + 2 * rank)
+        distributed.average_bn_stats(model)
+        assert torch.equal(model[1].running_mean, torch.full((3,), 0.5))
+        assert torch.equal(model[1].running_var, torch.full((3,), 2.0))
+
+        with pytest.raises(ConfigError, match="train.sync_bn"):
+            distributed.convert_sync_batchnorm(model, cpu)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_collective_helpers_agree_across_two_ranks(tmp_path):
+    # fork, not spawn: the workers need nothing re-imported (two torch imports take ~10 s on a loaded machine).
+    mp.start_processes(_collectives_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
