@@ -155,7 +155,8 @@ def train_one_epoch(
     method.train_mode(model)
     steps = split.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
     total_steps = cfg.train.epochs * steps
-    aug_gen = epoch_generator(cfg.train.seed, epoch, purpose=1)
+    # Offset by rank so that the i-th image of every rank's batch does not get the same crop and flip.
+    aug_gen = epoch_generator(cfg.train.seed + 7919 * dist.rank(), epoch, purpose=1)
     batches = split.batches(
         cfg.data.batch_size, sampler=cfg.data.sampler, seed=cfg.train.seed, epoch=epoch,
         rank=dist.rank(), world=dist.world_size(),
