@@ -261,6 +261,9 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"eval.thresholds: expected [many, few] with many >= few, got {t}")
     if len(cfg.posthoc.grid) != 3 or cfg.posthoc.grid[2] <= 0 or cfg.posthoc.grid[1] < cfg.posthoc.grid[0]:
         raise ConfigError(f"posthoc.grid: expected [start, stop, step] with step > 0, got {cfg.posthoc.grid}")
+    if cfg.posthoc.kind != "none" and cfg.model.head == "cosine":
+        raise ConfigError("posthoc.kind: a cosine head normalises its weights, so a logit adjustment cannot be folded "
+                          "into it; use model.head linear or etf, or posthoc.kind none")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):

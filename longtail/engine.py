@@ -228,6 +228,9 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     if data.val is None and (cfg.eval.select == "best_val" or cfg.eval.split == "val"):
         raise ConfigError(f"eval.select={cfg.eval.select} / eval.split={cfg.eval.split} need a validation split and "
                           f"{data.name} has none here: set data.val_per_class (e.g. 20) or give data.val_list")
+    if data.val is None and cfg.posthoc.kind != "none" and cfg.posthoc.tau is None:
+        raise ConfigError(f"posthoc.tau: null means searching tau on the validation split, and {data.name} has none "
+                          "here: set data.val_per_class (e.g. 20) or give a fixed posthoc.tau")
     # Resolve dataset defaults into the config so the saved config.yaml shows what was used.
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
     model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size)
@@ -290,7 +293,14 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         raise ConfigError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
     run = setup(cfg, data_root, download, out)
     model, method, device, data = run.model, run.method, run.device, run.data
-    optimizer = build_optimizer(cfg, method.param_groups(model))
+    groups = method.param_groups(model)
+    if not any(group["params"] for group in groups):
+        # Nothing trains (tau-normalisation): the method's finalize does all the work.
+        if dist.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        return finish(run, out, {"metric": None, "epoch": None}, epoch=0)
+    optimizer = build_optimizer(cfg, groups)
     steps = run.info.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
@@ -360,10 +370,10 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
     return results
 
 
-def finish(run: Run, out: Path, best: dict) -> dict:
+def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict:
     """Select the checkpoint, finalise the method, apply post-hoc adjustment, evaluate and export."""
     cfg, model, data, device = run.cfg, run.model, run.data, run.device
-    epoch = cfg.train.epochs
+    epoch = cfg.train.epochs if epoch is None else epoch
     if cfg.eval.select != "final":
         state = load_checkpoint(out / "best.pt", map_location=device)
         model.load_state_dict(state["model"])
@@ -397,6 +407,7 @@ def finish(run: Run, out: Path, best: dict) -> dict:
         "effective_lr": effective_lr(cfg),
         "world_size": dist.world_size(),
         "posthoc": posthoc,
+        "method_record": run.info.extra or None,
         "config": cfg.to_dict(),
     }
     if dist.is_main():

@@ -21,13 +21,13 @@ from longtail.metrics import calibration_bins, expected_calibration_error, group
 _MAX_TICKED_CLASSES = 40  # beyond this, per-class tick labels overlap into noise
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: str | Path) -> str:
+def save_figure(fig: Figure, path: str | Path) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
@@ -54,7 +54,7 @@ def plot_per_class_accuracy(
     order = sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
     acc = [math.nan if per_class[c] is None else per_class[c] for c in order]
     colours = ["tab:blue"] * len(order)
-    fig = _new_figure(max(6.0, min(16.0, 0.12 * len(order))), 4.0)
+    fig = new_figure(max(6.0, min(16.0, 0.12 * len(order))), 4.0)
     ax = fig.add_subplot()
     if thresholds is not None:
         palette = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
@@ -74,7 +74,7 @@ def plot_per_class_accuracy(
     counts_ax.set_yscale("log")
     counts_ax.set_ylabel("training images (log)")
     ax.set_title("Per-class accuracy")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(
@@ -100,7 +100,7 @@ def plot_confusion(
     matrix = matrix[order][:, order]
 
     side = max(4.5, min(12.0, 0.12 * num_classes + 3))
-    fig = _new_figure(side + 1, side)
+    fig = new_figure(side + 1, side)
     ax = fig.add_subplot()
     image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="Blues", interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
@@ -115,7 +115,7 @@ def plot_confusion(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class (most frequent first)")
     ax.set_title("Confusion matrix (row-normalised)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Path, bins: int = 15) -> str:
@@ -126,7 +126,7 @@ def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Pa
     centres = [(i + 0.5) * width for i in range(bins)]
     filled = counts > 0
 
-    fig = _new_figure(5.0, 6.0)
+    fig = new_figure(5.0, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.bar(centres, torch.where(filled, acc, 0).tolist(), width=width, color="tab:blue",
             edgecolor="black", lw=0.5, label="accuracy")
@@ -141,4 +141,4 @@ def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Pa
     bottom.bar(centres, (counts / counts.sum()).tolist(), width=width, color="gray", edgecolor="black", lw=0.5)
     bottom.set_xlabel("confidence (max softmax)")
     bottom.set_ylabel("share of samples")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -8,6 +8,11 @@ from longtail.methods.base import LossFn, Method, RunInfo
 
 METHODS: dict[str, str] = {
     "erm": "longtail.methods.base:Method",
+    "wb_stage2": "longtail.methods.weight_balancing:WBStage2",
+    "ewb": "longtail.methods.ewb:EWB",
+    "crt": "longtail.methods.decoupled:CRT",
+    "lws": "longtail.methods.decoupled:LWS",
+    "tau_norm": "longtail.methods.decoupled:TauNorm",
 }
 
 

@@ -1,0 +1,271 @@
+"""The EWB paper's evidence as numbers (SPEC §2.4): how separable, how aligned and how large features
+and classifier vectors are, and what weight decay does to BatchNorm scales.
+
+All statistics are computed in float64 on penultimate features taken with the eval transform.
+`track` is the cheap subset the engine logs every `train.track_every` epochs; `analyze_run` is
+`longtail analyze RUN_DIR` (analysis.json plus figures).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from longtail import distributed as dist
+from longtail.checkpoint import atomic_write_json
+from longtail.metrics import gather_unique
+from longtail.plots import new_figure, save_figure
+
+# A dimension whose spread is below this fraction of its mean is constant for FDR purposes (as in EWB's code).
+FLAT_DIM_RATIO = 1e-3
+
+
+@torch.no_grad()
+def collect_features(
+    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (N x d, float32, CPU) and labels of a whole split in split order, eval transform."""
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    feats, labels, idxs = [], [], []
+    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
+    for x, y, idx in batches:
+        feats.append(model.features(split.to_input(x, device, train=False, generator=None)).float().cpu())
+        labels.append(y)
+        idxs.append(idx)
+    for m, mode in zip(model.modules(), modes):
+        m.training = mode  # restore per module: a stage-2 model keeps its frozen BN layers in eval mode
+    features, targets, _ = gather_unique(torch.cat(feats), torch.cat(labels), torch.cat(idxs))
+    return features, targets
+
+
+def _float64(features: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return features.detach().cpu().double().numpy(), labels.detach().cpu().long().numpy()
+
+
+def fisher_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """FDR = tr(S_w^+ S_b) over the classes present, after dropping near-constant dimensions.
+
+    S_b = sum_k n_k (mu_k - mu)(mu_k - mu)^T, S_w = sum_k sum_{i in k} (x_i - mu_k)(x_i - mu_k)^T.
+    """
+    x, y = _float64(features, labels)
+    keep = x.std(axis=0) > FLAT_DIM_RATIO * np.abs(x.mean(axis=0))
+    x = x[:, keep]
+    if x.shape[1] == 0:
+        return 0.0
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    means = np.zeros((len(classes), x.shape[1]))
+    np.add.at(means, inverse, x)
+    means /= counts[:, None]
+    within = x - means[inverse]
+    between = means - x.mean(axis=0)
+    s_w = within.T @ within
+    s_b = (between * counts[:, None]).T @ between
+    return float(np.trace(np.linalg.pinv(s_w, hermitian=True) @ s_b))
+
+
+def cosine_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Mean cosine similarity over feature pairs i != j of the same class and of different classes
+    (pooled over pairs), and the class x class matrix of mean cosines (diagonal: pairs i != j;
+    NaN where a class has too few samples)."""
+    x, y = _float64(features, labels)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    u = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # a zero feature has cosine 0 with anything
+    n = np.bincount(y, minlength=num_classes).astype(np.float64)
+    sums = np.zeros((num_classes, x.shape[1]))
+    np.add.at(sums, y, u)
+    self_dots = np.bincount(y, weights=(u * u).sum(axis=1), minlength=num_classes)  # sum_i ||u_i||^2 per class
+    dots = sums @ sums.T  # [k, l] = sum over i in k, j in l of u_i . u_j
+    same = np.diag(dots) - self_dots
+    pairs = np.outer(n, n)
+    np.fill_diagonal(pairs, n * (n - 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        matrix = np.where(pairs > 0, (dots - np.diag(self_dots)) / pairs, np.nan)
+    same_pairs = (n * (n - 1)).sum()
+    diff_pairs = n.sum() ** 2 - (n * n).sum()
+    diff_sum = dots.sum() - np.diag(dots).sum()
+    return {
+        "same": float(same.sum() / same_pairs) if same_pairs else math.nan,
+        "different": float(diff_sum / diff_pairs) if diff_pairs else math.nan,
+        "matrix": matrix,
+    }
+
+
+def class_feature_norms(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[Optional[float]]:
+    """Mean ||f_i|| per class (None for a class with no samples)."""
+    x, y = _float64(features, labels)
+    n = np.bincount(y, minlength=num_classes)
+    total = np.bincount(y, weights=np.linalg.norm(x, axis=1), minlength=num_classes)
+    return [float(t / c) if c else None for t, c in zip(total, n)]
+
+
+def classifier_norms(head: nn.Module) -> Optional[list[float]]:
+    """||w_k|| of each class vector of a head with a K x d `weight` (ETF: its fixed norms); else None."""
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return None
+    return weight.detach().double().norm(dim=1).tolist()
+
+
+def bn_gammas(model: nn.Module) -> dict:
+    """Mean and std of BatchNorm scales per layer and over all of them together (None without BN)."""
+    layers, everything = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            g = module.weight.detach().double().cpu()
+            layers.append({"name": name, "mean": float(g.mean()), "std": float(g.std(unbiased=False)),
+                           "numel": g.numel()})
+            everything.append(g)
+    if not everything:
+        return {"layers": [], "mean": None, "std": None}
+    g = torch.cat(everything)
+    return {"layers": layers, "mean": float(g.mean()), "std": float(g.std(unbiased=False))}
+
+
+def feature_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    cos = cosine_stats(features, labels, num_classes)
+    return {
+        "fdr": fisher_ratio(features, labels),
+        "cos_same": cos["same"],
+        "cos_different": cos["different"],
+        "cos_matrix": cos["matrix"],
+        "feature_norms": class_feature_norms(features, labels, num_classes),
+        "feature_norm_mean": float(features.double().norm(dim=1).mean()),
+    }
+
+
+def track(model: nn.Module, split: Any, device: torch.device) -> dict:
+    """Scalars logged during training: FDR, cosines and mean feature norm on `split`, BN gamma mean/std."""
+    features, labels = collect_features(model, split, device)
+    stats = feature_stats(features, labels, int(labels.max()) + 1)
+    gammas = bn_gammas(model)
+    return {
+        "fdr": stats["fdr"],
+        "cos_same": stats["cos_same"],
+        "cos_different": stats["cos_different"],
+        "feature_norm_mean": stats["feature_norm_mean"],
+        "bn_gamma_mean": gammas["mean"],
+        "bn_gamma_std": gammas["std"],
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN -> None (JSON has no NaN), arrays -> lists."""
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def tracked_history(run_dir: Path) -> list[dict]:
+    """The `track` records of metrics.jsonl, one per tracked epoch."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"epoch": r["epoch"], **r["track"]} for r in records if "track" in r]
+
+
+def _by_frequency(class_counts: list[int]) -> list[int]:
+    return sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
+
+
+def plot_norms(result: dict, class_counts: list[int], path: Path) -> str:
+    """Per-class mean feature norm (train, test) and classifier row norm against class sorted by frequency."""
+    order = _by_frequency(class_counts)
+    fig = new_figure(7.0, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for split, style in (("train", "-o"), ("test", "--s")):
+        norms = result["splits"][split]["feature_norms"]
+        values = [math.nan if norms[c] is None else norms[c] for c in order]
+        top.plot(range(len(order)), values, style, ms=3, label=split)
+    top.set_ylabel("mean feature norm")
+    top.legend(fontsize=8)
+    top.set_title("Feature and classifier norms per class")
+    if result["classifier_norms"] is not None:
+        bottom.plot(range(len(order)), [result["classifier_norms"][c] for c in order], "-o", ms=3, color="tab:red")
+    bottom.set_ylabel("classifier row norm")
+    bottom.set_xlabel("class rank by training images (most frequent first)")
+    return save_figure(fig, path)
+
+
+def plot_cosine_matrix(matrix: np.ndarray, class_counts: list[int], path: Path, title: str) -> str:
+    order = _by_frequency(class_counts)
+    fig = new_figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix[order][:, order], cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="mean cosine similarity")
+    ax.set_xlabel("class rank (most frequent first)")
+    ax.set_ylabel("class rank (most frequent first)")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_tracking(history: list[dict], path: Path) -> str:
+    epochs = [h["epoch"] for h in history]
+    fig = new_figure(7.0, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(epochs, [h["fdr"] for h in history], "-o", ms=3)
+    top.set_ylabel("FDR (train features)")
+    top.set_title("Tracked during training")
+    means = np.array([math.nan if h["bn_gamma_mean"] is None else h["bn_gamma_mean"] for h in history])
+    stds = np.array([math.nan if h["bn_gamma_std"] is None else h["bn_gamma_std"] for h in history])
+    bottom.plot(epochs, means, "-o", ms=3, label="mean")
+    bottom.fill_between(epochs, means - stds, means + stds, alpha=0.3, label="± std")
+    bottom.set_ylabel("BN gamma")
+    bottom.set_xlabel("epoch")
+    bottom.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def analyze_run(run_dir: str | Path, data_root: Optional[str] = None) -> dict:
+    """`longtail analyze RUN_DIR`: statistics of the exported model on train and test features,
+    written to RUN_DIR/analysis.json, with figures under RUN_DIR/figures/."""
+    from longtail.engine import load_run, select_device
+
+    run = load_run(run_dir, data_root)
+    device = select_device(run.cfg.train.device)
+    model = run.model.to(device)
+    counts = list(run.data.class_counts)
+    results = run.results or {}
+    result: dict = {
+        "run_dir": str(run.run_dir),
+        "checkpoint": results.get("checkpoint"),
+        "posthoc": results.get("posthoc") and {k: results["posthoc"][k] for k in ("kind", "tau")},
+        "class_counts": counts,
+        "splits": {},
+        "bn_gamma": bn_gammas(model),
+        "classifier_norms": classifier_norms(model.head),
+        "tracked": tracked_history(run.run_dir),
+    }
+    for name, split in (("train", run.data.train), ("test", run.data.test)):
+        features, labels = collect_features(model, split, device, run.cfg.eval.batch_size)
+        result["splits"][name] = feature_stats(features, labels, len(counts))
+    figures = run.run_dir / "figures"
+    result["figures"] = [plot_norms(result, counts, figures / "norms.png")]
+    for name in ("train", "test"):
+        matrix = result["splits"][name]["cos_matrix"]
+        result["figures"].append(
+            plot_cosine_matrix(matrix, counts, figures / f"cosine-{name}.png", f"Class x class cosine ({name})"))
+    if result["tracked"]:
+        result["figures"].append(plot_tracking(result["tracked"], figures / "tracking.png"))
+    result = _jsonable(result)
+    atomic_write_json(run.run_dir / "analysis.json", result)
+    for name in ("train", "test"):
+        s = result["splits"][name]
+        print(f"{name}: FDR {s['fdr']:.3f}, cosine same {s['cos_same']:.3f} / different {s['cos_different']:.3f}, "
+              f"mean feature norm {s['feature_norm_mean']:.3f}")
+    if result["bn_gamma"]["mean"] is not None:
+        print(f"BN gamma: mean {result['bn_gamma']['mean']:.4f}, std {result['bn_gamma']['std']:.4f}")
+    print(f"wrote {run.run_dir / 'analysis.json'} and {len(result['figures'])} figures in {figures}")
+    return result

@@ -1,0 +1,89 @@
+"""`longtail report RUN_DIR...`: finished runs side by side as one Markdown table.
+
+Runs whose resolved configs differ only in `train.seed` (and in keys that do not change what is
+computed, such as the device) are one row: mean ± sample standard deviation over the seeds. A
+two-stage run's `method.init_from` counts by the recipe of the stage-1 run it names, so stage-2 runs
+of different seeds, each from its own stage-1 seed, still group together.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Optional
+
+from longtail.engine import RESUME_FREE_KEYS
+from longtail.errors import ConfigError
+
+IGNORED_KEYS = RESUME_FREE_KEYS | {"train.seed"}
+_COLUMNS = [("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few"), ("ECE", "ece")]
+
+
+def _read_results(run_dir: Path) -> dict:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no results.json; `longtail report` takes finished run directories")
+    return json.loads(path.read_text())
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "path_remap":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_key(config: dict, seen: Optional[set] = None) -> str:
+    """What a run computes apart from its seed, as a comparable string."""
+    flat = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
+    init_from = flat.get("method.init_from")
+    if init_from is not None:
+        stage1 = Path(init_from)
+        stage1 = stage1 if stage1.is_dir() else stage1.parent
+        seen = seen or set()
+        if (stage1 / "results.json").is_file() and stage1.resolve() not in seen:
+            flat["method.init_from"] = recipe_key(_read_results(stage1)["config"], seen | {stage1.resolve()})
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _mean_std(values: list[Optional[float]], digits: int = 2) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "—"
+    if len(present) == 1:
+        return f"{present[0]:.{digits}f}"
+    return f"{statistics.mean(present):.{digits}f} ± {statistics.stdev(present):.{digits}f}"
+
+
+def _row(name: str, group: list[dict]) -> list[str]:
+    first = group[0]
+    config = first["config"]
+    method = first.get("method", config["method"]["name"])
+    recipe = f"{method} / {first.get('loss', config['loss']['name'])}, wd {config['optim']['weight_decay']:g}"
+    if first.get("posthoc"):
+        recipe += f", {first['posthoc']['kind']} LA"
+    checkpoint = first.get("checkpoint", "final")
+    epochs = f"{first.get('epochs', config['train']['epochs'])}" + ("" if checkpoint == "final" else f" ({checkpoint})")
+    data = f"{first.get('dataset', config['data']['name'])} IF {first.get('imbalance', config['data']['imbalance']):g}"
+    taus = [r["posthoc"]["tau"] for r in group if r.get("posthoc")]
+    seeds = ", ".join(str(r.get("seed", r["config"]["train"]["seed"])) for r in group)
+    cells = [name, data, first.get("model", config["model"]["name"]), recipe, epochs, seeds,
+             _mean_std(taus) if taus else "—"]
+    return cells + [_mean_std([r.get(key) for r in group]) for _, key in _COLUMNS]
+
+
+def report(run_dirs: list[str]) -> str:
+    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order."""
+    groups: dict[str, tuple[str, list[dict]]] = {}
+    for run_dir in run_dirs:
+        results = _read_results(Path(run_dir))
+        key = recipe_key(results["config"])
+        groups.setdefault(key, (str(run_dir), []))[1].append(results)
+    header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [title for title, _ in _COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name, group in groups.values():
+        lines.append("| " + " | ".join(_row(name, group)) + " |")
+    return "\n".join(lines)

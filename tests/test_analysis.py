@@ -1,0 +1,143 @@
+"""Analysis: FDR against closed forms, cosine statistics, BN gammas, norms, tracking and `analyze_run`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fake_data import write_fashion_mnist
+from longtail.analysis import (
+    analyze_run, bn_gammas, class_feature_norms, classifier_norms, cosine_stats, fisher_ratio, track,
+)
+from longtail.config import load_config
+from longtail.engine import fit
+from longtail.models.heads import CosineHead, ETFHead, LinearHead
+
+
+def test_fdr_of_a_hand_computed_example():
+    # Class 0 at 0 and 2, class 1 at 4 and 6: mu = 3, mu_0 = 1, mu_1 = 5.
+    # S_b = 2 * 2^2 + 2 * 2^2 = 16, S_w = 1 + 1 + 1 + 1 = 4, FDR = 16 / 4 = 4.
+    x = torch.tensor([[0.0], [2.0], [4.0], [6.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    assert fisher_ratio(x, y) == pytest.approx(4.0)
+    # A second dimension, uncorrelated with the first within each class and with equal class means,
+    # adds within-class scatter only in its own direction, so the ratio stays 4.
+    x2 = torch.tensor([[0.0, 1.0], [2.0, -1.0], [4.0, -1.0], [6.0, 1.0]])
+    assert fisher_ratio(x2, y) == pytest.approx(4.0)
+    x3 = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 1.0], [6.0, 3.0]])
+    # dim 2: means 0 / 2, mu = 1, S_b = [[16, 8], [8, 4]], S_w = [[4, 2], [2, 2]]; tr(S_w^-1 S_b) = 4.
+    assert fisher_ratio(x3, y) == pytest.approx(4.0)
+
+
+def test_fdr_of_two_classes_matches_the_fisher_closed_form():
+    # For two classes tr(S_w^-1 S_b) = n0 n1 / N * d^T S_w^-1 d with d = mu_0 - mu_1.
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(30, 4, generator=g), torch.randn(12, 4, generator=g) + torch.tensor([1.0, 0.5, 0, -2])])
+    y = torch.tensor([0] * 30 + [1] * 12)
+    a, b = x[:30].double(), x[30:].double()
+    d = a.mean(0) - b.mean(0)
+    s_w = (a - a.mean(0)).T @ (a - a.mean(0)) + (b - b.mean(0)).T @ (b - b.mean(0))
+    expected = 30 * 12 / 42 * float(d @ torch.linalg.solve(s_w, d))
+    assert fisher_ratio(x, y) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fdr_drops_near_constant_dimensions():
+    x = torch.tensor([[0.0, 7.0, 0.0], [2.0, 7.0, 0.0], [4.0, 7.000001, 0.0], [6.0, 7.000001, 0.0]],
+                     dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    # Kept, dim 1 would separate the classes perfectly (zero within-class scatter) and dominate the ratio.
+    assert fisher_ratio(x, y) == pytest.approx(4.0)
+
+
+def test_fdr_with_more_dimensions_than_samples_uses_the_pseudo_inverse():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 20, generator=g)
+    value = fisher_ratio(x, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert np.isfinite(value) and value > 0
+
+
+def test_cosine_statistics_of_a_hand_made_example():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])
+    y = torch.tensor([0, 0, 1, 1, 1])
+    stats = cosine_stats(x, y, num_classes=3)
+    assert stats["same"] == pytest.approx(1.0)  # same-class pairs point the same way
+    assert stats["different"] == pytest.approx(0.0)  # the classes are orthogonal
+    m = stats["matrix"]
+    assert m[0, 0] == pytest.approx(1.0) and m[0, 1] == pytest.approx(0.0) and np.isnan(m[2, 2])
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    stats = cosine_stats(x, y, num_classes=2)
+    # same pairs (ordered): (0,1) 0 twice, (2,3) -1/sqrt2 twice -> mean -1/(2 sqrt2)
+    assert stats["same"] == pytest.approx(-1 / (2 * np.sqrt(2)))
+    # different: (0,2) -1, (0,3) 1/sqrt2, (1,2) 0, (1,3) 1/sqrt2 -> mean (sqrt2 - 1) / 4
+    assert stats["different"] == pytest.approx((np.sqrt(2) - 1) / 4)
+    assert stats["matrix"][0, 1] == pytest.approx(stats["different"])
+
+
+def test_feature_and_classifier_norms():
+    x = torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]])
+    assert class_feature_norms(x, torch.tensor([0, 0, 1]), 3) == [pytest.approx(3.0), pytest.approx(10.0), None]
+    head = LinearHead(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+    assert classifier_norms(head) == [pytest.approx(5.0), pytest.approx(1.0)]
+    assert classifier_norms(ETFHead(4, 3)) == [pytest.approx(1.0)] * 3
+    assert classifier_norms(CosineHead(4, 3)) is not None
+    assert classifier_norms(nn.Identity()) is None
+
+
+def test_bn_gammas_per_layer_and_overall():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Conv2d(1, 1, 1), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, 3.0]))
+        model[3].weight.copy_(torch.tensor([2.0, 2.0, 2.0]))
+    g = bn_gammas(model)
+    assert [layer["name"] for layer in g["layers"]] == ["1", "3"]
+    assert g["layers"][0]["mean"] == pytest.approx(2.0) and g["layers"][0]["std"] == pytest.approx(1.0)
+    assert g["mean"] == pytest.approx(2.0) and g["std"] == pytest.approx(np.std([1, 3, 2, 2, 2]))
+    assert bn_gammas(nn.Linear(2, 2)) == {"layers": [], "mean": None, "std": None}
+
+
+TINY = [
+    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
+    "model.name=mlp", "model.width=32", "train.epochs=2", "optim.lr=0.05", "eval.batch_size=256",
+]
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
+    out = tmp_path_factory.mktemp("runs") / "tracked"
+    fit(load_config(None, [*TINY, "train.track_every=1", "optim.weight_decay=0.005"]), out, data_root=str(root))
+    return out, str(root)
+
+
+def test_track_leaves_module_modes_alone():
+    from longtail.data.splits import InMemorySplit
+
+    split = InMemorySplit(torch.randint(0, 255, (12, 1, 4, 4), dtype=torch.uint8), torch.arange(12) % 3,
+                          torch.arange(12), [0.5], [0.25], "none", 3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU())
+    model.features = model.forward
+    model.train()
+    model[2].eval()
+    stats = track(model, split, torch.device("cpu"))
+    assert set(stats) == {"fdr", "cos_same", "cos_different", "feature_norm_mean", "bn_gamma_mean", "bn_gamma_std"}
+    assert model.training and not model[2].training and stats["bn_gamma_mean"] == pytest.approx(1.0)
+
+
+def test_training_tracks_and_analyze_writes_json_and_figures(tracked_run):
+    out, root = tracked_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("track" in r and r["track"]["fdr"] > 0 for r in records)
+    result = analyze_run(out, data_root=root)
+    saved = json.loads((out / "analysis.json").read_text())
+    assert saved["splits"]["train"]["fdr"] == pytest.approx(result["splits"]["train"]["fdr"])
+    assert len(saved["splits"]["test"]["cos_matrix"]) == 10 and len(saved["classifier_norms"]) == 10
+    assert [t["epoch"] for t in saved["tracked"]] == [1, 2]
+    assert len(saved["bn_gamma"]["layers"]) == 3
+    for name in ("norms.png", "cosine-train.png", "cosine-test.png", "tracking.png"):
+        assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG", name

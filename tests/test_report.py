@@ -1,0 +1,63 @@
+"""`longtail report`: one Markdown row per recipe, seeds merged into mean ± std."""
+import json
+import statistics
+
+import pytest
+
+from longtail.config import load_config
+from longtail.errors import ConfigError
+from longtail.report import report
+
+
+def _run(tmp_path, name, overrides, top1, few=None, posthoc=None):
+    cfg = load_config(None, overrides)
+    out = tmp_path / name
+    out.mkdir()
+    results = {
+        "top1": top1, "balanced": top1, "many": top1 + 10, "medium": None, "few": few, "ece": 5.0, "nll": 1.0,
+        "seed": cfg.train.seed, "dataset": cfg.data.name, "imbalance": cfg.data.imbalance, "model": cfg.model.name,
+        "method": cfg.method.name, "loss": cfg.loss.name, "epochs": cfg.train.epochs, "checkpoint": cfg.eval.select,
+        "posthoc": posthoc, "config": cfg.to_dict(),
+    }
+    (out / "results.json").write_text(json.dumps(results))
+    return str(out)
+
+
+def _rows(table):
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_seeds_are_grouped_into_mean_and_std(tmp_path):
+    runs = [_run(tmp_path, f"ce-s{seed}", [f"train.seed={seed}", "train.device=cpu" if seed else "train.device=auto"],
+                 top1, few=top1 / 2) for seed, top1 in enumerate([70.0, 72.0, 74.0])]
+    runs.append(_run(tmp_path, "ce-wd", ["optim.weight_decay=0.005"], 75.5))
+    rows = _rows(report(runs))
+    assert len(rows) == 2
+    first, second = rows
+    assert first["Run"].endswith("ce-s0") and first["Seeds"] == "0, 1, 2"
+    assert first["All"] == f"72.00 ± {statistics.stdev([70, 72, 74]):.2f}"
+    assert first["Few"] == f"36.00 ± {statistics.stdev([35, 36, 37]):.2f}"
+    assert first["Medium"] == "—" and first["tau"] == "—"
+    assert second["All"] == "75.50" and "wd 0.005" in second["Recipe"] and second["Model"] == "resnet32"
+
+
+def test_tau_and_stage2_runs_group_by_their_stage1_recipe(tmp_path):
+    stage1 = [_run(tmp_path, f"s1-{seed}", [f"train.seed={seed}"], 60.0) for seed in (0, 1)]
+    stage2 = [_run(tmp_path, f"s2-{seed}", [f"train.seed={seed}", "method.name=wb_stage2", f"method.init_from={s}",
+                                            "eval.select=best_val", "data.val_per_class=20"],
+                   65.0 + seed, posthoc={"kind": "multiplicative", "tau": 1.0 + seed / 10})
+              for seed, s in enumerate(stage1)]
+    other = _run(tmp_path, "s1-other", ["optim.weight_decay=0.1"], 50.0)
+    odd = _run(tmp_path, "s2-odd", ["method.name=wb_stage2", f"method.init_from={other}", "eval.select=best_val",
+                                    "data.val_per_class=20"], 40.0)
+    rows = _rows(report([*stage2, odd]))
+    assert [r["Seeds"] for r in rows] == ["0, 1", "0"]
+    assert rows[0]["tau"] == f"1.05 ± {statistics.stdev([1.0, 1.1]):.2f}"
+    assert rows[0]["Epochs"] == "200 (best_val)" and "multiplicative LA" in rows[0]["Recipe"]
+
+
+def test_a_directory_without_results_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no results.json"):
+        report([str(tmp_path)])
