@@ -73,3 +73,8 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "train.epochs: must be > 0" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_posthoc_on_a_cosine_head_is_refused_before_training():
+    with pytest.raises(ConfigError, match="cosine head"):
+        load_config(None, ["model.head=cosine", "posthoc.kind=multiplicative", "posthoc.tau=1.0"])

@@ -118,9 +118,10 @@ def test_best_val_selection_is_recorded(tmp_path, data_root):
     assert (tmp_path / "run" / "best.pt").exists()
 
 
-def test_best_val_without_a_validation_split_is_refused(tmp_path, data_root):
+@pytest.mark.parametrize("override", ["eval.select=best_val", "posthoc.kind=additive"])
+def test_choices_needing_a_validation_split_are_refused_before_training(tmp_path, data_root, override):
     with pytest.raises(ConfigError, match="val_per_class"):
-        fit(load_config(None, [*TINY, "eval.select=best_val"]), tmp_path / "run", data_root=str(data_root))
+        fit(load_config(None, [*TINY, override]), tmp_path / "run", data_root=str(data_root))
     assert not (tmp_path / "run").exists()
 
 
