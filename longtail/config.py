@@ -328,6 +328,17 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; a mapping-valued key (data.path_remap) stays whole."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "path_remap":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def resolve_epochs(value: float, epochs: int) -> int:
     """Epoch-valued settings below 1 are fractions of training (0.8 of 200 epochs = epoch 160)."""
     return int(round(value * epochs)) if value < 1 else int(value)

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
+from longtail.config import flatten
 from longtail.engine import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
 
@@ -26,19 +27,9 @@ def _read_results(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and key != "path_remap":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def recipe_key(config: dict, seen: Optional[set] = None) -> str:
     """What a run computes apart from its seed, as a comparable string."""
-    flat = {k: v for k, v in _flatten(config).items() if k not in IGNORED_KEYS}
+    flat = {k: v for k, v in flatten(config).items() if k not in IGNORED_KEYS}
     init_from = flat.get("method.init_from")
     if init_from is not None:
         stage1 = Path(init_from)

@@ -30,8 +30,9 @@ def python_blocks(page: str) -> list[str]:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs-data")
-    # 100 images per class: the smallest class at imbalance 100 keeps 1 image; 20 are left for a val split.
-    write_fashion_mnist(root, train_per_class=100, test_per_class=4)
+    # Fashion-MNIST-LT at imbalance 100 then has 1 / 3 / 6 Many / Medium / Few classes (the examples print
+    # all three); CIFAR-10's 100 per class leave 1 image for the smallest class and 20 for a val split.
+    write_fashion_mnist(root, train_per_class=1100, test_per_class=4)
     write_cifar10(root, train_per_class=100, test_per_class=4)
     return root
 

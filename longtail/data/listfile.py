@@ -9,7 +9,6 @@ warning and count. Images are decoded with Pillow in DataLoader workers (`data.n
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from longtail.config import DataConfig
 from longtail.data import LTData, default_thresholds, indices_sha256, register_dataset
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, decode_image, sample_generator
 from longtail.data.profiles import lt_subset
-from longtail.data.splits import Batch, epoch_order, rank_slice
+from longtail.data.splits import Batch, LabelledSplit
 from longtail.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -230,7 +229,7 @@ def _collate(samples: list) -> tuple[Optional[torch.Tensor], torch.Tensor, torch
     return x, y, idx, [s[3] for s in samples if s[3] is not None]
 
 
-class FileSplit:
+class FileSplit(LabelledSplit):
     """A split of image files decoded in DataLoader workers; same interface as `InMemorySplit`.
 
     `batches(sampler=None)` is an evaluation pass: file order, test transform. With a sampler it is a
@@ -250,22 +249,10 @@ class FileSplit:
         self.num_workers = num_workers
         self.on_bad_sample = on_bad_sample
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def class_counts(self) -> list[int]:
-        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
-
-    def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
-        per_rank = math.ceil(len(self) / world)
-        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-
     def batches(self, batch_size: int, *, sampler: Optional[str] = "instance", seed: int = 0, epoch: int = 0,
                 rank: int = 0, world: int = 1, drop_last: bool = False) -> Iterator[Batch]:
         """(float images, labels, positions in this split) on the CPU; bad samples per `on_bad_sample`."""
-        order = rank_slice(epoch_order(self.labels, self.num_classes, sampler, seed, epoch), rank, world)
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        groups = [order[s:s + batch_size].tolist() for s in range(0, stop, batch_size)]
+        groups = [p.tolist() for p in self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last)]
         transform = self.eval_transform if sampler is None else self.train_transform
         loader = DataLoader(_Reader(self.base, self.items, transform, seed, epoch), batch_sampler=groups,
                             num_workers=self.num_workers, collate_fn=_collate,

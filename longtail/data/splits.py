@@ -76,7 +76,30 @@ def rank_slice(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return padded[rank::world]
 
 
-class InMemorySplit:
+class LabelledSplit:
+    """What every split shares: labels, class counts, and the rank-sliced epoch order batches are cut from."""
+
+    labels: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+        per_rank = math.ceil(len(self) / world)
+        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+    def batch_positions(self, batch_size: int, sampler: Optional[str], seed: int, epoch: int, rank: int, world: int,
+                        drop_last: bool) -> list[torch.Tensor]:
+        order = rank_slice(epoch_order(self.labels, self.num_classes, sampler, seed, epoch), rank, world)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        return [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+
+
+class InMemorySplit(LabelledSplit):
     """uint8 images N x C x H x W, int64 labels and original file indices, all on the CPU."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
@@ -90,23 +113,10 @@ class InMemorySplit:
         self.augment = augment
         self.num_classes = num_classes
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def class_counts(self) -> list[int]:
-        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
-
-    def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
-        per_rank = math.ceil(len(self) / world)
-        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-
     def batches(self, batch_size: int, *, sampler: Optional[str] = "instance", seed: int = 0, epoch: int = 0,
                 rank: int = 0, world: int = 1, drop_last: bool = False) -> Iterator[Batch]:
         """(uint8 images, labels, positions in this split) on the CPU."""
-        order = rank_slice(epoch_order(self.labels, self.num_classes, sampler, seed, epoch), rank, world)
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        for start in range(0, stop, batch_size):
-            pos = order[start:start + batch_size]
+        for pos in self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last):
             yield self.images[pos], self.labels[pos], pos
 
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
