@@ -66,7 +66,7 @@ class LossConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["erm", "wb_stage2", "ewb", "crt", "lws", "tau_norm"] = "erm"
+    name: str = "erm"  # erm | wb_stage2 | ewb | crt | lws | tau_norm | a name given to longtail.methods.register_method
     init_from: Optional[str] = None  # stage-1 run directory (or model.pt) that two-stage methods start from
     freeze_bn: bool = True  # two-stage methods: BN statistics frozen (eval mode) while the head trains
     maxnorm_thresh: float = 0.1
@@ -193,6 +193,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

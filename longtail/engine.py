@@ -28,7 +28,7 @@ from longtail.errors import ConfigError, DivergedError
 from longtail.losses import build_loss
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
-from longtail.metrics import format_table, gather_unique, summarize
+from longtail.metrics import flip_tta, format_table, gather_unique, summarize
 from longtail.models import build_model, load_exported, model_spec
 
 # Keys that may differ between a run and its resumption without changing what is computed.
@@ -117,9 +117,7 @@ def collect_logits(
     logits, targets, idxs = [], [], []
     for x, y, idx in split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size()):
         x = split.to_input(x, device, train=False, generator=None)
-        z = model(x)
-        if tta == "flip":
-            z = (z + model(x.flip(3))) / 2
+        z = flip_tta(model, x) if tta == "flip" else model(x)
         logits.append(z.float().cpu())
         targets.append(y)
         idxs.append(idx)
@@ -492,7 +490,6 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta)
     metrics = summarize(logits, targets, run.data.class_counts, thresholds_of(run.cfg, run.data), run.cfg.eval.ece_bins)
     metrics.update(split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
-    atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)
     if plots:
         from longtail import plots as plotting
 
@@ -503,4 +500,5 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
             str(plotting.plot_confusion(logits, targets, run.data.num_classes, fig / f"confusion-{split_name}.png", run.data.class_counts)),
             str(plotting.plot_reliability(logits, targets, fig / f"reliability-{split_name}.png", run.cfg.eval.ece_bins)),
         ]
+    atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)
     return metrics

@@ -78,3 +78,28 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
 def test_posthoc_on_a_cosine_head_is_refused_before_training():
     with pytest.raises(ConfigError, match="cosine head"):
         load_config(None, ["model.head=cosine", "posthoc.kind=multiplicative", "posthoc.tau=1.0"])
+
+
+def test_exponent_without_a_dot_is_a_number():
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+def test_cli_takes_overrides_after_options(tmp_path, capsys):
+    from longtail.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path), "--bogus"])
+    # The override after --json reaches the config: the missing-data error names its directory.
+    assert main(["data", "cifar10_lt", "--json", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    save_config(Config(), tmp_path / "config.yaml")
+    mode = stat.S_IMODE(os.stat(tmp_path / "config.yaml").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -95,6 +95,11 @@ def test_resume_refuses_a_changed_config(tmp_path, data_root):
         fit(load_config(None, [*TINY, "train.epochs=1"]), out, data_root=str(data_root))
 
 
+def test_unknown_method_names_the_registered_ones(tmp_path, data_root):
+    with pytest.raises(ConfigError, match="unknown method 'wb'.*erm, ewb"):
+        fit(load_config(None, [*TINY, "method.name=wb"]), tmp_path / "run", data_root=str(data_root))
+
+
 class NanAfterFirstEpoch(Method):
     def criterion(self, features, logits, y, progress):
         loss, logs = super().criterion(features, logits, y, progress)

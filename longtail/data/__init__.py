@@ -25,6 +25,7 @@ from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_m
 from longtail.data.profiles import lt_subset
 from longtail.data.splits import InMemorySplit, Split
 from longtail.errors import ConfigError
+from longtail.metrics import default_thresholds
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -79,11 +80,6 @@ def build_data(data_cfg: DataConfig, root: str | os.PathLike | None = None, down
 
 def indices_sha256(indices) -> str:
     return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()
-
-
-def default_thresholds(num_classes: int) -> tuple[int, int]:
-    """(many, few): 1000/200 for datasets of up to 10 classes (else CIFAR-10-LT has no Few group), else 100/20."""
-    return (1000, 200) if num_classes <= 10 else (100, 20)
 
 
 def _stats(given: Optional[list[float]], default: tuple[float, ...], key: str) -> tuple[float, ...]:

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from longtail.config import DataConfig
-from longtail.data import LTData, default_thresholds, indices_sha256, register_dataset
+from longtail.data import LTData, indices_sha256, register_dataset
+from longtail.metrics import default_thresholds
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, decode_image, sample_generator
 from longtail.data.profiles import lt_subset
 from longtail.data.splits import Batch, LabelledSplit

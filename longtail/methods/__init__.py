@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 from longtail.config import Config
+from longtail.errors import ConfigError
 from longtail.methods.base import LossFn, Method, RunInfo
 
 METHODS: dict[str, str] = {
@@ -22,6 +23,9 @@ def register_method(name: str, target: str) -> None:
 
 
 def build_method(cfg: Config, info: RunInfo, base_loss: LossFn) -> Method:
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {cfg.method.name!r}; known: {', '.join(sorted(METHODS))} "
+                          "(add your own with longtail.methods.register_method)")
     module, cls = METHODS[cfg.method.name].split(":")
     method = getattr(importlib.import_module(module), cls)(cfg, info, base_loss)
     if cfg.more.enabled:

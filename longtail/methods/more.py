@@ -224,6 +224,12 @@ class More(Method):
                 "the classifier of a stage-1 run; enable MORE in the stage-1 run instead (its model.pt is merged) "
                 "or set more.enabled=false"
             )
+        if type(inner).loss is not Method.loss:
+            raise ConfigError(
+                f"more.enabled: method {cfg.method.name} replaces the whole `loss` hook, so MORE cannot run its "
+                "general-only pass through the method's forward and criterion; implement `forward`/`criterion` "
+                "instead of `loss`, or set more.enabled=false"
+            )
         self.inner = inner
         self.more = cfg.more
         self.amplitude = cfg.more.amplitude * info.num_classes
