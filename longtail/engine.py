@@ -165,6 +165,11 @@ def train_one_epoch(
     bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not dist.is_main(),
                leave=False, mininterval=1.0, dynamic_ncols=True)
     for i, (x, y, _) in enumerate(bar):
+        if len(y) == 1:
+            # BatchNorm cannot normalise a single training sample: skip a last batch of one (on every rank
+            # alike, since ranks get equal shares) and keep the schedule on its step count.
+            scheduler.step()
+            continue
         x = split.to_input(x, device, train=True, generator=aug_gen)
         y = y.to(device, non_blocking=True)
         if cfg.train.channels_last and device.type == "cuda" and x.ndim == 4:

@@ -95,6 +95,12 @@ def test_resume_refuses_a_changed_config(tmp_path, data_root):
         fit(load_config(None, [*TINY, "train.epochs=1"]), out, data_root=str(data_root))
 
 
+def test_a_last_batch_of_one_image_is_skipped(tmp_path, data_root):
+    cfg = load_config(None, [*TINY, "data.batch_size=18", "train.epochs=1"])  # 199 images = 11 x 18 + 1
+    results = fit(cfg, tmp_path / "run", data_root=str(data_root))
+    assert len(results["per_class"]) == 10
+
+
 def test_unknown_method_names_the_registered_ones(tmp_path, data_root):
     with pytest.raises(ConfigError, match="unknown method 'wb'.*erm, ewb"):
         fit(load_config(None, [*TINY, "method.name=wb"]), tmp_path / "run", data_root=str(data_root))
