@@ -156,3 +156,26 @@ def test_schedule_warmup_then_steps():
     assert factors[79] == 1.0 and factors[80] == pytest.approx(0.01) and factors[90] == pytest.approx(1e-4)
     cos = load_config(None, ["train.epochs=10", "schedule.name=cosine", "schedule.warmup_epochs=0"])
     assert lr_factor(0, cos, 10) == pytest.approx(1.0) and lr_factor(50, cos, 10) == pytest.approx(0.5)
+
+
+def test_weight_decay_can_spare_norm_layers_and_biases():
+    from longtail.engine import build_optimizer
+    from longtail.models import build_model
+
+    cfg = load_config(None, ["model.name=mlp", "model.width=8", "optim.wd_exclude_bn_bias=true", "optim.name=adamw"])
+    model = build_model(cfg.model, 3, 1, 4)
+    method = Method(cfg, None, None)
+    optimizer = build_optimizer(cfg, method.param_groups(model))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, spared = optimizer.param_groups
+    assert decayed["weight_decay"] == cfg.optim.weight_decay and spared["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in spared["params"])
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
+
+
+def test_linear_lr_scaling_rule():
+    from longtail.engine import effective_lr
+
+    cfg = load_config(None, ["optim.lr=0.1", "data.batch_size=64", "optim.lr_scaling=linear", "optim.base_batch_size=256"])
+    assert effective_lr(cfg) == pytest.approx(0.025)  # one process: 64 / 256 of the base lr
+    assert effective_lr(load_config(None, ["optim.lr=0.1"])) == 0.1
