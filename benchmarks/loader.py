@@ -21,7 +21,6 @@ from PIL import Image
 from longtail.config import DataConfig, ModelConfig
 from longtail.data.listfile import Benchmark, build_listfile
 from longtail.models import build_model
-from longtail.models.resnet import resnet50  # noqa: F401  (registers the ImageNet ResNets)
 
 
 def write_jpegs(base: Path, count: int, num_classes: int, seed: int = 0) -> None:

@@ -8,10 +8,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
+from launch import launch
 from fake_data import write_fashion_mnist, write_idx
 from longtail import distributed
 from longtail.config import load_config
@@ -59,20 +58,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _launch(args: list, env: dict, timeout: float = 150) -> tuple[subprocess.CompletedProcess, float]:
-    """Run to completion; past `timeout` kill the whole process group (launcher and workers) and fail."""
-    start = time.monotonic()
-    proc = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, args))} still ran after {timeout} s (hung?)\n{err[-3000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err), time.monotonic() - start
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("data")
@@ -101,7 +86,7 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env, config) -> Path:
     out = tmp_path_factory.mktemp("runs") / "reference"
-    done, _ = _launch([*TORCHRUN, "-m", "longtail", *_train(config, out)], env)
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out)], env)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -113,7 +98,7 @@ def crashed(tmp_path_factory, env, config) -> tuple[Path, subprocess.CompletedPr
     driver.write_text(DRIVER)
     steps = math.ceil(math.ceil(199 / 2) / 16)  # 199 training images at imbalance 5; batch 16 per rank
     out = tmp / "run"
-    done, seconds = _launch([*TORCHRUN, driver, *_train(config, out)], {**env, "LONGTAIL_TEST_FAIL_AT": str(steps + 3)})
+    done, seconds = launch([*TORCHRUN, driver, *_train(config, out)], {**env, "LONGTAIL_TEST_FAIL_AT": str(steps + 3)})
     return out, done, seconds
 
 
@@ -123,7 +108,7 @@ def test_two_process_results_equal_a_single_process_eval_of_the_exported_model(r
     assert results["effective_lr"] == pytest.approx(0.1)  # linear rule: 0.05 * 2 processes * 16 / 16
     assert results["num_samples"] == TEST_IMAGES  # the padding duplicate is dropped
 
-    done, _ = _launch([sys.executable, "-m", "longtail", "eval", reference], env)
+    done, _ = launch([sys.executable, "-m", "longtail", "eval", reference], env)
     assert done.returncode == 0, done.stderr[-3000:]
     single = json.loads((reference / "eval-test.json").read_text())
     assert single["num_samples"] == TEST_IMAGES
@@ -158,7 +143,7 @@ def test_a_failing_rank_ends_the_launch_with_an_error_instead_of_hanging(crashed
 def test_crashed_run_resumes_on_two_processes_to_the_uninterrupted_weights(crashed, reference, env, config, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(crashed[0], out)
-    done, _ = _launch([*TORCHRUN, "-m", "longtail", *_train(config, out, "--resume")], env)
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out, "--resume")], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["epoch"] for r in _metrics(out)] == [1, 2, 3]
     resumed = torch.load(out / "model.pt", weights_only=True)
@@ -171,7 +156,7 @@ def test_crashed_run_resumes_on_two_processes_to_the_uninterrupted_weights(crash
 def test_two_process_checkpoint_resumes_on_one_process_with_its_own_schedule(crashed, env, config, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(crashed[0], out)
-    done, _ = _launch([sys.executable, "-m", "longtail", *_train(config, out, "--resume")], env)
+    done, _ = launch([sys.executable, "-m", "longtail", *_train(config, out, "--resume")], env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 1 and results["effective_batch_size"] == 16

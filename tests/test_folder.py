@@ -10,7 +10,6 @@ from PIL import Image
 
 from longtail.config import DataConfig
 from longtail.data import build_data
-from longtail.data.folder import build_folder  # noqa: F401  (registers data.name=folder)
 from longtail.errors import ConfigError
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.distributed as tdist
 from PIL import Image
 
+from launch import launch
 from longtail.config import ModelConfig, load_config
 from longtail.engine import evaluate_run, fit, setup
 from longtail.models.resnet import resnet10
@@ -127,19 +126,6 @@ def test_imagenet_lt_list_files_train_with_size_warnings(tmp_path, caplog):
     assert_reproduced(results, evaluate_run(out))
 
 
-def launch(args: list, env: dict, timeout: float = 150) -> subprocess.CompletedProcess:
-    """Run to completion; past `timeout` kill the whole process group (launcher and workers) and fail."""
-    proc = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun still ran after {timeout} s (hung?)\n{err[-3000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
 @pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                     reason="this torch build has no gloo backend for CPU processes")
 def test_torchrun_two_processes_class_balanced_more_on_the_folder(folder, pretrained, tmp_path):
@@ -148,10 +134,10 @@ def test_torchrun_two_processes_class_balanced_more_on_the_folder(folder, pretra
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    done = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                   "-m", "longtail", "train", config, "data.name=folder", f"data.root={folder}",
-                   "data.sampler=class_balanced", "model.name=resnet10", f"model.pretrained={pretrained}",
-                   "more.enabled=true", *TINY_RUN, "--out", out], env)
+    done, _ = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                      "-m", "longtail", "train", config, "data.name=folder", f"data.root={folder}",
+                      "data.sampler=class_balanced", "model.name=resnet10", f"model.pretrained={pretrained}",
+                      "more.enabled=true", *TINY_RUN, "--out", out], env)
     assert done.returncode == 0, done.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())

@@ -10,7 +10,6 @@ from longtail.checkpoint import atomic_torch_save
 from longtail.config import ModelConfig
 from longtail.errors import ConfigError
 from longtail.models import build_model
-from longtail.models.resnet import resnet10  # noqa: F401  (registers the ImageNet ResNets)
 
 # torchvision's published parameter counts with a 1000-class fc
 TORCHVISION_PARAMS = {"resnet50": 25_557_032, "resnext50_32x4d": 25_028_904, "resnet152": 60_192_808}
