@@ -334,11 +334,12 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                                 writer, ckpt_path)
         record = {"epoch": epoch + 1, **stats}
         last = epoch == cfg.train.epochs - 1
-        if (epoch + 1) % cfg.eval.every == 0 or last or select_split is not None:
-            for name, split in (("val", data.val), ("test", data.test)):
-                if split is not None:
-                    m = evaluate(model, split, device, cfg, data)
-                    record[name] = {k: m[k] for k in ("top1", "balanced", "many", "medium", "few", "ece", "nll")}
+        scheduled = (epoch + 1) % cfg.eval.every == 0 or last
+        for name, split in (("val", data.val), ("test", data.test)):
+            # The selection split is evaluated every epoch; the other only every `eval.every` epochs.
+            if split is not None and (scheduled or split is select_split):
+                m = evaluate(model, split, device, cfg, data)
+                record[name] = {k: m[k] for k in ("top1", "balanced", "many", "medium", "few", "ece", "nll")}
         if cfg.train.track_every and (epoch + 1) % cfg.train.track_every == 0:
             from longtail.analysis import track
 

@@ -128,6 +128,13 @@ def test_best_val_selection_is_recorded(tmp_path, data_root):
     assert (tmp_path / "run" / "best.pt").exists()
 
 
+def test_selection_split_is_evaluated_every_epoch_and_test_only_when_scheduled(tmp_path, data_root):
+    cfg = load_config(None, [*TINY, "train.epochs=4", "data.val_per_class=3", "eval.select=best_val", "eval.every=2"])
+    fit(cfg, tmp_path / "run", data_root=str(data_root))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("val" in r, "test" in r) for r in lines] == [(True, False), (True, True), (True, False), (True, True)]
+
+
 @pytest.mark.parametrize("override", ["eval.select=best_val", "posthoc.kind=additive"])
 def test_choices_needing_a_validation_split_are_refused_before_training(tmp_path, data_root, override):
     with pytest.raises(ConfigError, match="val_per_class"):
