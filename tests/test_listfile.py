@@ -10,12 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from longtail.config import DataConfig
+from longtail.analysis import collect_features
+from longtail.config import DataConfig, ModelConfig
 from longtail.data import build_data
 from longtail.data.image_transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, color_jitter, decode_image,
                                             random_resized_crop_box, sample_generator)
 from longtail.data.listfile import Benchmark, PathRemap, build_listfile, check_size
 from longtail.errors import ConfigError
+from longtail.methods.weight_balancing import CachedFeatures
+from longtail.models import build_model
 
 TINY = Benchmark("tiny", "Tiny_LT", 3, {"train": ("train.txt", 9), "val": ("val.txt", 3), "test": ("test.txt", 3)})
 TRAIN_COUNTS = [5, 3, 1]
@@ -124,6 +127,27 @@ def test_unreadable_image_errors_or_is_skipped_at_decode_time(tmp_path, caplog):
         batches = list(data.test.batches(2, sampler=None, seed=0, epoch=0))
     assert [b[2].tolist() for b in batches] == [[0], [2]]  # the bad sample is dropped from its batch
     assert "skipped 1 bad sample(s)" in caplog.text
+
+
+def test_skip_that_would_desynchronise_processes_is_an_error(tmp_path):
+    base = write_tiny(tmp_path, train_counts=[2, 1, 1])  # 4 images: rank 0 takes 2 per epoch with world=2
+    data = build_listfile(cfg(on_bad_sample="skip"), tmp_path, TINY)
+    order = torch.cat([i for _, _, i in data.train.batches(2, sampler="instance", seed=0, epoch=0, rank=0, world=2)])
+    (base / data.train.items.paths[order[0]]).write_bytes(b"not an image")
+    assert len(next(data.train.batches(2, sampler="instance", seed=0, epoch=0))[1]) == 1  # one process: skipped
+    with pytest.raises(ConfigError, match=r"batch of rank 0 kept 1 of 2 images .* 2 processes"):
+        list(data.train.batches(2, sampler="instance", seed=0, epoch=0, rank=0, world=2))
+
+
+def test_cached_features_refuse_a_split_with_skipped_images(tmp_path):
+    base = write_tiny(tmp_path)
+    data = build_listfile(cfg(on_bad_sample="skip", augment="none"), tmp_path, TINY)
+    model = build_model(ModelConfig(name="mlp", width=8), 3, 3, 16)
+    assert len(CachedFeatures(data.train, collect_features(model, data.train, torch.device("cpu"))[0])) == 9
+    (base / "train/c0/i1.jpg").write_bytes(b"not an image")
+    features, _ = collect_features(model, data.train, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cache_features: features for 8 of the 9 training images"):
+        CachedFeatures(data.train, features)
 
 
 def test_missing_split_file_and_size_check(tmp_path, caplog):

@@ -259,9 +259,16 @@ class FileSplit(LabelledSplit):
                             num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=torch.cuda.is_available())
         bad = BadSamples(self.on_bad_sample, f"this pass over {len(self)} images")
-        for x, y, idx, errors in loader:
+        for group, (x, y, idx, errors) in zip(groups, loader):
             for message in errors:
                 bad(message)
+            # With several processes every rank must take the same training steps (the engine skips a batch
+            # of one image, for BatchNorm, on all ranks alike); a batch emptied here would desynchronise them.
+            if world > 1 and sampler is not None and len(y) < min(2, len(group)):
+                raise ConfigError(
+                    f"data.on_bad_sample=skip: a training batch of rank {rank} kept {len(y)} of {len(group)} images "
+                    f"after skipping unreadable ones, so the {world} processes would take different numbers of "
+                    "steps; remove the unreadable images named above from the split file (or folder)")
             if x is not None:
                 yield x, y, idx
         bad.summary()

@@ -70,6 +70,11 @@ class CachedFeatures:
     """A training split whose inputs are precomputed backbone features: same batches, same order."""
 
     def __init__(self, split: Any, features: torch.Tensor):
+        # Rows are looked up by position in the split: a skipped image would shift every later one.
+        if len(features) != len(split):
+            raise ConfigError(f"method.cache_features: features for {len(features)} of the {len(split)} training "
+                              "images (unreadable ones skipped under data.on_bad_sample=skip, named above); remove "
+                              "those images from the split or set method.cache_features=false")
         self.split = split
         self.features = features
         self.labels = split.labels
