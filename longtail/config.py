@@ -258,6 +258,9 @@ def _check_values(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if any(m < 0 for m in cfg.schedule.milestones):
+        raise ConfigError(f"schedule.milestones: every entry must be >= 0 (a fraction of training below 1, "
+                          f"else an epoch), got {cfg.schedule.milestones}")
     if not 0 < cfg.more.rank_ratio <= 1:
         raise ConfigError(f"more.rank_ratio: must be in (0, 1], got {cfg.more.rank_ratio}")
     if cfg.eval.thresholds is not None:

@@ -469,6 +469,10 @@ class LoadedRun:
 def load_run(path: str | Path, data_root: Optional[str] = None, download: bool = False) -> LoadedRun:
     """A finished run (its directory, or a model.pt inside one): config, exported model, data."""
     path = Path(path)
+    # Checked first: a mistyped name must not fall back to the model.pt of the folder it points into.
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: expected a run directory written by `longtail train` "
+                          "or the model.pt in one")
     run_dir = path if path.is_dir() else path.parent
     model_pt = path if path.is_file() else run_dir / "model.pt"
     for needed in (run_dir / "config.yaml", run_dir / "model.yaml", model_pt):
@@ -477,7 +481,12 @@ def load_run(path: str | Path, data_root: Optional[str] = None, download: bool =
                               "(config.yaml, model.yaml, model.pt)")
     cfg = from_dict(read_yaml(run_dir / "config.yaml"))
     spec = read_yaml(run_dir / "model.yaml")
-    model = load_exported(spec, load_checkpoint(model_pt))
+    state = load_checkpoint(model_pt)
+    # checkpoint.pt / best.pt hold the weights before the method's finalize (MORE merge, head folding).
+    if not isinstance(state, dict) or ("model" in state and "epoch" in state):
+        raise ConfigError(f"{model_pt} is not an exported model (a plain state dict; checkpoint.pt and best.pt "
+                          "are training checkpoints): pass the run directory or its model.pt")
+    model = load_exported(spec, state)
     data = build_data(cfg.data, data_root, download)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else None

@@ -39,6 +39,7 @@ def test_overrides_are_typed_yaml_values():
         ("data.batch_size=0", ["data.batch_size", "> 0"]),
         ("train.amp=maybe", ["train.amp", "true or false"]),
         ("more.rank_ratio=2", ["more.rank_ratio", "(0, 1]"]),
+        ("schedule.milestones=[-0.1, 0.9]", ["schedule.milestones", ">= 0"]),
         ("trainepochs", ["section.key=value"]),
     ],
 )

@@ -87,6 +87,13 @@ def test_cifar100_lt_if100_is_10847_with_35_35_30_groups(c100_full):
     assert d["num_classes"] == 100 and d["test_total"] == 100
     text = format_description(d)
     assert "10847" in text and d["indices_sha256"] in text and "fine_99" in text
+    rng = np.random.RandomState(0)  # LDAM-DRW's IMBALANCECIFAR100: np.random.seed(0), per class shuffle, keep n_i
+    reference = []
+    for c, n in enumerate(d["class_counts"]):
+        idx = np.where(fake.train_labels == c)[0]
+        rng.shuffle(idx)
+        reference.append(idx[:n])
+    assert d["indices"] == np.concatenate(reference).tolist()
 
 
 def test_cifar100_step_profile_and_labels(tmp_path):

@@ -155,6 +155,19 @@ def test_eval_cli_reproduces_results_and_draws_plots(tmp_path, data_root):
     assert json.loads((out / "results.json").read_text())["top1"] == results["top1"]
 
 
+def test_eval_takes_a_model_pt_and_names_a_wrong_path(tmp_path, data_root):
+    from longtail.engine import evaluate_run
+
+    out = tmp_path / "run"
+    results = fit(load_config(None, TINY), out, data_root=str(data_root))
+    assert evaluate_run(out / "model.pt", data_root=str(data_root))["per_class"] == results["per_class"]
+    assert (out / "eval-test.json").exists()
+    with pytest.raises(ConfigError, match="modle.pt does not exist"):  # no fallback to the folder's model.pt
+        evaluate_run(out / "modle.pt", data_root=str(data_root))
+    with pytest.raises(ConfigError, match="checkpoint.pt is not an exported model"):
+        evaluate_run(out / "checkpoint.pt", data_root=str(data_root))
+
+
 def test_schedule_warmup_then_steps():
     cfg = load_config(None, ["train.epochs=10", "schedule.warmup_epochs=0.1"])
     factors = [lr_factor(s, cfg, steps_per_epoch=10) for s in range(100)]
