@@ -49,6 +49,13 @@ def _mean_std(values: list[Optional[float]], digits: int = 2) -> str:
     return f"{statistics.mean(present):.{digits}f} ± {statistics.stdev(present):.{digits}f}"
 
 
+def _tau(results: dict) -> Optional[float]:
+    """The run's tau: of its post-hoc adjustment, else of its tau-normalisation, else None."""
+    if results.get("posthoc"):
+        return results["posthoc"]["tau"]
+    return ((results.get("method_record") or {}).get("tau_norm") or {}).get("tau")
+
+
 def _row(name: str, group: list[dict]) -> list[str]:
     first = group[0]
     config = first["config"]
@@ -59,7 +66,7 @@ def _row(name: str, group: list[dict]) -> list[str]:
     checkpoint = first.get("checkpoint", "final")
     epochs = f"{first.get('epochs', config['train']['epochs'])}" + ("" if checkpoint == "final" else f" ({checkpoint})")
     data = f"{first.get('dataset', config['data']['name'])} IF {first.get('imbalance', config['data']['imbalance']):g}"
-    taus = [r["posthoc"]["tau"] for r in group if r.get("posthoc")]
+    taus = [t for t in map(_tau, group) if t is not None]
     seeds = ", ".join(str(r.get("seed", r["config"]["train"]["seed"])) for r in group)
     cells = [name, data, first.get("model", config["model"]["name"]), recipe, epochs, seeds,
              _mean_std(taus) if taus else "—"]

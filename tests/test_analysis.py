@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from fake_data import write_fashion_mnist
@@ -133,6 +134,10 @@ def test_training_tracks_and_analyze_writes_json_and_figures(tracked_run):
     out, root = tracked_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("track" in r and r["track"]["fdr"] > 0 for r in records)
+    events = EventAccumulator(str(out))
+    events.Reload()
+    for tag in ("track/fdr", "track/bn_gamma_mean", "track/bn_gamma_std", "track/cos_different"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
     result = analyze_run(out, data_root=root)
     saved = json.loads((out / "analysis.json").read_text())
     assert saved["splits"]["train"]["fdr"] == pytest.approx(result["splits"]["train"]["fdr"])

@@ -237,6 +237,29 @@ def test_multilabel_weights_use_mean_prior_of_positive_labels():
         more_loss_multilabel(z_full, z_gen, torch.zeros(4, dtype=torch.long), prior)
 
 
+def test_more_step_on_a_synthetic_multi_hot_batch():
+    """A multi-label base loss plugs in unchanged: More.loss weights 2-D targets the multi-label way."""
+    cfg = from_dict({"more": {"enabled": True, "schedule": "constant", "amplitude": 0.5}})
+    info = make_info(cfg)
+    bce = lambda z, y, p: F.binary_cross_entropy_with_logits(z, y)  # noqa: E731
+    method = More(Method(cfg, info, bce), cfg, info)
+    model, x = make_model("user")
+    model = method.prepare(model)
+    randomize_lowrank(model)
+    model.train()
+    targets = (torch.rand(6, 5, generator=torch.Generator().manual_seed(3)) < 0.4).float()
+    targets[0] = 0  # a sample with no positive label
+    loss, logs = method.loss(model, x, targets, 0.5)
+    with torch.no_grad():
+        z_full = model(x)
+        with general_only(model):
+            z_gen = model(x)
+        expected = bce(z_full, targets, 0.5) + 2.5 * more_loss_multilabel(z_full, z_gen, targets, info.prior)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert_gradients_reach_every_part(model)
+
+
 @pytest.mark.parametrize("name", ["user", "mlp", "resnet32", "resnet34_cifar"])
 def test_merge_gives_the_base_architecture_and_the_same_logits(name):
     model, x = make_model(name)
@@ -407,6 +430,12 @@ def test_engine_run_exports_a_merged_plain_model(tmp_path):
     assert results["method"] == "erm+more"
     first_epoch = (out / "metrics.jsonl").read_text().splitlines()[0]
     assert '"more_alpha"' in first_epoch and '"more_loss"' in first_epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert {"train/more_alpha", "train/more_loss"} <= set(events.Tags()["scalars"])
+    assert all(e.value == 10.0 for e in events.Scalars("train/more_alpha"))  # constant: A = A' * C = 1.0 * 10
 
     # The run's final (decomposed) model, rebuilt from its checkpoint: the low-rank parts did train.
     run = setup(from_dict(copy.deepcopy(raw)), data_root=root)

@@ -1,6 +1,7 @@
 """`longtail report`: one Markdown row per recipe, seeds merged into mean ± std."""
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,18 @@ def test_tau_and_stage2_runs_group_by_their_stage1_recipe(tmp_path):
     assert [r["Seeds"] for r in rows] == ["0, 1", "0"]
     assert rows[0]["tau"] == f"1.05 ± {statistics.stdev([1.0, 1.1]):.2f}"
     assert rows[0]["Epochs"] == "200 (best_val)" and "multiplicative LA" in rows[0]["Recipe"]
+
+
+def test_tau_normalisation_runs_show_their_tau(tmp_path):
+    runs = [_run(tmp_path, f"tn-{seed}", [f"train.seed={seed}", "method.name=tau_norm", "method.tau_norm_tau=null",
+                                          "data.val_per_class=20"], 60.0) for seed in (0, 1)]
+    for run, tau in zip(runs, (0.5, 0.7)):
+        path = Path(run) / "results.json"
+        results = json.loads(path.read_text())
+        results["method_record"] = {"tau_norm": {"tau": tau, "searched": True}}
+        path.write_text(json.dumps(results))
+    (row,) = _rows(report(runs))
+    assert row["tau"] == f"0.60 ± {statistics.stdev([0.5, 0.7]):.2f}"
 
 
 def test_a_directory_without_results_is_an_error(tmp_path):

@@ -1,4 +1,6 @@
 """WB stage 2: MaxNorm projection, class-balanced losses, frozen backbone and BN, feature caching."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from longtail.errors import ConfigError
 from longtail.losses import class_balanced_weights
 from longtail.methods.base import RunInfo
 from longtail.methods.weight_balancing import WBStage2, maxnorm_radius, project_rows, softmax_bce_loss
+from longtail.models.heads import LinearHead
 
 
 
@@ -30,6 +33,28 @@ def test_projection_rescales_only_rows_outside_the_ball():
     assert torch.equal(w[2], torch.zeros(2))
     assert torch.allclose(w[3], torch.tensor([0.0, -1.5]))
     assert torch.all(w.norm(dim=1) <= 1.5 + 1e-6)
+
+
+@pytest.mark.parametrize("every", ["step", "epoch", "never"])
+def test_maxnorm_runs_after_every_step_or_once_per_epoch(every):
+    cfg = load_config(None, ["method.name=wb_stage2", f"method.maxnorm_every={every}"])
+    info = RunInfo(cfg=cfg, num_classes=2, class_counts=[10, 1], epochs=1, steps_per_epoch=1,
+                   device=torch.device("cpu"))
+    method = WBStage2(cfg, info, base_loss=None)
+    method.radius = 1.0  # prepare() takes it from the stage-1 classifier
+    model = torch.nn.Module()
+    model.head = LinearHead(2, 2)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
+        model.head.bias.copy_(torch.tensor([5.0, -5.0]))
+    method.after_step(model)
+    stepped = model.head.weight.norm(dim=1).tolist()
+    method.after_epoch(model, epoch=0)
+    epoch_end = model.head.weight.norm(dim=1).tolist()
+    projected, untouched = [pytest.approx(1.0), pytest.approx(0.5)], [pytest.approx(5.0), pytest.approx(0.5)]
+    assert stepped == (projected if every == "step" else untouched)
+    assert epoch_end == (untouched if every == "never" else projected)
+    assert model.head.bias.tolist() == [5.0, -5.0]  # the bias is unconstrained
 
 
 def test_softmax_bce_is_the_reference_form():
@@ -137,3 +162,45 @@ def test_stage2_configuration_errors(stage1, tmp_path):
     cfg = load_config(None, [*TINY, "method.name=wb_stage2", "train.epochs=1"])
     with pytest.raises(ConfigError, match="method.init_from"):
         fit(cfg, tmp_path / "f", data_root=stage1[1])
+
+
+# ----------------------------------------------------------------------------- configs
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = ("wb_stage1", "wb_stage2", "ewb", "crt", "lws", "tau_norm")
+# (dataset, file suffix) -> model: ResNet-32 and resnet34_cifar on CIFAR, the BN-MLP on Fashion-MNIST.
+LAYOUT = {
+    ("cifar10_lt", ""): "resnet32", ("cifar10_lt", "_resnet34"): "resnet34_cifar",
+    ("cifar100_lt", ""): "resnet32", ("cifar100_lt", "_resnet34"): "resnet34_cifar",
+    ("fashion_mnist_lt", ""): "mlp",
+}
+OMITTED = "configs/cifar100_lt/ewb.yaml"  # a simplex ETF for 100 classes needs >= 99 dims; ResNet-32 has 64
+
+
+def test_every_recipe_has_a_config_per_dataset_and_model_and_the_omission_is_documented():
+    for (dataset, suffix), model in LAYOUT.items():
+        for recipe in RECIPES:
+            path = CONFIGS / dataset / f"{recipe}{suffix}.yaml"
+            if f"configs/{dataset}/{path.name}" == OMITTED:
+                assert not path.exists()
+                continue
+            cfg = load_config(path)
+            assert (cfg.data.name, cfg.data.imbalance, cfg.model.name) == (dataset, 100, model), path
+    doc = (CONFIGS.parent / "docs" / "methods" / "weight_balancing.md").read_text()
+    assert f"Omitted: `{OMITTED}`" in doc and "at least 99" in doc
+
+
+@pytest.mark.parametrize("stage1_path", sorted(p for d in ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt")
+                                                for p in (CONFIGS / d).glob("wb_stage1*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_wb_configs_use_the_paper_settings(stage1_path):
+    s1 = load_config(stage1_path)  # SPEC 2.1
+    assert (s1.method.name, s1.loss.name, s1.optim.name, s1.optim.lr) == ("erm", "ce", "sgd", 0.01)
+    assert (s1.optim.weight_decay, s1.optim.wd_exclude_bn_bias) == (5e-3, False)  # on every parameter
+    assert (s1.data.batch_size, s1.schedule.name, s1.train.epochs) == (64, "cosine", 200)
+    s2 = load_config(stage1_path.with_name(stage1_path.name.replace("wb_stage1", "wb_stage2")))  # SPEC 2.2
+    assert s2.method.name == "wb_stage2" and s2.method.init_from == f"runs/{stage1_path.parent.name}/{stage1_path.stem}"
+    assert (s2.loss.name, s2.loss.beta, s2.method.cb_variant) == ("cb", 0.9999, "ce")
+    assert (s2.optim.weight_decay, s2.optim.lr, s2.schedule.name, s2.train.epochs) == (0.1, 0.01, "cosine", 10)
+    assert (s2.method.maxnorm_every, s2.method.maxnorm_thresh, s2.method.freeze_bn) == ("step", 0.1, True)
+    assert (s2.model, s2.data.augment, s2.data.selection) == (s1.model, s1.data.augment, s1.data.selection)
