@@ -290,6 +290,9 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
     groups = method.param_groups(model)
     if not any(group["params"] for group in groups):
         # Nothing trains (tau-normalisation): the method's finalize does all the work.
+        if cfg.eval.select != "final":
+            raise ConfigError(f"eval.select: {cfg.eval.select} picks an epoch, but method {cfg.method.name} trains "
+                              "nothing; set eval.select=final")
         if dist.is_main():
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")

@@ -150,6 +150,9 @@ def test_tau_norm_end_to_end_trains_nothing_and_records_its_tau(tmp_path):
     expected = tau_normalized(model.state_dict()["head.weight"], record["tau"])
     assert torch.allclose(state["head.weight"], expected)
 
+    with pytest.raises(ConfigError, match="eval.select: best_val picks an epoch, but method tau_norm trains nothing"):
+        fit(load_config(None, [*overrides, "eval.select=best_val"]), tmp_path / "run2", data_root=str(tmp_path / "data"))
+
 
 @pytest.mark.parametrize("recipe", ["crt", "lws", "tau_norm"])
 def test_decoupled_configs_start_from_the_stage1_run(recipe):
