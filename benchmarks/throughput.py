@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from longtail.config import load_config
+from longtail.distributed import MethodStep
 from longtail.engine import build_optimizer, collect_logits, lr_factor, setup, train_one_epoch
 
 
@@ -91,7 +92,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {"tool train": [], "bare train": [], "tool eval": [], "bare eval": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            stats = train_one_epoch(model, method, train, optimizer, scheduler, scaler, 0, cfg, device, None,
+            stats = train_one_epoch(model, method, MethodStep(model, method), train, optimizer, scheduler, scaler, 0, cfg, device, None,
                                     Path(tmp) / "checkpoint.pt")
             rates["tool train"].append(stats["images_per_sec"])
             rates["bare train"].append(bare_train(model, method, optimizer, xs, ys))

@@ -131,6 +131,7 @@ class TrainConfig:
     log_every: int = 50  # steps between progress-bar / TensorBoard updates
     track_every: int = 0  # epochs between FDR / BN-gamma tracking; 0: off
     sync_bn: bool = False
+    find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in some steps
 
 
 @dataclass

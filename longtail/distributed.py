@@ -1,8 +1,8 @@
-"""Multi-process training under `torchrun`: process group, gradient averaging, consistent BN statistics.
+"""Multi-process training under `torchrun`: process group, DistributedDataParallel, consistent BN statistics.
 
-Gradients are averaged with an explicit all-reduce after backward instead of wrapping the model in
-DistributedDataParallel: methods call `model.features()` and `model.head()` directly and MORE runs two
-forward passes per backward, neither of which DDP's single-`forward()` hooks support.
+DDP averages the gradients of what runs inside the forward of the module it wraps, overlapping the
+all-reduce with backward. Methods call `model.features()` and `model.head()` directly and MORE runs the
+model twice per step, so DDP wraps the whole loss computation (`MethodStep`), not the bare model.
 
 The functions that communicate are collectives: every rank must call them, in the same order, or the
 ranks wait for each other until the process-group timeout.
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from longtail.errors import ConfigError
 
@@ -56,41 +58,30 @@ def init_from_env(device_kind: str) -> torch.device | None:
     return torch.device("cpu")
 
 
-def broadcast_model(model: nn.Module) -> None:
-    """Start every process from rank 0's parameters and buffers."""
-    if world_size() == 1:
-        return
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(tensor.data, src=0)
+class MethodStep(nn.Module):
+    """The forward pass of one training step: `method.loss` on the model, returning (loss, logs)."""
+
+    def __init__(self, model: nn.Module, method: Any):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[torch.Tensor, dict]:
+        return self.method.loss(self.model, x, y, progress)
 
 
-def average_gradients(model: nn.Module) -> None:
-    """Replace every gradient by its mean over ranks, in one all-reduce.
+def training_step(model: nn.Module, method: Any, device: torch.device, find_unused_parameters: bool) -> nn.Module:
+    """`MethodStep`, wrapped in DistributedDataParallel when several processes train.
 
-    A parameter that got no gradient on some rank (its batch skipped a branch) counts as zero there, and
-    has a gradient afterwards on every rank if it had one on any: all ranks then step the same parameters
-    by the same amounts, and the all-reduce has the same length everywhere.
+    Wrapping broadcasts rank 0's parameters and buffers, so every rank starts from the same model.
+    `broadcast_buffers=False`: each rank's BN running statistics follow its own batches, and
+    `average_bn_stats` makes them equal before every evaluation and checkpoint.
     """
+    step = MethodStep(model, method)
     if world_size() == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        return
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-    flat = torch.cat([*grads, has_grad.to(grads[0].dtype)])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for p, got in zip(params, flat[-len(params):].tolist()):
-        piece = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-        if got == 0:
-            continue
-        if p.grad is None:
-            p.grad = piece.to(p.dtype).clone()
-        else:
-            p.grad.copy_(piece)
+        return step
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
 
 
 def average_bn_stats(model: nn.Module) -> None:

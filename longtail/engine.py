@@ -140,6 +140,7 @@ def thresholds_of(cfg: Config, data: LTData) -> tuple[int, int]:
 def train_one_epoch(
     model: nn.Module,
     method: Any,
+    step_fn: nn.Module,
     split: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -176,7 +177,7 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         step = epoch * steps + i
         with torch.autocast(device.type, enabled=amp):
-            loss, logs = method.loss(model, x, y, step / total_steps)
+            loss, logs = step_fn(x, y, step / total_steps)
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; training stopped and the last "
@@ -184,7 +185,6 @@ def train_one_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        dist.average_gradients(model)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -247,7 +247,6 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
         model = dist.convert_sync_batchnorm(model, device)
     if cfg.train.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    dist.broadcast_model(model)
     return Run(cfg, data, model, method, info, device)
 
 
@@ -331,9 +330,10 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
               f"loss {cfg.loss.name}, {cfg.train.epochs} epochs on {device} "
               f"(schedule resolved to {resolved_schedule(cfg)})", flush=True)
 
+    step_fn = dist.training_step(model, method, device, cfg.train.find_unused_parameters)
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
     for epoch in range(start_epoch, cfg.train.epochs):
-        stats = train_one_epoch(model, method, train_split, optimizer, scheduler, scaler, epoch, cfg, device,
+        stats = train_one_epoch(model, method, step_fn, train_split, optimizer, scheduler, scaler, epoch, cfg, device,
                                 writer, ckpt_path)
         record = {"epoch": epoch + 1, **stats}
         last = epoch == cfg.train.epochs - 1

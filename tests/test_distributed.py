@@ -39,21 +39,22 @@ TRAIN = [
 ]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 
-# `longtail` with rank 1 raising at its LONGTAIL_TEST_FAIL_AT-th gradient all-reduce, while rank 0 waits in it.
+# `longtail` with rank 1 raising in its LONGTAIL_TEST_FAIL_AT-th training forward, while rank 0 goes on
+# into that step's gradient all-reduce and waits in it.
 DRIVER = """
 import os, sys
 from longtail import distributed
 from longtail.cli import main
 
-fail_at, average, calls = int(os.environ["LONGTAIL_TEST_FAIL_AT"]), distributed.average_gradients, [0]
+fail_at, forward, calls = int(os.environ["LONGTAIL_TEST_FAIL_AT"]), distributed.MethodStep.forward, [0]
 
-def average_or_fail(model):
+def forward_or_fail(self, *args):
     calls[0] += 1
     if distributed.rank() == 1 and calls[0] == fail_at:
         raise RuntimeError("injected failure of rank 1")
-    average(model)
+    return forward(self, *args)
 
-distributed.average_gradients = average_or_fail
+distributed.MethodStep.forward = forward_or_fail
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -195,19 +196,26 @@ def _collectives_worker(rank: int, store: str) -> None:
         logged = {"loss": 1.0 + 2 * rank, **({"tail_only": 5.0} if rank == 1 else {})}
         assert distributed.mean_over_ranks(logged, cpu) == {"loss": 2.0, "tail_only": 5.0}
 
-        model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
-        model[0].bias.requires_grad_(False)
-        for p in model.parameters():
-            p.grad = torch.full_like(p, rank + 1.0)
-        model[0].bias.grad = None
-        model[1].bias.grad = None  # no gradient on any rank: stays None
-        if rank == 0:
-            model[2].bias.grad = None  # a gradient on rank 1 only: averaged with a zero
-        distributed.average_gradients(model)
-        assert torch.equal(model[0].weight.grad, torch.full((3, 2), 1.5))
-        assert model[0].bias.grad is None and model[1].bias.grad is None
-        assert torch.equal(model[2].bias.grad, torch.tensor([1.0]))
+        class SquaredOutput:  # a method whose loss is the mean squared output of the model
+            def loss(self, model, x, y, progress):
+                return model(x).pow(2).mean(), {}
 
+        torch.manual_seed(0)
+        rank0_start = nn.Linear(2, 1)
+        torch.manual_seed(rank)
+        net = nn.Linear(2, 1)
+        step = distributed.training_step(net, SquaredOutput(), cpu, find_unused_parameters=False)
+        assert torch.equal(net.weight, rank0_start.weight)  # wrapping broadcast rank 0's parameters
+        loss, _ = step(torch.full((4, 2), rank + 1.0), None, 0.0)
+        loss.backward()
+        expected = torch.zeros_like(net.weight)
+        for r in range(2):  # each rank's own gradient, then their mean
+            rank0_start.zero_grad()
+            rank0_start(torch.full((4, 2), r + 1.0)).pow(2).mean().backward()
+            expected += rank0_start.weight.grad / 2
+        assert torch.allclose(net.weight.grad, expected)
+
+        model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
         model[1].running_mean.fill_(rank)
         model[1].running_var.fill_(1.0 + 2 * rank)
         distributed.average_bn_stats(model)
