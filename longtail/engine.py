@@ -32,7 +32,7 @@ from longtail.metrics import flip_tta, format_table, gather_unique, summarize
 from longtail.models import build_model, load_exported, model_spec
 
 # Keys that may differ between a run and its resumption without changing what is computed.
-RESUME_FREE_KEYS = {"data.root", "data.num_workers", "train.device", "train.log_every"}
+RESUME_FREE_KEYS = {"data.root", "data.num_workers", "train.device", "train.log_every", "train.find_unused_parameters"}
 
 
 def select_device(name: str) -> torch.device:

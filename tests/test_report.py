@@ -44,6 +44,14 @@ def test_seeds_are_grouped_into_mean_and_std(tmp_path):
     assert second["All"] == "75.50" and "wd 0.005" in second["Recipe"] and second["Model"] == "resnet32"
 
 
+def test_a_run_saved_before_a_key_existed_groups_with_runs_that_spell_out_its_default(tmp_path):
+    runs = [_run(tmp_path, f"s{seed}", [f"train.seed={seed}"], 70.0 + seed) for seed in (0, 1)]
+    old = json.loads((Path(runs[0]) / "results.json").read_text())
+    del old["config"]["optim"]["wd_exclude_bn_bias"]  # as if written by a version without that key
+    (Path(runs[0]) / "results.json").write_text(json.dumps(old))
+    assert [r["Seeds"] for r in _rows(report(runs))] == ["0, 1"]
+
+
 def test_tau_and_stage2_runs_group_by_their_stage1_recipe(tmp_path):
     stage1 = [_run(tmp_path, f"s1-{seed}", [f"train.seed={seed}"], 60.0) for seed in (0, 1)]
     stage2 = [_run(tmp_path, f"s2-{seed}", [f"train.seed={seed}", "method.name=wb_stage2", f"method.init_from={s}",
