@@ -267,7 +267,8 @@ def _restore_rng(state: dict) -> None:
 
 
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
-    old, new = flatten(saved), flatten(cfg.to_dict())
+    # Completed with defaults: a checkpoint saved before a key existed ran with its default.
+    old, new = flatten(from_dict(saved).to_dict()), flatten(cfg.to_dict())
     differ = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
     if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from fake_data import write_fashion_mnist
 from longtail.checkpoint import load_checkpoint
@@ -92,6 +93,16 @@ def test_resume_refuses_a_changed_config(tmp_path, data_root):
         fit(load_config(None, [*TINY, "train.epochs=1", "optim.lr=0.5"]), out, resume=True, data_root=str(data_root))
     with pytest.raises(ConfigError, match="--resume"):
         fit(load_config(None, [*TINY, "train.epochs=1"]), out, data_root=str(data_root))
+
+
+def test_resume_takes_a_checkpoint_saved_before_a_config_key_existed(tmp_path, data_root):
+    out = tmp_path / "run"
+    fit(load_config(None, [*TINY, "train.epochs=1"]), out, data_root=str(data_root))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["optim"]["wd_exclude_bn_bias"]  # as if written by a version without that key (default false)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    results = fit(load_config(None, [*TINY, "train.epochs=1"]), out, resume=True, data_root=str(data_root))
+    assert results["epoch"] == 1
 
 
 def test_a_last_batch_of_one_image_is_skipped(tmp_path, data_root):
