@@ -92,8 +92,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {"tool train": [], "bare train": [], "tool eval": [], "bare eval": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            stats = train_one_epoch(model, method, MethodStep(model, method), train, optimizer, scheduler, scaler, 0, cfg, device, None,
-                                    Path(tmp) / "checkpoint.pt")
+            stats = train_one_epoch(model, method, MethodStep(model, method), train, optimizer, scheduler, scaler, 0,
+                                    cfg, device, None, Path(tmp) / "checkpoint.pt")
             rates["tool train"].append(stats["images_per_sec"])
             rates["bare train"].append(bare_train(model, method, optimizer, xs, ys))
             start = time.perf_counter()

@@ -348,6 +348,15 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def flatten_saved(raw: dict) -> dict:
+    """A saved config, completed with today's defaults and flattened.
+
+    A run saved before a key existed ran with that key's default, so it compares equal to a config
+    that spells the default out (resume checks, grouping seeds in reports).
+    """
+    return flatten(from_dict(raw).to_dict())
+
+
 def resolve_epochs(value: float, epochs: int) -> int:
     """Epoch-valued settings below 1 are fractions of training (0.8 of 200 epochs = epoch 160)."""
     return int(round(value * epochs)) if value < 1 else int(value)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from longtail import distributed as dist
 from longtail.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
-from longtail.config import Config, flatten, from_dict, read_yaml, resolve_epochs, save_config
+from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
 from longtail.data import LTData, build_data
 from longtail.errors import ConfigError, DivergedError
 from longtail.losses import build_loss
@@ -267,8 +267,7 @@ def _restore_rng(state: dict) -> None:
 
 
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
-    # Completed with defaults: a checkpoint saved before a key existed ran with its default.
-    old, new = flatten(from_dict(saved).to_dict()), flatten(cfg.to_dict())
+    old, new = flatten_saved(saved), flatten(cfg.to_dict())
     differ = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
     if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from longtail.config import flatten, from_dict
+from longtail.config import flatten_saved
 from longtail.engine import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
 
@@ -28,12 +28,8 @@ def _read_results(run_dir: Path) -> dict:
 
 
 def recipe_key(config: dict, seen: Optional[set] = None) -> str:
-    """What a run computes apart from its seed, as a comparable string.
-
-    The config is completed with today's defaults first: a run saved before a key existed computed what
-    that key's default computes, and must group with runs that spell it out.
-    """
-    flat = {k: v for k, v in flatten(from_dict(config).to_dict()).items() if k not in IGNORED_KEYS}
+    """What a run computes apart from its seed, as a comparable string."""
+    flat = {k: v for k, v in flatten_saved(config).items() if k not in IGNORED_KEYS}
     init_from = flat.get("method.init_from")
     if init_from is not None:
         stage1 = Path(init_from)

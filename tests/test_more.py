@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from longtail.config import Config, ModelConfig, MoreConfig, from_dict
@@ -430,8 +431,6 @@ def test_engine_run_exports_a_merged_plain_model(tmp_path):
     assert results["method"] == "erm+more"
     first_epoch = (out / "metrics.jsonl").read_text().splitlines()[0]
     assert '"more_alpha"' in first_epoch and '"more_loss"' in first_epoch
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(out))
     events.Reload()
     assert {"train/more_alpha", "train/more_loss"} <= set(events.Tags()["scalars"])
