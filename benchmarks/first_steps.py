@@ -4,7 +4,7 @@
 
 Per step: learning rate, loss, and for MORE alpha(t) and L_MORE, the gradient norm and the largest
 absolute logit on 16 training images. It runs the engine's own pieces (setup, optimiser, schedule,
-the method's loss, the same batches and augmentation draws as a one-process run) on the first
+the method's loss and after-step hook, the same batches and augmentation draws as a one-process run) on the first
 steps of epoch 0, without writing a run directory.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         optimizer.step()
         scheduler.step()
+        method.after_step(model)  # e.g. WB's per-step MaxNorm, as the engine applies it
         with torch.no_grad():
             largest_logit = model(x[:16]).abs().max().item()
         more = (f" alpha {logs['more_alpha']:.2f} L_MORE {float(logs['more_loss']):.3g}"
