@@ -125,8 +125,9 @@ def test_zero_init_starts_from_the_plain_model(name):
     assert torch.equal(model(x), before)
 
 
-def test_general_only_switches_the_lowrank_part_off_and_back_on():
-    model, x = make_model("user")
+@pytest.mark.parametrize("name", ["user", "mlp"])
+def test_general_only_switches_the_lowrank_part_off_and_back_on(name):
+    model, x = make_model(name)
     model.eval()
     plain = model(x)
     decompose(model, MoreConfig())
@@ -136,6 +137,39 @@ def test_general_only_switches_the_lowrank_part_off_and_back_on():
     with general_only(model):
         assert torch.equal(model(x), plain)
     assert torch.equal(model(x), full)
+
+
+@pytest.mark.parametrize("rows,path", [(4, "AddBackward0"), (64, "AddmmBackward0")])
+def test_linear_factored_and_built_weight_paths_agree(rows, path):
+    """24 -> 16: rows * (24 + 16) < 24 * 16 takes x W_g^T + s (x A^T) B^T, more rows build W_g + s B A."""
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 16)
+    decompose(layer, MoreConfig(rank_ratio=0.25))
+    randomize_lowrank(layer)
+    params = [layer.parametrizations.weight.original, layer.bias, *lowrank_parameters(layer)]
+    x = torch.randn(rows, 24, requires_grad=True)
+    out = layer(x)
+    assert out.grad_fn.name() == path
+    grads = torch.autograd.grad(out.square().sum(), [x, *params])
+    built = F.linear(x, layer.weight, layer.bias)  # `layer.weight` builds W_g + s B A
+    torch.testing.assert_close(out, built)
+    for got, want in zip(grads, torch.autograd.grad(built.square().sum(), [x, *params])):
+        torch.testing.assert_close(got, want)
+
+
+def test_factored_forward_only_on_plain_linear_layers_and_gone_after_merge():
+    class Clipped(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).clamp(max=0.1)
+
+    model = nn.Sequential(nn.Linear(24, 16), Clipped(16, 4))
+    decompose(model, MoreConfig())
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    randomize_lowrank(model)
+    x = torch.randn(2, 24)
+    assert model(x).max() <= 0.1  # the subclass's own forward still runs
+    merge(model)
+    assert "forward" not in model[0].__dict__ and type(model[0]) is nn.Linear
 
 
 def test_selection_excludes_patterns_frozen_weights_and_buffers():
