@@ -6,7 +6,8 @@
     forward (full), forward (general-only), loss terms, backward and optimiser step;
 (b) peak memory of a few training steps, each variant in its own subprocess (peak RSS on CPU,
     max allocated on CUDA);
-(c) inference time of the base model, the merged MORE model and the unmerged one.
+(c) inference time of the base model, the merged MORE model and the unmerged one;
+(d) with --profile-backward, the operators that take a backward pass's time, per variant.
 Inputs are random CIFAR-sized tensors. The variants run interleaved, one after the other in every
 round, so the headline ratios are medians of per-round ratios: steady even on a shared machine.
 """
@@ -142,6 +143,25 @@ def training_time(args: argparse.Namespace, device: torch.device) -> None:
     print(f"    step time ratio MORE / base, median of per-round ratios: {ratio:.2f}x (target <= 2.2x)")
 
 
+def backward_profile(args: argparse.Namespace, device: torch.device, rows: int = 6) -> None:
+    """Where a backward pass spends its time: the costliest operators of one backward per variant."""
+    print(f"(d) one backward pass under torch.profiler, top {rows} operators by self time, grouped by input shapes")
+    for more in (False, True):
+        trainer = Trainer(args, more, device)
+        for _ in range(args.warmup):
+            trainer.step()
+        trainer.method.train_mode(trainer.model)
+        loss, _ = trainer.method.loss(trainer.model, trainer.x, trainer.y, PROGRESS)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            loss.backward()
+        events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        print(f"    {'MORE' if more else 'base'}: {total:.1f} ms in all")
+        for e in events[:rows]:
+            print(f"      {e.key:34s}{e.self_cpu_time_total / 1e3:8.1f} ms  x{e.count:<3d} {e.input_shapes}")
+
+
 def child_memory(args: argparse.Namespace, device: torch.device) -> None:
     """Subprocess body: build one variant, train a few steps, print peak memory as JSON."""
     def status_mb(field: str) -> float:
@@ -218,6 +238,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
+    parser.add_argument("--profile-backward", action="store_true", help="also (d): the backward's costliest operators")
     parser.add_argument("--child", choices=["base", "more"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,6 +252,8 @@ def main() -> None:
     training_time(args, device)
     peak_memory(args)
     inference_time(args, device)
+    if args.profile_backward:
+        backward_profile(args, device)
 
 
 if __name__ == "__main__":
