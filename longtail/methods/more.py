@@ -61,11 +61,11 @@ def _factored_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor
     a large batch through a small layer favours building the weight, so the cheaper form is chosen per call.
     """
     part = module.parametrizations.weight[0]
-    weight_g = module.parametrizations.weight.original
     fan_in, out = module.in_features, module.out_features
     rows = x.numel() // fan_in
     if not part.enabled or rows * (fan_in + out) >= fan_in * out:
         return F.linear(x, module.weight, module.bias)
+    weight_g = module.parametrizations.weight.original
     return F.linear(x, weight_g, module.bias) + part.scale * F.linear(F.linear(x, part.A), part.B)
 
 
