@@ -1,12 +1,17 @@
-"""Atomic file writes and checkpoints: a crash mid-write never leaves a half-written file."""
+"""Atomic file writes and checkpoints: a crash mid-write never leaves a half-written file.
+
+Appended logs (`metrics.jsonl`) are the exception: a run killed mid-write can leave a torn last
+line, which `read_jsonl` drops.
+"""
 from __future__ import annotations
 
 import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -47,12 +52,57 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a file with one per line (blank lines skipped).
+
+    An unparseable (or non-object) *last* line is dropped: it is the torn record of a run killed
+    mid-write. An unparseable line anywhere else is a ConfigError naming the file and line number.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records: list[dict] = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if position == len(numbered) - 1:
+                break  # a torn last line
+            raise ConfigError(f"{path}, line {number}: not a JSON object ({exc}); only the last line may be "
+                              f"torn (a run killed mid-write), so this file is damaged") from None
+        records.append(record)
+    return records
+
+
+def _zip_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a complete zip archive (torch.save's format), or None when it is one."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and checks its CRC
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        return f"not a complete zip archive: {exc}"
+    return None if bad is None else f"member {bad} fails its CRC check"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load with `weights_only=True`: tensors, numbers, strings and containers only, no code."""
+    """Load with `weights_only=True`: tensors, numbers, strings and containers only, no code.
+
+    A file that fails to load is diagnosed: one that is not a complete zip archive (a crash or a full
+    disk while copying, a partial download) is reported as truncated or corrupt; one that is whole
+    but holds something `weights_only` refuses keeps torch's explanation.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch's pre-1.6 format is a bare pickle, not a zip
+        problem = None if legacy else _zip_problem(path)
+        if problem is not None:
+            raise ConfigError(f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes, {problem}): "
+                              f"restart without it") from None
         raise ConfigError(f"checkpoint {path} cannot be loaded safely: {exc}") from None
