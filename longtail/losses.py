@@ -5,6 +5,11 @@ has the same call signature). `weight` is an optional per-class weight (as in
 `F.cross_entropy`): a weighted loss is sum_i w_{y_i} l_i / sum_i w_{y_i} for every loss here, so
 weighting means the same thing whichever loss it is applied to. `build_loss` turns the `loss`
 config section into the `LossFn(logits, targets, progress)` the methods call.
+
+A loss may multiply the model's logits by a constant before its softmax (LDAM's scale, with the model
+ending in a scale-1 cosine head). `logit_scale(loss_cfg)` names that constant; the engine folds it into
+the head of the exported model (`longtail.models.scale_head`), so `model.pt` gives the logits the loss
+saw (margins aside: they are training-only) and its ECE and NLL are those of the trained softmax.
 """
 from __future__ import annotations
 
@@ -117,6 +122,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 NAMES = ("ce", "cb", "focal", "ldam", "la", "bs", "bce")
 
 
+def logit_scale(loss_cfg: LossConfig) -> float:
+    """The constant the configured loss multiplies the model's logits by at inference time (its margins
+    and class weights aside): `ldam_scale` for `ldam`, 1 for every other loss. The exported model's head
+    carries it, so that the exported logits are the ones whose softmax the loss trained."""
+    return float(loss_cfg.ldam_scale) if loss_cfg.name == "ldam" else 1.0
+
+
 class ConfiguredLoss:
     """`loss(logits, targets, progress)`: the configured base loss. Class-balanced weights apply
     throughout for `cb`, and from `drw_frac` of training on (deferred re-weighting) when
@@ -129,6 +141,8 @@ class ConfiguredLoss:
             raise ConfigError(f"loss.beta: must be in [0, 1), got {loss_cfg.beta}")
         if loss_cfg.gamma < 0:
             raise ConfigError(f"loss.gamma: must be >= 0, got {loss_cfg.gamma}")
+        if loss_cfg.name == "ldam" and not loss_cfg.ldam_scale > 0:
+            raise ConfigError(f"loss.ldam_scale: must be > 0, got {loss_cfg.ldam_scale}")
         self.cfg = loss_cfg
         self.counts = torch.as_tensor(class_counts, dtype=torch.float32)
         self.drw_epoch: Optional[int] = None  # the resolved DRW start, for the record
@@ -147,6 +161,11 @@ class ConfiguredLoss:
         self.class_weights = None
         if self.weights_from is not None:
             self.class_weights = class_balanced_weights(class_counts, loss_cfg.beta)
+
+    @property
+    def logit_scale(self) -> float:
+        """The inference-time scale this loss applies to the logits (`logit_scale(loss_cfg)`)."""
+        return logit_scale(self.cfg)
 
     def weight(self, progress: float) -> Optional[torch.Tensor]:
         """The per-class weights in force at `progress` (fraction of training done), or None."""

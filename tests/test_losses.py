@@ -126,3 +126,21 @@ def test_losses_follow_logits_dtype_and_gradients():
     loss = fn(z, Y, 0.5)
     loss.backward()
     assert loss.dtype == torch.float64 and z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_logit_scale_is_ldams_scale_and_1_otherwise():
+    for name in losses.NAMES:
+        cfg = LossConfig(name=name, ldam_scale=16.0)
+        expected = 16.0 if name == "ldam" else 1.0
+        assert losses.logit_scale(cfg) == expected
+        assert losses.build_loss(cfg, COUNTS, epochs=5).logit_scale == expected
+    # It is the scale the loss applies to the logits, margins aside: LDAM without margins is CE on s * z.
+    no_margin = losses.ldam_loss(Z, Y, COUNTS, max_margin=0.0, scale=16.0)
+    assert no_margin.item() == pytest.approx(losses.cross_entropy(16.0 * Z, Y).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.0, -30.0])
+def test_ldam_scale_must_be_positive(scale):
+    with pytest.raises(ConfigError, match="ldam_scale"):
+        losses.build_loss(LossConfig(name="ldam", ldam_scale=scale), COUNTS, 5)
+    assert losses.build_loss(LossConfig(name="ce", ldam_scale=scale), COUNTS, 5).logit_scale == 1.0  # unused there
