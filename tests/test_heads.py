@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from longtail.config import ModelConfig
 from longtail.errors import ConfigError
-from longtail.models.heads import CosineHead, ETFHead, LinearHead, build_head
+from longtail.models.heads import CosineHead, ETFHead, LinearHead, build_head, scale_head
 
 
 @pytest.mark.parametrize("d,k", [(64, 10), (99, 100), (9, 10), (512, 100)])
@@ -52,3 +52,28 @@ def test_build_head_picks_the_configured_head():
     assert isinstance(etf, ETFHead) and torch.equal(etf.weight, ETFHead(8, 3, seed=4).weight)
     with pytest.raises(ConfigError, match="head_scale"):
         build_head(ModelConfig(head="linear", head_scale=2.0), 8, 3)
+
+
+def test_scale_head_multiplies_the_logits_of_every_head_kind_in_place():
+    x = torch.randn(5, 8)
+    for head in (CosineHead(8, 4), LinearHead(8, 4), LinearHead(8, 4, bias=False), ETFHead(8, 4, seed=2)):
+        if isinstance(head, ETFHead):
+            head.bias.data.normal_()
+        before = head(x).detach()
+        assert scale_head(head, 30.0) is head
+        assert torch.allclose(head(x), 30.0 * before, rtol=1e-5, atol=1e-5), type(head).__name__
+    cos = scale_head(CosineHead(8, 4, scale=2.0), 30.0)
+    assert cos.scale == 60.0 and torch.allclose(cos.weight.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_scale_head_by_1_is_a_no_op_for_any_head_and_refuses_others():
+    class Custom(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    custom = Custom()
+    assert scale_head(custom, 1.0) is custom  # losses without a scale never touch a user's head
+    with pytest.raises(TypeError, match="Custom"):
+        scale_head(custom, 30.0)
+    with pytest.raises(ValueError, match="> 0"):
+        scale_head(LinearHead(8, 4), 0.0)

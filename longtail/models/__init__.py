@@ -16,12 +16,12 @@ from torch import nn
 from longtail.config import ModelConfig, from_dict
 from longtail.errors import ConfigError
 from longtail.models import mlp, resnet, resnet_cifar  # noqa: F401  (they register their models)
-from longtail.models.heads import CosineHead, ETFHead, LinearHead, build_head
+from longtail.models.heads import CosineHead, ETFHead, LinearHead, build_head, scale_head
 from longtail.models.registry import MODELS, get_factory, register
 
 __all__ = [
     "MODELS", "register", "get_factory", "build_model", "model_spec", "load_exported",
-    "build_head", "LinearHead", "CosineHead", "ETFHead",
+    "build_head", "scale_head", "LinearHead", "CosineHead", "ETFHead",
 ]
 
 
@@ -72,7 +72,9 @@ def model_spec(model_cfg: ModelConfig, model: nn.Module, num_classes: int, in_ch
     """What `model.yaml` records so that `model.pt` reloads into the same architecture.
 
     The head settings are read off `model.head`, because a method may have swapped it since the
-    model was built (post-hoc adjustment folds an etf head into a linear one).
+    model was built (post-hoc adjustment folds an etf head into a linear one), and the engine folds the
+    loss's logit scale into it before export (LDAM: a cosine head at `head_scale` 30, the config's 1
+    times `loss.ldam_scale`; a linear head's weight and bias are scaled instead, so it stays at 1).
     """
     spec = dataclasses.asdict(model_cfg)
     del spec["pretrained"]  # the trained weights are in model.pt

@@ -74,6 +74,29 @@ class ETFHead(nn.Module):
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, bias={self.bias is not None}"
 
 
+def scale_head(head: nn.Module, factor: float) -> nn.Module:
+    """Multiply the logits of `head` by `factor`, in place (returns `head`): the scale of a cosine head,
+    the weight and bias of a linear or ETF head. The engine folds the loss's logit scale (LDAM's 30) into
+    the exported head with it, so that the exported model gives the logits the loss saw. A factor of 1
+    leaves any head untouched."""
+    factor = float(factor)
+    if factor == 1.0:
+        return head
+    if not factor > 0:
+        raise ValueError(f"scale_head: the factor must be > 0 (it must not reorder the logits), got {factor}")
+    if isinstance(head, CosineHead):
+        head.scale = head.scale * factor
+    elif isinstance(head, (nn.Linear, ETFHead)):
+        with torch.no_grad():
+            head.weight.mul_(factor)  # an ETF head's fixed frame is a buffer: saved in model.pt as scaled
+            if head.bias is not None:
+                head.bias.mul_(factor)
+    else:
+        raise TypeError(f"scale_head: cannot scale a {type(head).__name__} head; fold it into a linear, cosine "
+                        "or etf head first")
+    return head
+
+
 def build_head(model_cfg: ModelConfig, d: int, num_classes: int) -> nn.Module:
     """The head named by `model.head`; `head_scale` is the cosine head's scale (cosine heads have no bias)."""
     if model_cfg.head != "cosine" and model_cfg.head_scale != 1.0:
