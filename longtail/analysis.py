@@ -7,7 +7,6 @@ All statistics are computed in float64 on penultimate features taken with the ev
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -17,11 +16,11 @@ import torch
 from torch import nn
 
 from longtail import distributed as dist
-from longtail.checkpoint import atomic_write_json
+from longtail.checkpoint import atomic_write_json, read_jsonl
 from longtail.metrics import gather_unique
 from longtail.plots import new_figure, save_figure
 
-# A dimension whose spread is below this fraction of its mean is constant for FDR purposes (as in EWB's code).
+# FDR's tolerance for a constant dimension, as a fraction of a mean (`fisher_details` says of which).
 FLAT_DIM_RATIO = 1e-3
 
 
@@ -48,25 +47,73 @@ def _float64(features: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, 
     return features.detach().cpu().double().numpy(), labels.detach().cpu().long().numpy()
 
 
-def fisher_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """FDR = tr(S_w^+ S_b) over the classes present, after dropping near-constant dimensions.
+FDR_RULES = ("reference", "spread")
 
-    S_b = sum_k n_k (mu_k - mu)(mu_k - mu)^T, S_w = sum_k sum_{i in k} (x_i - mu_k)(x_i - mu_k)^T.
-    """
-    x, y = _float64(features, labels)
-    keep = x.std(axis=0) > FLAT_DIM_RATIO * np.abs(x.mean(axis=0))
-    x = x[:, keep]
-    if x.shape[1] == 0:
-        return 0.0
+
+def _scatter(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S_w, S_b) over the classes present in `y`."""
     classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     means = np.zeros((len(classes), x.shape[1]))
     np.add.at(means, inverse, x)
     means /= counts[:, None]
     within = x - means[inverse]
     between = means - x.mean(axis=0)
-    s_w = within.T @ within
-    s_b = (between * counts[:, None]).T @ between
-    return float(np.trace(np.linalg.pinv(s_w, hermitian=True) @ s_b))
+    return within.T @ within, (between * counts[:, None]).T @ between
+
+
+def fisher_details(features: torch.Tensor, labels: torch.Tensor, rule: str = "reference") -> dict:
+    """FDR = tr(S_w^-1 S_b) over the classes present, and how it was computed.
+
+    S_b = sum_k n_k (mu_k - mu)(mu_k - mu)^T, S_w = sum_k sum_{i in k} (x_i - mu_k)(x_i - mu_k)^T, float64.
+
+    `rule="reference"` (the default) handles dimensions as EWB's reference code (`calc_fdr`) does:
+    with t = 1e-3 x |mean of every entry of the feature matrix| (one scalar), drop dimension j when
+    every sample lies within t of the first sample's value in j; then, with t recomputed on the kept
+    dimensions, drop dimension j from S_w and S_b when the whole column j of S_w (equivalently row j:
+    S_w is symmetric) lies within t of 0; then `numpy.linalg.solve(S_w, S_b)`, falling back to the
+    pseudo-inverse when solve raises LinAlgError (an exactly singular S_w) or when S_w is singular by
+    construction (more dimensions left than samples minus classes, where solve returns noise).
+    `rule="spread"`: drop dimension j when its standard deviation is at most 1e-3 x |its own mean|,
+    then always use the pseudo-inverse.
+
+    Returns `fdr`, `solver` ("solve", "pinv_fallback", "pinv" for the spread rule, "none" when no
+    dimension is left: FDR 0), `dims` (dimensions used) and `dims_total`.
+    """
+    if rule not in FDR_RULES:
+        raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
+    x, y = _float64(features, labels)
+    dims_total = x.shape[1]
+    if rule == "spread":
+        x = x[:, x.std(axis=0) > FLAT_DIM_RATIO * np.abs(x.mean(axis=0))]
+    else:
+        tol = FLAT_DIM_RATIO * abs(x.mean()) if x.size else 0.0
+        x = x[:, ~(np.abs(x - x[:1]) <= tol).all(axis=0)]
+    if x.shape[1] == 0:
+        return {"fdr": 0.0, "solver": "none", "dims": 0, "dims_total": dims_total}
+    s_w, s_b = _scatter(x, y)
+    if rule == "spread":
+        fdr = np.trace(np.linalg.pinv(s_w, hermitian=True) @ s_b)
+        return {"fdr": float(fdr), "solver": "pinv", "dims": x.shape[1], "dims_total": dims_total}
+    used = ~(np.abs(s_w) <= FLAT_DIM_RATIO * abs(x.mean())).all(axis=0)
+    s_w, s_b = s_w[used][:, used], s_b[used][:, used]
+    if s_w.shape[0] == 0:
+        return {"fdr": 0.0, "solver": "none", "dims": 0, "dims_total": dims_total}
+    dims = int(used.sum())
+    # S_w has rank at most N - C (samples minus classes): with more dimensions it is singular, but solve
+    # rarely meets an exact zero pivot and returns rounding noise (~1e17) instead of raising.
+    if dims <= len(y) - len(np.unique(y)):
+        try:
+            return {"fdr": float(np.trace(np.linalg.solve(s_w, s_b))), "solver": "solve", "dims": dims,
+                    "dims_total": dims_total}
+        except np.linalg.LinAlgError:
+            pass
+    fdr = np.trace(np.linalg.pinv(s_w, hermitian=True) @ s_b)
+    return {"fdr": float(fdr), "solver": "pinv_fallback", "dims": dims, "dims_total": dims_total}
+
+
+def fisher_ratio(features: torch.Tensor, labels: torch.Tensor, rule: str = "reference") -> float:
+    """FDR = tr(S_w^-1 S_b) under `rule` ("reference" or "spread"); see `fisher_details`."""
+    return fisher_details(features, labels, rule)["fdr"]
 
 
 def cosine_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
@@ -127,10 +174,13 @@ def bn_gammas(model: nn.Module) -> dict:
     return {"layers": layers, "mean": float(g.mean()), "std": float(g.std(unbiased=False))}
 
 
-def feature_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+def feature_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int, rule: str = "reference") -> dict:
     cos = cosine_stats(features, labels, num_classes)
+    fdr = fisher_details(features, labels, rule)
     return {
-        "fdr": fisher_ratio(features, labels),
+        "fdr": fdr["fdr"],
+        "fdr_solver": fdr["solver"],
+        "fdr_dims": fdr["dims"],
         "cos_same": cos["same"],
         "cos_different": cos["different"],
         "cos_matrix": cos["matrix"],
@@ -139,13 +189,14 @@ def feature_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     }
 
 
-def track(model: nn.Module, split: Any, device: torch.device) -> dict:
-    """Scalars logged during training: FDR, cosines and mean feature norm on `split`, BN gamma mean/std."""
+def track(model: nn.Module, split: Any, device: torch.device, rule: str = "reference") -> dict:
+    """Logged during training: FDR (with its solver), cosines and mean feature norm on `split`, BN gamma mean/std."""
     features, labels = collect_features(model, split, device)
-    stats = feature_stats(features, labels, int(labels.max()) + 1)
+    stats = feature_stats(features, labels, int(labels.max()) + 1, rule)
     gammas = bn_gammas(model)
     return {
         "fdr": stats["fdr"],
+        "fdr_solver": stats["fdr_solver"],
         "cos_same": stats["cos_same"],
         "cos_different": stats["cos_different"],
         "feature_norm_mean": stats["feature_norm_mean"],
@@ -172,7 +223,7 @@ def tracked_history(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path)  # a run killed mid-write leaves a torn last line
     return [{"epoch": r["epoch"], **r["track"]} for r in records if "track" in r]
 
 
@@ -228,9 +279,12 @@ def plot_tracking(history: list[dict], path: Path) -> str:
     return save_figure(fig, path)
 
 
-def analyze_run(run_dir: str | Path, data_root: Optional[str] = None) -> dict:
+def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str = "reference") -> dict:
     """`longtail analyze RUN_DIR`: statistics of the exported model on train and test features,
-    written to RUN_DIR/analysis.json, with figures under RUN_DIR/figures/."""
+    written to RUN_DIR/analysis.json, with figures under RUN_DIR/figures/. `rule`: the FDR's
+    dimension handling (`fisher_details`), recorded as `fdr_rule`; each split records `fdr_solver`."""
+    if rule not in FDR_RULES:
+        raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
     from longtail.engine import load_run, select_device
 
     run = load_run(run_dir, data_root)
@@ -243,6 +297,7 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None) -> dict:
         "checkpoint": results.get("checkpoint"),
         "posthoc": results.get("posthoc") and {k: results["posthoc"][k] for k in ("kind", "tau")},
         "class_counts": counts,
+        "fdr_rule": rule,
         "splits": {},
         "bn_gamma": bn_gammas(model),
         "classifier_norms": classifier_norms(model.head),
@@ -250,7 +305,7 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None) -> dict:
     }
     for name, split in (("train", run.data.train), ("test", run.data.test)):
         features, labels = collect_features(model, split, device, run.cfg.eval.batch_size)
-        result["splits"][name] = feature_stats(features, labels, len(counts))
+        result["splits"][name] = feature_stats(features, labels, len(counts), rule)
     figures = run.run_dir / "figures"
     result["figures"] = [plot_norms(result, counts, figures / "norms.png")]
     for name in ("train", "test"):
@@ -263,7 +318,8 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None) -> dict:
     atomic_write_json(run.run_dir / "analysis.json", result)
     for name in ("train", "test"):
         s = result["splits"][name]
-        print(f"{name}: FDR {s['fdr']:.3f}, cosine same {s['cos_same']:.3f} / different {s['cos_different']:.3f}, "
+        solver = "" if s["fdr_solver"] in ("solve", "pinv") else f" ({s['fdr_solver']})"
+        print(f"{name}: FDR {s['fdr']:.3f}{solver}, cosine same {s['cos_same']:.3f} / different {s['cos_different']:.3f}, "
               f"mean feature norm {s['feature_norm_mean']:.3f}")
     if result["bn_gamma"]["mean"] is not None:
         print(f"BN gamma: mean {result['bn_gamma']['mean']:.4f}, std {result['bn_gamma']['std']:.4f}")

@@ -9,7 +9,7 @@ from torch import nn
 
 from fake_data import write_fashion_mnist
 from longtail.analysis import (
-    analyze_run, bn_gammas, class_feature_norms, classifier_norms, cosine_stats, fisher_ratio, track,
+    analyze_run, bn_gammas, class_feature_norms, classifier_norms, cosine_stats, fisher_details, fisher_ratio, track,
 )
 from longtail.config import load_config
 from longtail.engine import fit
@@ -54,8 +54,63 @@ def test_fdr_drops_near_constant_dimensions():
 def test_fdr_with_more_dimensions_than_samples_uses_the_pseudo_inverse():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 20, generator=g)
-    value = fisher_ratio(x, torch.tensor([0, 0, 1, 1, 2, 2]))
-    assert np.isfinite(value) and value > 0
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    # S_w has rank 6 - 3 = 3 of 20: solve would not raise but return rounding noise (~1e17).
+    details = fisher_details(x, y)
+    assert details["solver"] == "pinv_fallback" and details["dims"] == 20
+    assert np.isfinite(details["fdr"]) and details["fdr"] > 0
+    assert details["fdr"] == pytest.approx(fisher_ratio(x, y, rule="spread"))  # no dimension dropped by either
+
+
+def test_fdr_falls_back_to_the_pseudo_inverse_when_solve_fails():
+    # Two identical dimensions: S_w = [[4, 4], [4, 4]] is exactly singular and solve raises.
+    x = torch.tensor([[0.0, 0.0], [2.0, 2.0], [4.0, 4.0], [6.0, 6.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    # pinv(S_w) = [[1, 1], [1, 1]] / 16, S_b = 16 [[1, 1], [1, 1]]: tr = 4, as with one copy.
+    assert fisher_details(x, y) == {"fdr": pytest.approx(4.0), "solver": "pinv_fallback", "dims": 2, "dims_total": 2}
+    assert fisher_details(x[:, :1], y)["solver"] == "solve"
+    assert fisher_details(x, y, rule="spread")["solver"] == "pinv"
+
+
+def _sylvester_hadamard(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.kron(h, np.array([[1.0, 1.0], [1.0, -1.0]]))
+    return h
+
+
+def test_fdr_rules_differ_on_a_tiny_scale_but_class_informative_dimension():
+    # 16 samples; the columns of a Hadamard matrix are orthogonal +-1 patterns. Column 8 splits the
+    # samples into the two classes; each dimension j = mean + spread * H[:, k_j] + sep * H[:, 8], with
+    # its own within-class pattern k_j, so S_w is diagonal and FDR = sum_j (sep_j / spread_j)^2.
+    h = _sylvester_hadamard(16)
+    y = torch.from_numpy((h[:, 8] < 0).astype(np.int64))
+
+    def dim(mean, spread, pattern, sep):
+        return mean + spread * h[:, pattern] + sep * h[:, 8]
+
+    # Two unit-scale dimensions that barely separate the classes: 0.2^2 + 0.1414^2 = 0.06.
+    # One dimension at scale 1e-5 that separates them well: (1.51e-5 / 1e-6)^2 = 228.01.
+    x = torch.from_numpy(np.stack([dim(1.0, 1.0, 1, 0.2), dim(1.0, 1.0, 2, 0.1414),
+                                   dim(2e-5, 1e-6, 3, 1.51e-5)], axis=1))
+    reference, spread = fisher_details(x, y), fisher_details(x, y, rule="spread")
+    # Reference: t = 1e-3 x |mean of all entries| = 6.7e-4, and the tiny dimension's values stay within
+    # 3.3e-5 of the first sample's, so it is dropped. Spread: its std 1.5e-5 > 1e-3 x |its mean 2e-5|: kept.
+    assert reference == {"fdr": pytest.approx(0.06, rel=1e-3), "solver": "solve", "dims": 2, "dims_total": 3}
+    assert spread == {"fdr": pytest.approx(228.07, rel=1e-3), "solver": "pinv", "dims": 3, "dims_total": 3}
+    assert fisher_ratio(x, y) == pytest.approx(0.06, rel=1e-3)  # the reference rule is the default
+    assert spread["fdr"] > 1000 * reference["fdr"]
+    with pytest.raises(ValueError, match="FDR rule"):
+        fisher_ratio(x, y, rule="pinv")
+
+
+def test_fdr_reference_rule_drops_columns_of_s_w_within_the_tolerance():
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 0.2], [6.0, 0.2]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    # Mean of all entries 1.55, t = 1.55e-3: dimension 1 moves 0.2 > t from the first sample, so the
+    # first test keeps it; it has no within-class spread, so S_w's column 1 is all 0 <= t and the
+    # second test drops it (kept, S_w would be singular). Dimension 0 alone: FDR 4, by solve.
+    assert fisher_details(x, y) == {"fdr": pytest.approx(4.0), "solver": "solve", "dims": 1, "dims_total": 2}
 
 
 def test_cosine_statistics_of_a_hand_made_example():
@@ -126,7 +181,9 @@ def test_track_leaves_module_modes_alone():
     model.train()
     model[2].eval()
     stats = track(model, split, torch.device("cpu"))
-    assert set(stats) == {"fdr", "cos_same", "cos_different", "feature_norm_mean", "bn_gamma_mean", "bn_gamma_std"}
+    assert set(stats) == {"fdr", "fdr_solver", "cos_same", "cos_different", "feature_norm_mean", "bn_gamma_mean",
+                          "bn_gamma_std"}
+    assert stats["fdr_solver"] in ("solve", "pinv_fallback")
     assert model.training and not model[2].training and stats["bn_gamma_mean"] == pytest.approx(1.0)
 
 
@@ -138,9 +195,14 @@ def test_training_tracks_and_analyze_writes_json_and_figures(tracked_run):
     events.Reload()
     for tag in ("track/fdr", "track/bn_gamma_mean", "track/bn_gamma_std", "track/cos_different"):
         assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    assert all(r["track"]["fdr_solver"] in ("solve", "pinv_fallback") for r in records)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_loss": 0.5, "tr')  # a run killed mid-write leaves a torn last line
     result = analyze_run(out, data_root=root)
     saved = json.loads((out / "analysis.json").read_text())
     assert saved["splits"]["train"]["fdr"] == pytest.approx(result["splits"]["train"]["fdr"])
+    assert saved["fdr_rule"] == "reference"
+    assert {saved["splits"][s]["fdr_solver"] for s in ("train", "test")} <= {"solve", "pinv_fallback"}
     assert len(saved["splits"]["test"]["cos_matrix"]) == 10 and len(saved["classifier_norms"]) == 10
     assert [t["epoch"] for t in saved["tracked"]] == [1, 2]
     assert len(saved["bn_gamma"]["layers"]) == 3
