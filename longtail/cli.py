@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LongtailError as exc:
-        print(f"longtail {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"longtail {args.command}: {'stopped' if getattr(exc, 'exit_code', 2) == 143 else 'error'}: {exc}",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     except BrokenPipeError:  # output piped into `head` and closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except KeyboardInterrupt:

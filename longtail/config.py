@@ -40,6 +40,9 @@ class DataConfig:
     path_remap: Optional[dict[str, str]] = None
     on_bad_sample: Literal["error", "skip"] = "error"
     image_size: int = 224
+    # In-memory datasets (CIFAR, Fashion-MNIST) held on the training device, so batches need no host copy.
+    # auto: on a GPU when the images take under half its free memory; never for file-decoding datasets.
+    on_device: Literal["auto", "true", "false"] = "auto"
 
 
 @dataclass
@@ -127,8 +130,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"  # with amp; float16 adds a GradScaler
     channels_last: bool = False
-    log_every: int = 50  # steps between progress-bar / TensorBoard updates
+    compile: bool = False  # torch.compile the training step
+    cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution kernels (not deterministic)
+    accum_steps: int = 1  # micro-batches per optimiser step (gradient accumulation)
+    # Optimiser steps between reads of the logged values and the non-finite / stop flags (the GPU is waited
+    # for only then), progress-bar and TensorBoard updates.
+    log_every: int = 50
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: at epoch ends only
     track_every: int = 0  # epochs between FDR / BN-gamma tracking; 0: off
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in some steps
@@ -166,6 +176,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in typing.get_args(tp):
+            value = str(value).lower()  # YAML reads `true` as a boolean; a choice "true" means the same
         if value not in typing.get_args(tp):
             allowed = ", ".join(str(a) for a in typing.get_args(tp))
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {allowed}")
@@ -241,10 +253,14 @@ def _check_values(cfg: Config) -> None:
         "eval.ece_bins": cfg.eval.ece_bins,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.every": cfg.eval.every,
+        "train.accum_steps": cfg.train.accum_steps,
+        "train.log_every": cfg.train.log_every,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if not 0 <= cfg.train.seed < 2**32:
+        raise ConfigError(f"train.seed: must be in [0, 2**32) (NumPy's seed range), got {cfg.train.seed}")
     if cfg.data.imbalance < 1:
         raise ConfigError(f"data.imbalance: must be >= 1 (max count / min count), got {cfg.data.imbalance}")
     if not 0 < cfg.data.minority_fraction <= 1:
@@ -255,6 +271,7 @@ def _check_values(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
         "train.track_every": cfg.train.track_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
         "more.amplitude": cfg.more.amplitude,
     }.items():
         if value < 0:

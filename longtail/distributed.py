@@ -5,7 +5,9 @@ all-reduce with backward. Methods call `model.features()` and `model.head()` dir
 model twice per step, so DDP wraps the whole loss computation (`MethodStep`), not the bare model.
 
 The functions that communicate are collectives: every rank must call them, in the same order, or the
-ranks wait for each other until the process-group timeout.
+ranks wait for each other until the process-group timeout. Every collective of the package goes through
+this module, and each puts its tensors on `comm_device()` first: a process group serves only the
+device types its backend map names (NCCL: CUDA alone), so a CPU tensor handed to an NCCL group fails.
 """
 from __future__ import annotations
 
@@ -32,7 +34,55 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0; before the process group exists, the process torchrun started as rank 0 (others print nothing)."""
+    return rank() == 0 if dist.is_initialized() else os.environ.get("RANK", "0") == "0"
+
+
+def device_for_backend_config(config: str) -> str:
+    """The device type to communicate on, from a backend map such as "cpu:gloo,cuda:nccl".
+
+    CUDA when NCCL serves it (fastest, and the tensors usually live there), else CPU when the map serves
+    CPU tensors (gloo), else CUDA (a CUDA-only map, as NCCL's own).
+    """
+    served = dict(part.split(":", 1) for part in config.replace(" ", "").split(",") if ":" in part)
+    if served.get("cuda") == "nccl":
+        return "cuda"
+    return "cpu" if "cpu" in served else "cuda"
+
+
+def comm_device() -> torch.device:
+    """The device whose tensors the default process group's collectives accept."""
+    kind = device_for_backend_config(dist.get_backend_config())
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`t` reduced over the ranks (sum or max), on `t`'s own device; a new tensor, `t` is left alone."""
+    buf = t.detach().to(comm_device(), copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` concatenated along dim 0 in rank order, on `t`'s device; row counts may differ."""
+    device = comm_device()
+    local = t.detach().to(device)
+    length = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world_size())]
+    dist.all_gather(lengths, length)
+    counts = [int(n) for n in torch.cat(lengths).tolist()]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(t.device)
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's picklable `obj`, in rank order (only for small, trusted, in-run values)."""
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def init_from_env(device_kind: str) -> torch.device | None:
@@ -102,9 +152,7 @@ def average_bn_stats(model: nn.Module) -> None:
     ]
     if not stats:
         return
-    flat = torch.cat([s.reshape(-1).double() for s in stats])
-    dist.all_reduce(flat)
-    flat /= world_size()
+    flat = all_reduce(torch.cat([s.reshape(-1).double() for s in stats])) / world_size()
     offset = 0
     for s in stats:
         s.copy_(flat[offset:offset + s.numel()].view_as(s))
@@ -122,7 +170,7 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each key's mean over the ranks that logged it.
 
     The ranks first agree on the union of their keys: reducing key by key would hang as soon as one
@@ -130,19 +178,20 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     """
     if world_size() == 1:
         return dict(values)
-    key_lists: list[list[str]] = [[] for _ in range(world_size())]
-    dist.all_gather_object(key_lists, list(values))
-    keys = list(dict.fromkeys(k for ks in key_lists for k in ks))
+    keys = list(dict.fromkeys(k for ks in all_gather_object(list(values)) for k in ks))
     if not keys:
         return {}
     rows = [[float(values.get(k, 0.0)), float(k in values)] for k in keys]
-    table = torch.tensor(rows, dtype=torch.float64, device=device)
-    dist.all_reduce(table)
+    table = all_reduce(torch.tensor(rows, dtype=torch.float64))
     return {k: total / count for k, (total, count) in zip(keys, table.tolist())}
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if world_size() == 1:
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])  # NCCL would otherwise guess the device
+    else:
         dist.barrier()
 
 

@@ -6,9 +6,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +25,20 @@ from torch import nn
 from tqdm import tqdm
 
 from longtail import distributed as dist
-from longtail.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
+from longtail.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl
 from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
 from longtail.data import LTData, build_data
-from longtail.errors import ConfigError, DivergedError
-from longtail.losses import build_loss
+from longtail.data.splits import InMemorySplit
+from longtail.errors import ConfigError, DivergedError, LongtailError
+from longtail.losses import build_loss, logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import flip_tta, format_table, gather_unique, summarize
-from longtail.models import build_model, load_exported, model_spec
+from longtail.models import build_model, load_exported, model_spec, scale_head
 
 # Keys that may differ between a run and its resumption without changing what is computed.
-RESUME_FREE_KEYS = {"data.root", "data.num_workers", "train.device", "train.log_every", "train.find_unused_parameters"}
+RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
+                    "train.checkpoint_every", "train.find_unused_parameters"}
 
 
 def select_device(name: str) -> torch.device:
@@ -60,12 +66,17 @@ def epoch_generator(seed: int, epoch: int, purpose: int) -> torch.Generator:
 # ----------------------------------------------------------------------------- optimisation
 
 
+def effective_batch_size(cfg: Config) -> int:
+    """Images per optimiser step: processes x per-process batch x accumulated micro-batches."""
+    return dist.world_size() * cfg.data.batch_size * cfg.train.accum_steps
+
+
 def effective_lr(cfg: Config) -> float:
-    """`optim.lr`, scaled by the linear rule when asked: lr * world * batch / base_batch."""
+    """`optim.lr`, scaled by the linear rule when asked: lr * effective batch / base batch."""
     if cfg.optim.lr_scaling == "none":
         return cfg.optim.lr
     base = cfg.optim.base_batch_size or cfg.data.batch_size
-    return cfg.optim.lr * dist.world_size() * cfg.data.batch_size / base
+    return cfg.optim.lr * effective_batch_size(cfg) / base
 
 
 def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
@@ -78,17 +89,18 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
 def resolved_schedule(cfg: Config) -> dict:
     """Epoch numbers the fractional settings resolve to for this run's length."""
     epochs = cfg.train.epochs
-    return {
+    resolved = {
         "warmup_epochs": round(cfg.schedule.warmup_epochs * epochs, 3) if cfg.schedule.warmup_epochs < 1
         else cfg.schedule.warmup_epochs,
-        "milestones": [resolve_epochs(m, epochs) for m in cfg.schedule.milestones],
         "drw_start_epoch": None if cfg.loss.drw_start is None else resolve_epochs(cfg.loss.drw_start, epochs),
     }
+    if cfg.schedule.name == "multistep":  # the other schedules have no milestones
+        resolved["milestones"] = [resolve_epochs(m, epochs) for m in cfg.schedule.milestones]
+    return resolved
 
 
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
     """Multiplier of the base lr at optimiser step `step`: linear warm-up, then multistep or cosine."""
-    resolved = resolved_schedule(cfg)
     total = cfg.train.epochs * steps_per_epoch
     w = cfg.schedule.warmup_epochs
     warmup = int(round(w * total)) if w < 1 else int(w * steps_per_epoch)  # in steps, so short runs keep it
@@ -96,7 +108,7 @@ def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
         return (step + 1) / warmup
     if cfg.schedule.name == "multistep":
         epoch = step // steps_per_epoch
-        return cfg.schedule.gamma ** sum(epoch >= m for m in resolved["milestones"])
+        return cfg.schedule.gamma ** sum(epoch >= m for m in resolved_schedule(cfg)["milestones"])
     if cfg.schedule.name == "cosine":
         t = (step - warmup) / max(1, total - warmup)
         floor = cfg.schedule.min_lr / effective_lr(cfg)
@@ -137,76 +149,223 @@ def thresholds_of(cfg: Config, data: LTData) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- training
 
 
-def train_one_epoch(
-    model: nn.Module,
-    method: Any,
-    step_fn: nn.Module,
-    split: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    epoch: int,
-    cfg: Config,
-    device: torch.device,
-    writer: Any,
-    checkpoint_path: Path,
-) -> dict:
-    method.train_mode(model)
-    steps = split.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
-    total_steps = cfg.train.epochs * steps
+class Preempted(LongtailError):
+    """A stop signal (preemption, requeue) ended training after a checkpoint; rerun with --resume."""
+
+    exit_code = 143  # 128 + SIGTERM: what a scheduler expects of a job that stopped on its signal
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop training at the next step boundary: $LONGTAIL_STOP_SIGNALS (names, comma-separated),
+    default TERM, USR1, USR2 (torchrun forwards TERM and kills its workers 30 s later; submitit sends USR2)."""
+    names = os.environ.get("LONGTAIL_STOP_SIGNALS", "TERM,USR1,USR2")
+    chosen = []
+    for name in filter(None, (n.strip().upper() for n in names.split(","))):
+        try:
+            chosen.append(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+        except KeyError:
+            raise ConfigError(f"LONGTAIL_STOP_SIGNALS: {name!r} is not a signal name; use e.g. TERM,USR1,USR2") from None
+    return chosen
+
+
+class StopFlag:
+    """Set by a stop signal; read by the step loop at its next check, where the ranks agree on it."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in stop_signals():
+                self._previous[sig] = signal.signal(sig, self._set)
+        return self
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Loop:
+    """What the step loop works with, built once per run by `fit`."""
+
+    cfg: Config
+    model: nn.Module
+    method: Any
+    step_fn: nn.Module  # the method's loss on the model, DDP-wrapped under torchrun
+    compiled_step: Any  # step_fn, or its torch.compile'd form
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    steps_per_epoch: int  # optimiser steps
+    out: Path
+    writer: Any
+    stop: StopFlag
+    best: dict
+
+
+def needs_two_samples(model: nn.Module) -> bool:
+    """Whether a training batch of one image would fail: a BatchNorm layer in training mode normalises over it."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buf for name, buf in model.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def _rank_state(model: nn.Module, aug_gen: torch.Generator, sums: dict, seen: int) -> dict:
+    """What differs between ranks in the middle of an epoch: RNG and augmentation streams, BN statistics
+    (averaged only at epoch ends), the logged sums."""
+    return {"rng": _rng_state(), "aug": aug_gen.get_state(), "seen": seen,
+            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+            "bn": {k: v.detach().cpu() for k, v in _bn_buffers(model).items()}}
+
+
+def save_checkpoint(loop: Loop, epochs_done: int, partial: Optional[dict] = None) -> None:
+    """checkpoint.pt (rank 0), then best.pt when this checkpoint made it: a kill between the two leaves a
+    checkpoint whose `best` names its own epoch, and resuming rewrites best.pt from it (`_restore_best`)."""
+    rank_states = dist.all_gather_object(partial.pop("rank")) if partial is not None else None
+    if dist.is_main():
+        state = {
+            "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(), "scaler": loop.scaler.state_dict(), "epoch": epochs_done - 1,
+            "best": loop.best, "rng": _rng_state(), "config": loop.cfg.to_dict(),
+        }
+        if partial is not None:
+            state["partial"] = {**partial, "world": dist.world_size(), "ranks": rank_states}
+        atomic_torch_save(state, loop.out / "checkpoint.pt")
+        if partial is None and loop.best["epoch"] == epochs_done:
+            atomic_torch_save({"model": loop.model.state_dict(), "epoch": epochs_done, "metric": loop.best["metric"]},
+                              loop.out / "best.pt")
+    dist.barrier()
+
+
+def _read_flags(flags: torch.Tensor, stop: StopFlag) -> tuple[bool, bool]:
+    """(a loss was non-finite, a stop was asked for) on any rank: the step loop's one wait for the device."""
+    both = torch.stack([flags.float(), torch.tensor(float(stop.signum is not None), device=flags.device)])
+    if dist.world_size() > 1:
+        both = dist.all_reduce(both, op="max")
+    bad, stopping = both.tolist()
+    return bad > 0, stopping > 0
+
+
+def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] = None) -> dict:
+    """One epoch of optimiser steps (each `train.accum_steps` micro-batches); `partial` continues one cut
+    short by a mid-epoch checkpoint. Logged values and the non-finite flag stay on the device and are
+    read every `train.log_every` steps and at the end, so the loop does not wait for the GPU every step."""
+    cfg, model, device = loop.cfg, loop.model, loop.device
+    loop.method.train_mode(model)
+    batch, accum, world = cfg.data.batch_size, cfg.train.accum_steps, dist.world_size()
+    num_batches = split.num_batches(batch, world=world, drop_last=False)
+    steps, total_steps = loop.steps_per_epoch, cfg.train.epochs * loop.steps_per_epoch
+    # BatchNorm cannot normalise a single training sample: a last batch of one is skipped (on every rank
+    # alike, since ranks get equal shares); a step it made alone still counts, keeping the schedule.
+    usable = num_batches
+    if needs_two_samples(model) and num_batches and math.ceil(len(split) / world) - (num_batches - 1) * batch == 1:
+        usable -= 1
     # Offset by rank so that the i-th image of every rank's batch does not get the same crop and flip.
     aug_gen = epoch_generator(cfg.train.seed + 7919 * dist.rank(), epoch, purpose=1)
-    batches = split.batches(
-        cfg.data.batch_size, sampler=cfg.data.sampler, seed=cfg.train.seed, epoch=epoch,
-        rank=dist.rank(), world=dist.world_size(),
-    )
+    sums: dict[str, torch.Tensor] = {}
+    seen, elapsed_before, first = 0, 0.0, 0
+    if partial is not None:
+        mine = partial["ranks"][dist.rank()]
+        aug_gen.set_state(mine["aug"])
+        sums = {k: v.to(device) for k, v in mine["sums"].items()}
+        seen, elapsed_before, first = mine["seen"], partial["elapsed"], partial["batch"]
+    window: dict[str, torch.Tensor] = {}
+    window_steps = 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     amp = cfg.train.amp and device.type == "cuda"
-    sums: dict[str, float] = {}
-    seen, start = 0, time.perf_counter()
-    bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not dist.is_main(),
-               leave=False, mininterval=1.0, dynamic_ncols=True)
-    for i, (x, y, _) in enumerate(bar):
-        if len(y) == 1:
-            # BatchNorm cannot normalise a single training sample: skip a last batch of one (on every rank
-            # alike, since ranks get equal shares) and keep the schedule on its step count.
-            scheduler.step()
-            continue
+    amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
+    start = time.perf_counter()
+    batches = split.batches(batch, sampler=cfg.data.sampler, seed=cfg.train.seed, epoch=epoch, rank=dist.rank(),
+                            world=world, start=first)
+    bar = tqdm(batches, total=usable - first, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               disable=not dist.is_main(), leave=False, mininterval=1.0, dynamic_ncols=True)
+
+    def check(i: int, due: bool = False) -> None:
+        """After the step ending with batch `i`, read the flags (the one wait for the device): stop on a
+        non-finite loss, fold the window into the epoch's sums and log it, checkpoint when due or asked to stop."""
+        nonlocal window, window_steps
+        bad, stopping = _read_flags(nonfinite, loop.stop)
+        if bad:
+            raise DivergedError(
+                f"the loss became non-finite in epoch {epoch + 1}, at or before step {i // accum + 1}; training stopped "
+                f"and the last good checkpoint ({loop.out / 'checkpoint.pt'}) is kept. Try a lower optim.lr or "
+                "train.amp=false.")
+        for key, value in window.items():
+            sums[key] = sums[key] + value if key in sums else value
+        if window_steps:
+            means = {k: float(v) / window_steps for k, v in window.items()}
+            rate = seen * world / max(elapsed_before + time.perf_counter() - start, 1e-9)
+            lr = loop.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            if loop.writer is not None:
+                step = epoch * steps + i // accum
+                loop.writer.add_scalar("train/loss", means.pop("loss"), step)
+                loop.writer.add_scalar("train/lr", lr, step)
+                for key, value in means.items():
+                    loop.writer.add_scalar(f"train/{key}", value, step)
+            window, window_steps = {}, 0
+        if stopping or (due and i + 1 < usable):
+            save_checkpoint(loop, epoch, {  # after the last batch, the skipped one-image batch counts as done too
+                "epoch": epoch, "batch": i + 1 if i + 1 < usable else num_batches,
+                "steps_done": loop.scheduler.last_epoch,
+                "elapsed": elapsed_before + time.perf_counter() - start,
+                "rank": _rank_state(model, aug_gen, sums, seen)})
+        if stopping:
+            raise Preempted(f"stopped by signal {loop.stop.signum} after step {i // accum + 1} of epoch {epoch + 1}; "
+                            f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume")
+
+    for i, (x, y, _) in enumerate(bar, start=first):
+        if i >= usable:
+            if i % accum == 0:
+                loop.scheduler.step()
+            break
+        group_start = i - i % accum
+        group = min(accum, usable - group_start)  # a partial last group is stepped with its own mean
+        last_of_group = i - group_start == group - 1
         x = split.to_input(x, device, train=True, generator=aug_gen)
         y = y.to(device, non_blocking=True)
         if cfg.train.channels_last and device.type == "cuda" and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        step = epoch * steps + i
-        with torch.autocast(device.type, enabled=amp):
-            loss, logs = step_fn(x, y, step / total_steps)
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; training stopped and the last "
-                f"good checkpoint ({checkpoint_path}) is kept. Try a lower optim.lr or train.amp=false."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        method.after_step(model)
+        if i == group_start:
+            loop.optimizer.zero_grad(set_to_none=True)
+        # Under DDP only the last micro-batch of a group all-reduces the summed gradients.
+        sync = contextlib.nullcontext() if last_of_group or world == 1 else loop.step_fn.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                loss, logs = loop.compiled_step(x, y, (epoch * steps + i // accum) / total_steps)
+            loop.scaler.scale(loss / group if group > 1 else loss).backward()
+        nonfinite |= ~torch.isfinite(loss.detach())
         seen += len(y)
-        for key, value in {"loss": loss.detach(), **logs}.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        if i % cfg.train.log_every == 0 or i == steps - 1:
-            rate = seen * dist.world_size() / (time.perf_counter() - start)
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", lr, step)
-                for key, value in logs.items():
-                    writer.add_scalar(f"train/{key}", float(value), step)
+        for key, value in {"loss": loss, **logs}.items():
+            value = torch.as_tensor(value).detach().to(device, torch.float64)
+            window[key] = window.get(key, 0) + (value / group if group > 1 else value)
+        if not last_of_group:
+            continue
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        loop.scheduler.step()
+        loop.method.after_step(model)
+        window_steps += 1
+        step_in_epoch = i // accum
+        due = bool(cfg.train.checkpoint_every) and (epoch * steps + step_in_epoch + 1) % cfg.train.checkpoint_every == 0
+        if step_in_epoch % cfg.train.log_every == 0 or due or (world == 1 and loop.stop.signum is not None):
+            check(i, due)
+    check(usable - 1)  # always before the epoch's checkpoint: a NaN never reaches checkpoint.pt
     dist.average_bn_stats(model)  # before evaluation and checkpointing, so every rank holds the same model
-    method.after_epoch(model, epoch)
-    elapsed = time.perf_counter() - start
-    means = dist.mean_over_ranks({k: v / steps for k, v in sums.items()}, device)
+    loop.method.after_epoch(model, epoch)
+    elapsed = elapsed_before + time.perf_counter() - start
+    means = dist.mean_over_ranks({k: float(v) / steps for k, v in sums.items()})
     stats = {f"train_{k}" if k == "loss" else k: v for k, v in means.items()}
-    stats.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=seen * dist.world_size() / elapsed,
+    stats.update(lr=loop.optimizer.param_groups[0]["lr"], images_per_sec=seen * world / elapsed,
                  epoch_seconds=elapsed)
     return stats
 
@@ -236,8 +395,10 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
                           "here: set data.val_per_class (e.g. 20) or give a fixed posthoc.tau")
     # Resolve dataset defaults into the config so the saved config.yaml shows what was used.
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
+    place_splits(data, device, cfg.data.on_device)
     model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size)
-    steps = data.train.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
+    batches = data.train.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
+    steps = math.ceil(batches / cfg.train.accum_steps)  # optimiser steps: what schedules and progress count
     info = RunInfo(cfg=cfg, num_classes=data.num_classes, class_counts=list(data.class_counts),
                    epochs=cfg.train.epochs, steps_per_epoch=steps, device=device, data=data,
                    run_dir=str(run_dir) if run_dir else None)
@@ -250,9 +411,33 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     return Run(cfg, data, model, method, info, device)
 
 
+def place_splits(data: LTData, device: torch.device, on_device: str) -> None:
+    """`data.on_device`: hold in-memory splits on the training device (auto: a GPU with room to spare)."""
+    splits = [s for s in (data.train, data.val, data.test) if s is not None]
+    if on_device == "false":
+        return
+    if not all(isinstance(s, InMemorySplit) for s in splits):
+        if on_device == "true":
+            raise ConfigError(f"data.on_device: true holds in-memory datasets (cifar10_lt, cifar100_lt, "
+                              f"fashion_mnist_lt) on the device, but {data.name} decodes image files in loader "
+                              "workers; use data.on_device: auto or false")
+        return
+    if on_device == "auto":
+        if device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+        if sum(s.images.numel() * s.images.element_size() for s in splits) > free / 2:
+            return
+    for s in splits:
+        s.to_device(device)
+
+
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
-             "python": list(random.getstate()[1])}
+    """Every global generator's whole state (NumPy's with its position), so a resumed run draws on."""
+    numpy_kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": keys.astype(np.int64).tolist(),
+             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(gauss)],
+             "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -260,32 +445,80 @@ def _rng_state() -> dict:
 
 def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    has_gauss, gauss = state.get("numpy_gauss", [0, 0.0])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state.get("numpy_pos", 624),
+                         int(has_gauss), float(gauss)))
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Keys whose null `setup` resolves to the dataset's values (and saves resolved).
+RESOLVED_KEYS = {"data.mean", "data.std"}
+
+
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     old, new = flatten_saved(saved), flatten(cfg.to_dict())
-    differ = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+    differ = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)
+                    and not (k in RESOLVED_KEYS and new.get(k) is None))
     if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
-        raise ConfigError(f"--resume: the config differs from the one saved in {path} ({shown}); "
-                          "resume with the same config or start a new --out directory")
+        raise ConfigError(f"--resume: the config differs from the one saved in {path} ({shown}); resume with the "
+                          f"same config (only {', '.join(sorted(RESUME_FREE_KEYS))} may differ) or start a new "
+                          "--out directory")
+
+
+def _start_fresh(cfg: Config, out: Path) -> None:
+    """A new run directory, or one whose run was killed before its first checkpoint: that attempt's
+    epoch records, best.pt and TensorBoard events belong to a branch nothing continues."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / "metrics.jsonl", out / "best.pt", *out.glob("events.out.tfevents.*")]:
+        stale.unlink(missing_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+
+def _restore_best(out: Path, state: dict, device: torch.device) -> None:
+    """best.pt is written after the checkpoint that records it; a kill between the two leaves a checkpoint
+    whose best epoch is its own, and its weights are the best ones."""
+    epochs_done = state["epoch"] + 1
+    if "partial" in state or state["best"].get("epoch") != epochs_done:
+        return
+    path = out / "best.pt"
+    if not path.exists() or load_checkpoint(path, map_location=device).get("epoch") != epochs_done:
+        atomic_torch_save({"model": state["model"], "epoch": epochs_done, "metric": state["best"]["metric"]}, path)
 
 
 def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optional[str] = None,
         download: bool = False) -> dict:
-    """Train `cfg` into `out_dir` (resumable), then select, finalise, evaluate and export. Returns results."""
+    """Train `cfg` into `out_dir`, then select, finalise, evaluate and export. Returns results.
+
+    With `resume`, one command serves every moment of a run's life (a requeued cluster job): it starts a
+    run that has no checkpoint yet, continues one that has, and reports a finished one unchanged.
+    """
     out = Path(out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    if not resume and (out / "checkpoint.pt").exists():
+    ckpt_path, results_path = out / "checkpoint.pt", out / "results.json"
+    if not resume and (ckpt_path.exists() or results_path.exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
-    if resume and not ckpt_path.exists():
-        raise ConfigError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
+    if resume and (out / "config.yaml").exists():  # before any work; again once setup resolved the nulls
+        _check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
+    if resume and results_path.exists():
+        results = json.loads(results_path.read_text())
+        if dist.is_main():
+            print(f"{out}: already finished; nothing was rewritten")
+            print(format_table([(f"{results['method']}/{results['loss']} ({results['split']}, {results['checkpoint']})",
+                                 results)]))
+        return results
     run = setup(cfg, data_root, download, out)
     model, method, device, data = run.model, run.method, run.device, run.data
+    method.train_mode(model)
+    if cfg.data.batch_size == 1 and needs_two_samples(model):
+        raise ConfigError("data.batch_size: 1 cannot train this model: its BatchNorm layers normalise over the "
+                          "batch and need at least two images per batch (per process); use data.batch_size >= 2")
+    if resume and (out / "config.yaml").exists():
+        _check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
+    fresh = not ckpt_path.exists()
+    if resume and fresh and dist.is_main():
+        print(f"--resume: {out} holds no checkpoint yet; starting the run", flush=True)
     groups = method.param_groups(model)
     if not any(group["params"] for group in groups):
         # Nothing trains (tau-normalisation): the method's finalize does all the work.
@@ -293,77 +526,93 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
             raise ConfigError(f"eval.select: {cfg.eval.select} picks an epoch, but method {cfg.method.name} trains "
                               "nothing; set eval.select=final")
         if dist.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
+            _start_fresh(cfg, out)
         return finish(run, out, {"metric": None, "epoch": None}, epoch=0)
     optimizer = build_optimizer(cfg, groups)
     steps = run.info.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
+    fp16 = cfg.train.amp and device.type == "cuda" and cfg.train.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bfloat16 has float32's range: no scaling
     train_split = method.train_split(data.train, model)
 
-    start_epoch, best = 0, {"metric": -1.0, "epoch": None}
-    if resume:
-        _check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
+    start_epoch, best, partial, rng = 0, {"metric": -1.0, "epoch": None}, None, None
+    if not fresh:
         state = load_checkpoint(ckpt_path, map_location=device)
+        partial = state.get("partial")
+        if partial is not None and partial["world"] != dist.world_size():
+            raise ConfigError(f"--resume: {ckpt_path} was written in the middle of epoch {partial['epoch'] + 1} by "
+                              f"{partial['world']} processes, and this run has {dist.world_size()}: a mid-epoch "
+                              f"position is a position in each process's share of the epoch. Resume with "
+                              f"{partial['world']} processes (checkpoints written at epoch ends resume with any number)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         # The schedule is rebuilt at this run's step rather than loaded: steps per epoch and the linearly
         # scaled lr depend on the number of processes, which may differ from the run that saved it.
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["initial_lr"] = base_lr
+        steps_done = partial["steps_done"] if partial is not None else (state["epoch"] + 1) * steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps),
-                                                      last_epoch=(state["epoch"] + 1) * steps - 1)
+                                                      last_epoch=steps_done - 1)
         scaler.load_state_dict(state["scaler"])
-        _restore_rng(state["rng"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
+        rng = partial["ranks"][dist.rank()]["rng"] if partial is not None else state["rng"]
+        start_epoch = partial["epoch"] if partial is not None else state["epoch"] + 1
+        best = state["best"]
         if dist.is_main():
-            _truncate_metrics(out / "metrics.jsonl", start_epoch)
+            _truncate_metrics(out / "metrics.jsonl", state["epoch"] + 1)
+            _restore_best(out, state, device)
     elif dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        _start_fresh(cfg, out)
 
     writer = _tensorboard(out) if dist.is_main() else None
     if dist.is_main():
         print(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
               f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
-              f"loss {cfg.loss.name}, {cfg.train.epochs} epochs on {device} "
+              f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {steps} steps on {device} "
               f"(schedule resolved to {resolved_schedule(cfg)})", flush=True)
 
     step_fn = dist.training_step(model, method, device, cfg.train.find_unused_parameters)
+    if partial is not None:  # after DDP's start-up broadcast of rank 0's buffers: each rank's own BN statistics
+        for name, value in partial["ranks"][dist.rank()]["bn"].items():
+            dict(model.named_buffers())[name].copy_(value)
+    if rng is not None:
+        _restore_rng(rng)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    compiled = torch.compile(step_fn) if cfg.train.compile else step_fn
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        stats = train_one_epoch(model, method, step_fn, train_split, optimizer, scheduler, scaler, epoch, cfg, device,
-                                writer, ckpt_path)
-        record = {"epoch": epoch + 1, **stats}
-        last = epoch == cfg.train.epochs - 1
-        scheduled = (epoch + 1) % cfg.eval.every == 0 or last
-        for name, split in (("val", data.val), ("test", data.test)):
-            # The selection split is evaluated every epoch; the other only every `eval.every` epochs.
-            if split is not None and (scheduled or split is select_split):
-                m = evaluate(model, split, device, cfg, data)
-                record[name] = {k: m[k] for k in ("top1", "balanced", "many", "medium", "few", "ece", "nll")}
-        if cfg.train.track_every and (epoch + 1) % cfg.train.track_every == 0:
-            from longtail.analysis import track
+    with StopFlag() as stop:
+        loop = Loop(cfg, model, method, step_fn, compiled, optimizer, scheduler, scaler, device, steps, out, writer,
+                    stop, best)
+        try:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                resumed, partial = (partial if partial is not None and partial["epoch"] == epoch else None), None
+                stats = train_one_epoch(loop, train_split, epoch, resumed)
+                record = {"epoch": epoch + 1, **stats}
+                last = epoch == cfg.train.epochs - 1
+                scheduled = (epoch + 1) % cfg.eval.every == 0 or last
+                for name, split in (("val", data.val), ("test", data.test)):
+                    # The selection split is evaluated every epoch; the other only every `eval.every` epochs.
+                    if split is not None and (scheduled or split is select_split):
+                        m = evaluate(model, split, device, cfg, data)
+                        record[name] = {k: m[k] for k in ("top1", "balanced", "many", "medium", "few", "ece", "nll")}
+                if cfg.train.track_every and (epoch + 1) % cfg.train.track_every == 0:
+                    from longtail.analysis import track
 
-            record["track"] = track(model, data.train, device)
-        if select_split is not None:
-            score = record["val" if cfg.eval.select == "best_val" else "test"]["balanced"]
-            if score > best["metric"]:
-                best = {"metric": score, "epoch": epoch + 1}
+                    record["track"] = track(model, data.train, device)
+                if select_split is not None:
+                    score = record["val" if cfg.eval.select == "best_val" else "test"]["balanced"]
+                    if score > loop.best["metric"]:
+                        loop.best = {"metric": score, "epoch": epoch + 1}
                 if dist.is_main():
-                    atomic_torch_save({"model": model.state_dict(), "epoch": epoch + 1, "metric": score}, out / "best.pt")
-        if dist.is_main():
-            _log_epoch(out, writer, record)
-            atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "best": best, "rng": _rng_state(), "config": cfg.to_dict(),
-            }, ckpt_path)
-        dist.barrier()
-    if writer is not None:
-        writer.close()
-    results = finish(run, out, best)
+                    _log_epoch(out, writer, record)
+                save_checkpoint(loop, epoch + 1)
+        except Preempted:
+            dist.cleanup()
+            raise
+        finally:
+            if writer is not None:
+                writer.close()
+    results = finish(run, out, loop.best)
     dist.cleanup()
     return results
 
@@ -377,6 +626,7 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         model.load_state_dict(state["model"])
         epoch = state["epoch"]
     model = run.method.finalize(model)
+    scale_head(model.head, logit_scale(cfg.loss))  # the logits the loss saw (LDAM: x ldam_scale), margins aside
     posthoc = None
     if cfg.posthoc.kind != "none":
         from longtail.methods.posthoc import apply_posthoc
@@ -401,7 +651,7 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         "epochs": cfg.train.epochs,
         "tta": cfg.eval.tta,
         "schedule_resolved": resolved_schedule(cfg),
-        "effective_batch_size": cfg.data.batch_size * dist.world_size(),
+        "effective_batch_size": effective_batch_size(cfg),
         "effective_lr": effective_lr(cfg),
         "world_size": dist.world_size(),
         "posthoc": posthoc,
@@ -449,12 +699,13 @@ def _log_epoch(out: Path, writer: Any, record: dict) -> None:
     print(" | ".join(parts), flush=True)
 
 
-def _truncate_metrics(path: Path, next_epoch: int) -> None:
-    """Drop records of epochs after the checkpoint (a run killed between the two writes)."""
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Keep the records of the epochs the checkpoint holds: later ones (a run killed between the epoch's
+    record and its checkpoint) and a torn last line (killed mid-write) are dropped."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= next_epoch]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [record for record in read_jsonl(path) if record["epoch"] <= epochs_done]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 # ----------------------------------------------------------------------------- finished runs

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from longtail import distributed
 from longtail.errors import ConfigError
 
 
@@ -104,20 +104,6 @@ def summarize(
     }
 
 
-def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's `t` along dim 0; ranks may hold different numbers of rows."""
-    world = dist.get_world_size()
-    length = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
-    longest = int(max(n.item() for n in lengths))
-    padded = t.new_zeros((longest, *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[: int(n.item())] for p, n in zip(parts, lengths)])
-
-
 def gather_unique(
     logits: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,8 +112,8 @@ def gather_unique(
     Distributed samplers pad the last rounds with repeated samples; counting those twice would
     skew every metric, so rows are keyed on the dataset index rather than merely concatenated.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        logits, targets, idx = (_all_gather_rows(t) for t in (logits, targets, idx))
+    if distributed.world_size() > 1:
+        logits, targets, idx = (distributed.all_gather_rows(t) for t in (logits, targets, idx))
     order = torch.argsort(idx, stable=True)
     sorted_idx = idx[order]
     first = torch.ones_like(sorted_idx, dtype=torch.bool)

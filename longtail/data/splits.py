@@ -32,7 +32,7 @@ class Split(Protocol):
     def __len__(self) -> int: ...
     def class_counts(self) -> list[int]: ...
     def batches(self, batch_size: int, *, sampler: Optional[str], seed: int, epoch: int, rank: int = 0,
-                world: int = 1, drop_last: bool = False) -> Iterator[Batch]: ...
+                world: int = 1, drop_last: bool = False, start: int = 0) -> Iterator[Batch]: ...
     def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int: ...
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
                  generator: torch.Generator | None = None) -> torch.Tensor: ...
@@ -93,14 +93,16 @@ class LabelledSplit:
         return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
 
     def batch_positions(self, batch_size: int, sampler: Optional[str], seed: int, epoch: int, rank: int, world: int,
-                        drop_last: bool) -> list[torch.Tensor]:
+                        drop_last: bool, start: int = 0) -> list[torch.Tensor]:
+        """The epoch's batches from the `start`-th on (a run resumed mid-epoch continues where it stopped)."""
         order = rank_slice(epoch_order(self.labels, self.num_classes, sampler, seed, epoch), rank, world)
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        return [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+        return [order[i:i + batch_size] for i in range(start * batch_size, stop, batch_size)]
 
 
 class InMemorySplit(LabelledSplit):
-    """uint8 images N x C x H x W, int64 labels and original file indices, all on the CPU."""
+    """uint8 images N x C x H x W (on the CPU, or on the training device after `to_device`), int64 labels and
+    original file indices (on the CPU, where the samplers run)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                  mean: Sequence[float], std: Sequence[float], augment: str, num_classes: int):
@@ -112,12 +114,17 @@ class InMemorySplit(LabelledSplit):
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
         self.num_classes = num_classes
+        self._normalisers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def to_device(self, device: torch.device) -> None:
+        """Hold the images on `device`: batches are then gathered there, with no copy from host memory."""
+        self.images = self.images.to(device)
 
     def batches(self, batch_size: int, *, sampler: Optional[str] = "instance", seed: int = 0, epoch: int = 0,
-                rank: int = 0, world: int = 1, drop_last: bool = False) -> Iterator[Batch]:
-        """(uint8 images, labels, positions in this split) on the CPU."""
-        for pos in self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last):
-            yield self.images[pos], self.labels[pos], pos
+                rank: int = 0, world: int = 1, drop_last: bool = False, start: int = 0) -> Iterator[Batch]:
+        """(uint8 images on the images' device, labels and positions in this split on the CPU)."""
+        for pos in self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last, start):
+            yield self.images[pos.to(self.images.device)], self.labels[pos], pos
 
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -125,6 +132,8 @@ class InMemorySplit(LabelledSplit):
         x = x.to(device, non_blocking=True).float().div_(255)
         if train and self.augment != "none":
             x = crop_flip(x, generator, crop=self.augment == "crop_flip")
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        if x.device not in self._normalisers:  # built once per device, not per batch
+            self._normalisers[x.device] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1),
+                                           torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))
+        mean, std = self._normalisers[x.device]
         return (x - mean) / std
