@@ -84,8 +84,20 @@ def test_too_few_images_is_a_config_error():
     labels = np.array([0] * 10 + [1] * 3)
     with pytest.raises(ConfigError, match="class 1 has 3 images"):
         select(labels, [10, 5], "first")
-    with pytest.raises(ConfigError, match="class 1 would keep 0"):
+    with pytest.raises(ConfigError, match="class 1 would keep 0.*lower data.imbalance"):
         lt_subset(np.array([0] * 10 + [1] * 10), 2, DataConfig(imbalance=20))
+
+
+def test_profile_none_blames_val_per_class_not_imbalance():
+    labels = np.array([0] * 10 + [1] * 3)
+    with pytest.raises(ConfigError) as info:
+        lt_subset(labels, 2, DataConfig(profile="none", val_per_class=3))
+    message = str(info.value)
+    assert "class 1 has 3 images and data.val_per_class=3 leaves none of them for training" in message
+    assert "lower data.val_per_class to at most 2" in message and "data.imbalance" not in message
+    with pytest.raises(ConfigError, match="class 1 has no training images") as info:
+        lt_subset(np.array([0] * 4), 2, DataConfig(profile="none"))
+    assert "data.imbalance" not in str(info.value)
 
 
 def test_lt_subset_uses_largest_class_as_n_max():

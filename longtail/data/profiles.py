@@ -44,8 +44,9 @@ def target_counts(profile: str, n_max: int, num_classes: int, imbalance: float,
 
 
 def select(labels: np.ndarray, counts: list[int], selection: str, val_per_class: int = 0,
-           seed: int = 0) -> Subset:
-    """Pick counts[c] train (then val_per_class val) images of each class c.
+           seed: int = 0, profile: str = "exp") -> Subset:
+    """Pick counts[c] train (then val_per_class val) images of each class c (`profile` only shapes
+    the error messages: under `none` the counts are the natural ones, so data.imbalance is not why).
 
     `ldam`: seed numpy's legacy generator once, then per class in order shuffle the class's indices
     (file order) and keep the first ones, exactly as LDAM-DRW's IMBALANCECIFAR does with
@@ -59,6 +60,13 @@ def select(labels: np.ndarray, counts: list[int], selection: str, val_per_class:
     train, val = [], []
     for c, n in enumerate(counts):
         idx = np.where(labels == c)[0]
+        if n < 1 and profile == "none" and len(idx) == 0:
+            raise ConfigError(f"class {c} has no training images; data.profile=none keeps the natural counts")
+        if n < 1 and profile == "none":
+            raise ConfigError(
+                f"class {c} has {len(idx)} images and data.val_per_class={val_per_class} leaves none of them for "
+                f"training; lower data.val_per_class to at most {len(idx) - 1} (data.profile=none keeps every "
+                f"class's natural count)")
         if n < 1:
             raise ConfigError(
                 f"class {c} would keep {n} training images; lower data.imbalance or data.val_per_class "
@@ -79,4 +87,4 @@ def lt_subset(labels: np.ndarray, num_classes: int, cfg: DataConfig) -> Subset:
     natural = np.bincount(np.asarray(labels), minlength=num_classes).tolist()
     counts = target_counts(cfg.profile, max(natural), num_classes, cfg.imbalance, cfg.minority_fraction,
                            cfg.val_per_class, natural)
-    return select(labels, counts, cfg.selection, cfg.val_per_class, cfg.subset_seed)
+    return select(labels, counts, cfg.selection, cfg.val_per_class, cfg.subset_seed, cfg.profile)
