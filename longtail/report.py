@@ -56,6 +56,19 @@ def _tau(results: dict) -> Optional[float]:
     return ((results.get("method_record") or {}).get("tau_norm") or {}).get("tau")
 
 
+def _imbalance(results: dict) -> str:
+    """The Data column's imbalance: `IF x` as configured; under `profile: none` the measured max/min
+    train count ratio, from the recorded `class_counts` (results.json files written before the
+    measured `imbalance` was recorded hold the unused data.imbalance there, e.g. 100)."""
+    data = results["config"]["data"]
+    if data.get("profile") == "none":
+        counts = results.get("class_counts") or []
+        if counts and min(counts) > 0:
+            return f"IF {max(counts) / min(counts):.4g} (natural)"
+        return "natural counts"
+    return f"IF {results.get('imbalance', data['imbalance']):g}"
+
+
 def _row(name: str, group: list[dict]) -> list[str]:
     first = group[0]
     config = first["config"]
@@ -65,7 +78,7 @@ def _row(name: str, group: list[dict]) -> list[str]:
         recipe += f", {first['posthoc']['kind']} LA"
     checkpoint = first.get("checkpoint", "final")
     epochs = f"{first.get('epochs', config['train']['epochs'])}" + ("" if checkpoint == "final" else f" ({checkpoint})")
-    data = f"{first.get('dataset', config['data']['name'])} IF {first.get('imbalance', config['data']['imbalance']):g}"
+    data = f"{first.get('dataset', config['data']['name'])} {_imbalance(first)}"
     taus = [t for t in map(_tau, group) if t is not None]
     seeds = ", ".join(str(r.get("seed", r["config"]["train"]["seed"])) for r in group)
     cells = [name, data, first.get("model", config["model"]["name"]), recipe, epochs, seeds,

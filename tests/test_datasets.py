@@ -96,6 +96,31 @@ def test_cifar100_lt_if100_is_10847_with_35_35_30_groups(c100_full):
     assert d["indices"] == np.concatenate(reference).tolist()
 
 
+def test_recorded_imbalance_is_measured_under_profile_none(c10):
+    root, _ = c10
+    configured = build_data(DataConfig(imbalance=10), root)
+    assert configured.imbalance == 10.0  # exp imposes data.imbalance
+    natural = build_data(DataConfig(profile="none"), root)  # data.imbalance stays at its default, 100
+    assert natural.class_counts == [20] * 10 and natural.imbalance == 1.0
+    d = describe(DataConfig(profile="none"), root)
+    assert d["imbalance"] == 1.0 == d["imbalance_ratio"]
+    text = format_description(d)
+    assert "profile none (natural counts, imbalance 1 measured)" in text and "imbalance 100" not in text
+    assert "profile exp (imbalance 10)" in format_description(describe(DataConfig(imbalance=10), root))
+
+
+def test_thresholds_rule_says_which_default_applies_and_why(c10, tmp_path):
+    root, _ = c10
+    data = build_data(DataConfig(imbalance=10), root)
+    assert data.thresholds_rule == "10-class rule (> 1000 / < 200): 10 classes, at most 10"
+    d = describe(DataConfig(imbalance=10), root)
+    assert d["thresholds_rule"] == data.thresholds_rule
+    assert "thresholds: 10-class rule (> 1000 / < 200): 10 classes, at most 10" in format_description(d)
+    write_cifar100(tmp_path, train_per_class=10, test_per_class=1)
+    c100 = build_data(DataConfig(name="cifar100_lt", imbalance=5), tmp_path)
+    assert c100.thresholds_rule == "standard (> 100 / < 20): 100 classes"
+
+
 def test_cifar100_step_profile_and_labels(tmp_path):
     fake = write_cifar100(tmp_path, train_per_class=10, test_per_class=1)
     data = build_data(DataConfig(name="cifar100_lt", profile="step", imbalance=5, selection="first"), tmp_path)

@@ -50,6 +50,17 @@ def test_exp_profile_subsamples_natural_counts(tmp_path):
     assert data.train.indices.tolist() == list(range(10)) + [10, 11, 12] + [20]  # first files of each class
 
 
+def test_profile_none_records_the_measured_imbalance_and_thresholds_rule(tmp_path):
+    write_folder(tmp_path, {"a": 6, "b": 3, "c": 2})
+    data = build_data(cfg(), tmp_path)
+    assert data.imbalance == 3.0 and cfg().imbalance == 100  # measured, not the unused data.imbalance
+    assert build_data(cfg(val_per_class=1), tmp_path).imbalance == 5.0  # 5 / 1 after the hold-out
+    assert data.thresholds_rule == "10-class rule (> 1000 / < 200): 3 classes, at most 10"
+    with pytest.raises(ConfigError, match="lower data.val_per_class to at most 1") as info:
+        build_data(cfg(val_per_class=2), tmp_path)
+    assert "data.imbalance" not in str(info.value)
+
+
 def test_val_folder_and_val_per_class(tmp_path):
     write_folder(tmp_path, {"a": 4, "b": 3}, splits=("train", "val", "test"))
     assert len(build_data(cfg(), tmp_path).val) == 2

@@ -75,6 +75,16 @@ def test_exp_profile_subsamples_the_train_list(tmp_path):
     assert data.class_counts == [8, 2, 1]  # int(8 * (1/8) ** (i/2))
 
 
+def test_profile_none_records_the_measured_imbalance(tmp_path):
+    write_tiny(tmp_path)
+    data = build_listfile(cfg(), tmp_path, TINY)  # data.imbalance keeps its default, 100
+    assert data.imbalance == 5.0  # 5 / 1 train images, as ImageNet-LT's 1280 / 5 = 256
+    assert data.thresholds_rule == "10-class rule (> 1000 / < 200): 3 classes, at most 10"
+    write_tiny(tmp_path / "flat", train_counts=[8, 8, 8])
+    assert build_listfile(cfg(), tmp_path / "flat", TINY).imbalance == 1.0
+    assert build_listfile(cfg(profile="exp", imbalance=8), tmp_path / "flat", TINY).imbalance == 8.0
+
+
 def test_path_remap_longest_prefix_and_absolute(tmp_path):
     remap = PathRemap({"data_256/": "train/", "data_256/a/": "easy/", "d": "D"})
     assert remap("data_256/a/x.jpg") == "easy/x.jpg" and remap("data_256/b/x.jpg") == "train/b/x.jpg"

@@ -82,3 +82,19 @@ def test_tau_normalisation_runs_show_their_tau(tmp_path):
 def test_a_directory_without_results_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="no results.json"):
         report([str(tmp_path)])
+
+
+def test_data_column_shows_the_measured_imbalance_under_profile_none(tmp_path):
+    exp = _run(tmp_path, "exp", ["data.imbalance=50"], 60.0)
+    natural = _run(tmp_path, "natural", ["data.profile=none", "data.name=imagenet_lt", "model.name=resnet50"], 40.0)
+    path = Path(natural) / "results.json"
+    old = json.loads(path.read_text())  # as written before the measured imbalance: data.imbalance's 100
+    assert old["imbalance"] == 100
+    old["class_counts"] = [1280] * 3 + [40] * 5 + [5] * 2  # ImageNet-LT's extremes: 1280 / 5 = 256
+    path.write_text(json.dumps(old))
+    rows = _rows(report([exp, natural]))
+    assert rows[0]["Data"] == "cifar10_lt IF 50"
+    assert rows[1]["Data"] == "imagenet_lt IF 256 (natural)"
+    old["imbalance"] = 256.0  # as written now: measured
+    path.write_text(json.dumps(old))
+    assert _rows(report([natural]))[0]["Data"] == "imagenet_lt IF 256 (natural)"

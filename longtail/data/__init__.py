@@ -48,6 +48,8 @@ class LTData:
     indices_sha256: str
     val_indices: Optional[torch.Tensor]
     class_names: list[str]
+    imbalance: float  # to record: data.imbalance, or under profile none the measured max/min train count
+    thresholds_rule: str  # which rule gave default_thresholds and why (`default_thresholds_rule`)
 
 
 Builder = Callable[[DataConfig, Path, bool], LTData]
@@ -82,6 +84,23 @@ def indices_sha256(indices) -> str:
     return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()
 
 
+def recorded_imbalance(data_cfg: DataConfig, class_counts: list[int]) -> float:
+    """The imbalance factor a run records: `data.imbalance` for a profile that imposes it (`exp`,
+    `step`); under `profile: none`, which keeps the natural counts, the measured ratio of the largest
+    to the smallest train class (ImageNet-LT 256, Places-LT 996, iNaturalist 2018 500, balanced 1)."""
+    if data_cfg.profile == "none":
+        return max(class_counts) / min(class_counts)
+    return float(data_cfg.imbalance)
+
+
+def default_thresholds_rule(num_classes: int) -> str:
+    """Why `default_thresholds(num_classes)` is what it is, in words for results.json and `longtail data`."""
+    many, few = default_thresholds(num_classes)
+    if (many, few) == (100, 20):
+        return f"standard (> {many} / < {few}): {num_classes} classes"
+    return f"10-class rule (> {many} / < {few}): {num_classes} classes, at most 10"
+
+
 def _stats(given: Optional[list[float]], default: tuple[float, ...], key: str) -> tuple[float, ...]:
     if given is None:
         return default
@@ -110,7 +129,8 @@ def from_raw(name: str, raw: RawDataset, data_cfg: DataConfig, mean: tuple[float
         mean=mean, std=std, in_channels=raw.train_images.shape[1], image_size=raw.train_images.shape[2],
         default_thresholds=default_thresholds(num_classes), indices=train.indices,
         indices_sha256=indices_sha256(subset.train), val_indices=val.indices if val is not None else None,
-        class_names=raw.class_names,
+        class_names=raw.class_names, imbalance=recorded_imbalance(data_cfg, subset.counts),
+        thresholds_rule=default_thresholds_rule(num_classes),
     )
 
 

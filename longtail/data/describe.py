@@ -18,7 +18,7 @@ def summarize(data: LTData, data_cfg: DataConfig) -> dict:
         "name": data.name,
         "num_classes": data.num_classes,
         "profile": data_cfg.profile,
-        "imbalance": data_cfg.imbalance,
+        "imbalance": data.imbalance,  # under profile none: measured, as imbalance_ratio
         "selection": data_cfg.selection,
         "subset_seed": data_cfg.subset_seed,
         "class_names": data.class_names,
@@ -26,6 +26,7 @@ def summarize(data: LTData, data_cfg: DataConfig) -> dict:
         "total": sum(counts),
         "imbalance_ratio": max(counts) / min(counts),
         "thresholds": [many_thr, few_thr],
+        "thresholds_rule": data.thresholds_rule,
         "groups": {
             "many": sum(n > many_thr for n in counts),
             "medium": sum(few_thr <= n <= many_thr for n in counts),
@@ -51,8 +52,10 @@ def format_description(d: dict) -> str:
     """A readable table of `describe`'s result."""
     many_thr, few_thr = d["thresholds"]
     width = max(len("class"), *(len(n) for n in d["class_names"]))
+    imbalance = f"natural counts, imbalance {d['imbalance']:.4g} measured" if d["profile"] == "none" else \
+        f"imbalance {d['imbalance']:g}"
     lines = [
-        f"{d['name']}: {d['num_classes']} classes, profile {d['profile']} (imbalance {d['imbalance']:g}), "
+        f"{d['name']}: {d['num_classes']} classes, profile {d['profile']} ({imbalance}), "
         f"selection {d['selection']} (subset_seed {d['subset_seed']})",
         f"train {d['total']} images (max/min {d['imbalance_ratio']:.1f}), val {d['val_total']}, "
         f"test {d['test_total']}",
@@ -67,6 +70,7 @@ def format_description(d: dict) -> str:
         "",
         f"many (> {many_thr}): {g['many']} classes   medium ({few_thr}..{many_thr}): {g['medium']}   "
         f"few (< {few_thr}): {g['few']}",
+        f"thresholds: {d['thresholds_rule']}",
         f"train indices sha256: {d['indices_sha256']}",
     ]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from longtail.config import DataConfig
-from longtail.data import LTData, indices_sha256, register_dataset
+from longtail.data import LTData, default_thresholds_rule, indices_sha256, recorded_imbalance, register_dataset
 from longtail.metrics import default_thresholds
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, decode_image, sample_generator
 from longtail.data.profiles import lt_subset
@@ -317,6 +317,8 @@ def make_splits(name: str, cfg: DataConfig, base: Path, num_classes: int, train:
         default_thresholds=default_thresholds(num_classes), indices=train_split.indices,
         indices_sha256=indices_sha256(train_split.indices), val_indices=val_split.indices if val_split is not None else None,
         class_names=class_names or [str(c) for c in range(num_classes)],
+        imbalance=recorded_imbalance(cfg, train_split.class_counts()),
+        thresholds_rule=default_thresholds_rule(num_classes),
     )
 
 
