@@ -80,6 +80,8 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_object(obj: Any) -> list:
     """Every rank's picklable `obj`, in rank order (only for small, trusted, in-run values)."""
+    if world_size() == 1:
+        return [obj]
     out: list = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
