@@ -636,12 +636,13 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
     metrics = evaluate(model, split, device, cfg, data)
     results = {
         **metrics,
+        "thresholds_rule": data.thresholds_rule if cfg.eval.thresholds is None else "eval.thresholds from the config",
         "split": cfg.eval.split,
         "checkpoint": cfg.eval.select,
         "epoch": epoch,
         "seed": cfg.train.seed,
         "dataset": data.name,
-        "imbalance": cfg.data.imbalance,
+        "imbalance": data.imbalance,
         "selection": cfg.data.selection,
         "val_per_class": cfg.data.val_per_class,
         "indices_sha256": data.indices_sha256,

@@ -153,6 +153,13 @@ def test_tau_norm_end_to_end_trains_nothing_and_records_its_tau(tmp_path):
     with pytest.raises(ConfigError, match="eval.select: best_val picks an epoch, but method tau_norm trains nothing"):
         fit(load_config(None, [*overrides, "eval.select=best_val"]), tmp_path / "run2", data_root=str(tmp_path / "data"))
 
+    # A second run into the same --out is refused, not written over the first; --resume reports it.
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        fit(load_config(None, overrides), tmp_path / "run", data_root=str(tmp_path / "data"))
+    fit(load_config(None, overrides), tmp_path / "run", resume=True, data_root=str(tmp_path / "data"))
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+
 
 @pytest.mark.parametrize("recipe", ["crt", "lws", "tau_norm"])
 def test_decoupled_configs_start_from_the_stage1_run(recipe):

@@ -251,9 +251,10 @@ class FileSplit(LabelledSplit):
         self.on_bad_sample = on_bad_sample
 
     def batches(self, batch_size: int, *, sampler: Optional[str] = "instance", seed: int = 0, epoch: int = 0,
-                rank: int = 0, world: int = 1, drop_last: bool = False) -> Iterator[Batch]:
+                rank: int = 0, world: int = 1, drop_last: bool = False, start: int = 0) -> Iterator[Batch]:
         """(float images, labels, positions in this split) on the CPU; bad samples per `on_bad_sample`."""
-        groups = [p.tolist() for p in self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last)]
+        positions = self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last, start)
+        groups = [p.tolist() for p in positions]
         transform = self.eval_transform if sampler is None else self.train_transform
         loader = DataLoader(_Reader(self.base, self.items, transform, seed, epoch), batch_sampler=groups,
                             num_workers=self.num_workers, collate_fn=_collate,
