@@ -527,7 +527,9 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                               "nothing; set eval.select=final")
         if dist.is_main():
             _start_fresh(cfg, out)
-        return finish(run, out, {"metric": None, "epoch": None}, epoch=0)
+        results = finish(run, out, {"metric": None, "epoch": None}, epoch=0)
+        dist.cleanup()
+        return results
     optimizer = build_optimizer(cfg, groups)
     steps = run.info.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
