@@ -231,3 +231,43 @@ def _collectives_worker(rank: int, store: str) -> None:
 def test_collective_helpers_agree_across_two_ranks(tmp_path):
     # fork, not spawn: the workers need nothing re-imported (two torch imports take ~10 s on a loaded machine).
     mp.start_processes(_collectives_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
+
+
+# `longtail` with rank 1 sending itself SIGUSR2 (as SLURM via submitit would) before its
+# LONGTAIL_TEST_STOP_AT-th training forward; rank 0 gets no signal and must stop with it.
+SIGNAL_DRIVER = """
+import os, signal, sys
+from longtail import distributed
+from longtail.cli import main
+
+stop_at, forward, calls = int(os.environ["LONGTAIL_TEST_STOP_AT"]), distributed.MethodStep.forward, [0]
+
+def forward_then_signal(self, *args):
+    calls[0] += 1
+    if distributed.rank() == 1 and calls[0] == stop_at:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    return forward(self, *args)
+
+distributed.MethodStep.forward = forward_then_signal
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_mid_epoch_and_the_resume_is_exact(reference, env, config, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_DRIVER)
+    steps = math.ceil(math.ceil(199 / 2) / 16)
+    out = tmp_path / "run"
+    # log_every may differ on resume and from the reference: it changes when flags are read, not what is computed.
+    done, _ = launch([*TORCHRUN, driver, *_train(config, out, "train.log_every=2")],
+                     {**env, "LONGTAIL_TEST_STOP_AT": str(steps + 3)})
+    assert done.returncode != 0 and "stopped by signal" in done.stderr, done.stderr[-3000:]
+    partial = torch.load(out / "checkpoint.pt", weights_only=True)["partial"]
+    assert partial["world"] == 2 and partial["epoch"] == 1 and partial["batch"] == 3  # the check after step 3
+    assert len(partial["ranks"]) == 2 and not (out / "results.json").exists()
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out, "train.log_every=2", "--resume")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(out / "model.pt", weights_only=True)
+    uninterrupted = torch.load(reference / "model.pt", weights_only=True)
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
