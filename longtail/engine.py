@@ -223,7 +223,7 @@ def _rank_state(model: nn.Module, aug_gen: torch.Generator, sums: dict, seen: in
     """What differs between ranks in the middle of an epoch: RNG and augmentation streams, BN statistics
     (averaged only at epoch ends), the logged sums."""
     return {"rng": _rng_state(), "aug": aug_gen.get_state(), "seen": seen,
-            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+            "sums": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sums.items()},
             "bn": {k: v.detach().cpu() for k, v in _bn_buffers(model).items()}}
 
 
@@ -271,14 +271,14 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
         usable -= 1
     # Offset by rank so that the i-th image of every rank's batch does not get the same crop and flip.
     aug_gen = epoch_generator(cfg.train.seed + 7919 * dist.rank(), epoch, purpose=1)
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, Any] = {}
     seen, elapsed_before, first = 0, 0.0, 0
     if partial is not None:
         mine = partial["ranks"][dist.rank()]
         aug_gen.set_state(mine["aug"])
-        sums = {k: v.to(device) for k, v in mine["sums"].items()}
+        sums = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mine["sums"].items()}
         seen, elapsed_before, first = mine["seen"], partial["elapsed"], partial["batch"]
-    window: dict[str, torch.Tensor] = {}
+    window: dict[str, Any] = {}
     window_steps = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     amp = cfg.train.amp and device.type == "cuda"
@@ -346,7 +346,8 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
         nonfinite |= ~torch.isfinite(loss.detach())
         seen += len(y)
         for key, value in {"loss": loss, **logs}.items():
-            value = torch.as_tensor(value).detach().to(device, torch.float64)
+            # Tensors stay on the device (float64, as the epoch means always were); plain numbers stay numbers.
+            value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
             window[key] = window.get(key, 0) + (value / group if group > 1 else value)
         if not last_of_group:
             continue
