@@ -629,20 +629,9 @@ class Variant:
 def build_loop(cfg: Any, data_root: str, out: Path) -> tuple[Any, Any]:
     """What `fit` builds before its first epoch (engine.Loop), without a run directory."""
     run = engine.setup(cfg, data_root)
-    model, method, device = run.model, run.method, run.device
-    method.train_mode(model)
-    optimizer = engine.build_optimizer(cfg, method.param_groups(model))
-    steps = run.info.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: engine.lr_factor(s, cfg, steps))
-    fp16 = cfg.train.amp and device.type == "cuda" and cfg.train.amp_dtype == "float16"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    step_fn = ltdist.training_step(model, method, device, cfg.train.find_unused_parameters)
-    compiled = torch.compile(step_fn) if cfg.train.compile else step_fn
+    run.method.train_mode(run.model)
     out.mkdir(parents=True, exist_ok=True)
-    loop = engine.Loop(cfg=cfg, model=model, method=method, step_fn=step_fn, compiled_step=compiled,
-                       optimizer=optimizer, scheduler=scheduler, scaler=scaler, device=device, steps_per_epoch=steps,
-                       out=out, writer=None, stop=engine.StopFlag(), best={"metric": -1.0, "epoch": None})
-    return loop, run
+    return engine.build_loop(run, out), run
 
 
 def _amp(cfg: Any, device: torch.device):

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from longtail.config import load_config
-from longtail.distributed import MethodStep
-from longtail.engine import build_optimizer, collect_logits, lr_factor, setup, train_one_epoch
+from longtail.engine import build_loop, collect_logits, setup, train_one_epoch
 
 
 class FirstBatches:
@@ -74,10 +73,6 @@ def main() -> None:
     cfg = load_config(args.config, ["train.epochs=1", "train.log_every=1000000", *args.overrides])
     run = setup(cfg)
     model, method, device, data = run.model, run.method, run.device, run.data
-    optimizer = build_optimizer(cfg, method.param_groups(model))
-    steps = run.info.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
     train = FirstBatches(data.train, args.batches)
     test = FirstBatches(data.test, args.batches)
 
@@ -91,11 +86,11 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {"tool train": [], "bare train": [], "tool eval": [], "bare eval": []}
     with tempfile.TemporaryDirectory() as tmp:
+        loop = build_loop(run, Path(tmp))
         for r in range(args.rounds):
-            stats = train_one_epoch(model, method, MethodStep(model, method), train, optimizer, scheduler, scaler, 0,
-                                    cfg, device, None, Path(tmp) / "checkpoint.pt")
+            stats = train_one_epoch(loop, train, 0)
             rates["tool train"].append(stats["images_per_sec"])
-            rates["bare train"].append(bare_train(model, method, optimizer, xs, ys))
+            rates["bare train"].append(bare_train(model, method, loop.optimizer, xs, ys))
             start = time.perf_counter()
             collect_logits(model, test, device, cfg.eval.batch_size)
             rates["tool eval"].append(eval_images / (time.perf_counter() - start))

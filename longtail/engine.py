@@ -139,6 +139,11 @@ def collect_logits(
 
 def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, data: LTData) -> dict:
     logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta)
+    if not torch.isfinite(logits).all():
+        # Weights can explode while the training loss stays finite; such a model must not be recorded or exported.
+        raise DivergedError("the model's logits are not finite (its weights exploded though the training loss stayed "
+                            "finite); nothing was recorded for this epoch and the last good checkpoint is kept. Try a "
+                            "lower optim.lr, a longer schedule.warmup_epochs or train.amp=false.")
     return summarize(logits, targets, data.class_counts, thresholds_of(cfg, data), cfg.eval.ece_bins)
 
 
@@ -454,6 +459,53 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def build_loop(run: Run, out: Path) -> Loop:
+    """The optimiser, lr schedule, AMP scaler and training step (DDP-wrapped, optionally compiled) of a run."""
+    cfg, model, device = run.cfg, run.model, run.device
+    optimizer = build_optimizer(cfg, run.method.param_groups(model))
+    steps = run.info.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
+    fp16 = cfg.train.amp and device.type == "cuda" and cfg.train.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bfloat16 has float32's range: no scaling
+    # Wrapping broadcasts rank 0's parameters and buffers; a checkpoint loaded afterwards is every rank's.
+    step_fn = dist.training_step(model, run.method, device, cfg.train.find_unused_parameters)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    compiled = torch.compile(step_fn) if cfg.train.compile else step_fn
+    return Loop(cfg, model, run.method, step_fn, compiled, optimizer, scheduler, scaler, device, steps, out,
+                writer=None, stop=StopFlag(), best={"metric": -1.0, "epoch": None})
+
+
+def resume_loop(loop: Loop, state: dict, path: Path) -> tuple[int, Optional[dict]]:
+    """Load a checkpoint into `loop`; returns the epoch to continue with and the mid-epoch position, if any."""
+    cfg, steps, partial = loop.cfg, loop.steps_per_epoch, state.get("partial")
+    if partial is not None and partial["world"] != dist.world_size():
+        raise ConfigError(f"--resume: {path} was written in the middle of epoch {partial['epoch'] + 1} by "
+                          f"{partial['world']} processes, and this run has {dist.world_size()}: a mid-epoch "
+                          f"position is a position in each process's share of the epoch. Resume with "
+                          f"{partial['world']} processes (checkpoints written at epoch ends resume with any number)")
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    # The schedule is rebuilt at this run's step rather than loaded: steps per epoch and the linearly
+    # scaled lr depend on the number of processes, which may differ from the run that saved it.
+    for group, base_lr in zip(loop.optimizer.param_groups, loop.scheduler.base_lrs):
+        group["initial_lr"] = base_lr
+    steps_done = partial["steps_done"] if partial is not None else (state["epoch"] + 1) * steps
+    loop.scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, lambda s: lr_factor(s, cfg, steps),
+                                                       last_epoch=steps_done - 1)
+    loop.scaler.load_state_dict(state["scaler"])
+    loop.best = state["best"]
+    if partial is None:
+        _restore_rng(state["rng"])
+        return state["epoch"] + 1, None
+    mine = partial["ranks"][dist.rank()]
+    buffers = dict(loop.model.named_buffers())
+    for name, value in mine["bn"].items():  # each rank's own BN statistics: they are averaged at epoch ends
+        buffers[name].copy_(value)
+    _restore_rng(mine["rng"])
+    return partial["epoch"], partial
+
+
 # Keys whose null `setup` resolves to the dataset's values (and saves resolved).
 RESOLVED_KEYS = {"data.mean", "data.std"}
 
@@ -531,61 +583,26 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         results = finish(run, out, {"metric": None, "epoch": None}, epoch=0)
         dist.cleanup()
         return results
-    optimizer = build_optimizer(cfg, groups)
-    steps = run.info.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
-    fp16 = cfg.train.amp and device.type == "cuda" and cfg.train.amp_dtype == "float16"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bfloat16 has float32's range: no scaling
     train_split = method.train_split(data.train, model)
-
-    start_epoch, best, partial, rng = 0, {"metric": -1.0, "epoch": None}, None, None
+    loop = build_loop(run, out)
+    start_epoch, partial = 0, None
     if not fresh:
         state = load_checkpoint(ckpt_path, map_location=device)
-        partial = state.get("partial")
-        if partial is not None and partial["world"] != dist.world_size():
-            raise ConfigError(f"--resume: {ckpt_path} was written in the middle of epoch {partial['epoch'] + 1} by "
-                              f"{partial['world']} processes, and this run has {dist.world_size()}: a mid-epoch "
-                              f"position is a position in each process's share of the epoch. Resume with "
-                              f"{partial['world']} processes (checkpoints written at epoch ends resume with any number)")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        # The schedule is rebuilt at this run's step rather than loaded: steps per epoch and the linearly
-        # scaled lr depend on the number of processes, which may differ from the run that saved it.
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["initial_lr"] = base_lr
-        steps_done = partial["steps_done"] if partial is not None else (state["epoch"] + 1) * steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps),
-                                                      last_epoch=steps_done - 1)
-        scaler.load_state_dict(state["scaler"])
-        rng = partial["ranks"][dist.rank()]["rng"] if partial is not None else state["rng"]
-        start_epoch = partial["epoch"] if partial is not None else state["epoch"] + 1
-        best = state["best"]
+        start_epoch, partial = resume_loop(loop, state, ckpt_path)
         if dist.is_main():
             _truncate_metrics(out / "metrics.jsonl", state["epoch"] + 1)
             _restore_best(out, state, device)
     elif dist.is_main():
         _start_fresh(cfg, out)
 
-    writer = _tensorboard(out) if dist.is_main() else None
+    writer = loop.writer = _tensorboard(out) if dist.is_main() else None
     if dist.is_main():
         print(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
               f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
-              f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {steps} steps on {device} "
+              f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {loop.steps_per_epoch} steps on {device} "
               f"(schedule resolved to {resolved_schedule(cfg)})", flush=True)
-
-    step_fn = dist.training_step(model, method, device, cfg.train.find_unused_parameters)
-    if partial is not None:  # after DDP's start-up broadcast of rank 0's buffers: each rank's own BN statistics
-        for name, value in partial["ranks"][dist.rank()]["bn"].items():
-            dict(model.named_buffers())[name].copy_(value)
-    if rng is not None:
-        _restore_rng(rng)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    compiled = torch.compile(step_fn) if cfg.train.compile else step_fn
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
-    with StopFlag() as stop:
-        loop = Loop(cfg, model, method, step_fn, compiled, optimizer, scheduler, scaler, device, steps, out, writer,
-                    stop, best)
+    with loop.stop:
         try:
             for epoch in range(start_epoch, cfg.train.epochs):
                 resumed, partial = (partial if partial is not None and partial["epoch"] == epoch else None), None

@@ -209,3 +209,23 @@ def test_linear_lr_scaling_rule():
     cfg = load_config(None, ["optim.lr=0.1", "data.batch_size=64", "optim.lr_scaling=linear", "optim.base_batch_size=256"])
     assert effective_lr(cfg) == pytest.approx(0.025)  # one process: 64 / 256 of the base lr
     assert effective_lr(load_config(None, ["optim.lr=0.1"])) == 0.1
+
+
+class ExplodesAtFirstEpochEnd(Method):
+    """Weights that blow up without a non-finite training loss (it is computed before the blow-up)."""
+
+    def after_epoch(self, model, epoch):
+        if epoch == 1:
+            with torch.no_grad():
+                model.head.weight.fill_(float("inf"))
+
+
+def test_non_finite_logits_are_never_recorded_or_checkpointed(tmp_path, data_root):
+    register_method("explode_test", f"{__name__}:ExplodesAtFirstEpochEnd")
+    cfg = load_config(None, [*TINY, "train.epochs=3"])
+    cfg.method.name = "explode_test"
+    with pytest.raises(DivergedError, match="logits are not finite"):
+        fit(cfg, tmp_path / "run", data_root=str(data_root))
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 0  # epoch 2 was not saved
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (tmp_path / "run" / "results.json").exists()
