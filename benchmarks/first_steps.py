@@ -14,8 +14,7 @@ import argparse
 import torch
 
 from longtail.config import load_config
-from longtail.data.splits import epoch_generator
-from longtail.engine import build_optimizer, lr_factor, setup
+from longtail.engine import build_optimizer, epoch_generator, lr_factor, setup
 
 
 def main() -> None:
