@@ -37,6 +37,7 @@ class DataConfig:
     train_list: Optional[str] = None
     val_list: Optional[str] = None
     test_list: Optional[str] = None
+    class_names: Optional[str] = None  # list-file datasets: a file with one class name per line, in class-id order
     path_remap: Optional[dict[str, str]] = None
     on_bad_sample: Literal["error", "skip"] = "error"
     image_size: int = 224
