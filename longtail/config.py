@@ -101,6 +101,8 @@ class PosthocConfig:
     kind: Literal["none", "multiplicative", "additive"] = "none"
     tau: Optional[float] = None  # null: search on the validation split
     grid: list[float] = field(default_factory=lambda: [0.0, 2.0, 0.05])  # start, stop, step
+    # After `kind`: temperature scaling fitted on the validation split by NLL, folded into the head.
+    calibrate: Literal["none", "temperature"] = "none"
 
 
 @dataclass
