@@ -68,6 +68,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(json.dumps(record) if args.json else format_prediction(record), flush=args.json)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from longtail.export import export
+
+    print(f"wrote {export(args.run, args.format)}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from longtail.report import report
 
@@ -106,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "line in class-id order")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a run's exported model as safetensors, ONNX or a torch.export program")
+    p.add_argument("run", help="run directory or a model.pt beside its model.yaml")
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torch_export"])
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="show a long-tailed subset: per-class counts, groups, index sha256")
     p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")
