@@ -23,8 +23,6 @@ from longtail.config import Config
 from longtail.errors import ConfigError
 
 LOGIT_PRIORS = ("train", "uniform", "approx_uniform")
-# Methods that re-balance the classifier by means other than the loss and the sampler.
-_BALANCING_METHODS = {"wb_stage2": "WB stage 2 re-balances the classifier (class-balanced loss, weight decay, MaxNorm)"}
 
 
 def logit_prior(cfg: Config, folds: Sequence[dict]) -> tuple[str, str]:
@@ -52,8 +50,8 @@ def logit_prior(cfg: Config, folds: Sequence[dict]) -> tuple[str, str]:
         why.append("loss ldam widens the margins of rare classes")
     if loss.drw_start is not None and loss.name != "cb":
         why.append("loss.drw_start re-weights classes (DRW)")
-    if cfg.method.name in _BALANCING_METHODS:
-        why.append(_BALANCING_METHODS[cfg.method.name])
+    if cfg.method.name == "wb_stage2":  # re-balances the classifier beyond its loss and sampler
+        why.append("WB stage 2 re-balances the classifier (weight decay, MaxNorm)")
     for fold in folds:
         if fold["kind"] == "logit_adjustment" and fold["tau"] != 0:
             if fold["form"] == "additive":
