@@ -844,6 +844,6 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
                 title="Before temperature scaling")))
         metrics["figures"].append(str(plotting.plot_reliability(
             logits, targets, fig / f"reliability-{split_name}.png", bins,
-            title=f"Temperature {temperature:.3g}" if temperature is not None else "Reliability diagram")))
+            title=f"Temperature-scaled, T = {temperature:.3g}" if temperature is not None else "Reliability diagram")))
     atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)
     return metrics
