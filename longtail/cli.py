@@ -65,7 +65,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     paths = image_paths(args.inputs)
     print(predictor.note, file=sys.stderr)  # on stderr, so that stdout holds only the predictions
     for record in predictor.predict(paths, args.topk):
-        print(json.dumps(record) if args.json else format_prediction(record), flush=args.json)
+        print(json.dumps(record) if args.json else format_prediction(record))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
