@@ -58,6 +58,22 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     analyze_run(args.run, data_root=args.data_root)
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from longtail.predict import Predictor, format_prediction, image_paths
+
+    predictor = Predictor(args.model, args.prior)
+    paths = image_paths(args.inputs)
+    print(predictor.note, file=sys.stderr)  # on stderr, so that stdout holds only the predictions
+    for record in predictor.predict(paths, args.topk):
+        print(json.dumps(record) if args.json else format_prediction(record))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from longtail.export import export
+
+    print(f"wrote {export(args.run, args.format)}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from longtail.report import report
 
@@ -86,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action="store_true", help="also draw per-class accuracy, confusion matrix, reliability")
     data_options(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k class names with probabilities for image files, from an exported model")
+    p.add_argument("model", help="run directory or a model.pt beside its model.yaml")
+    p.add_argument("inputs", nargs="+", help="image files, folders of images, list files (.txt, one path per line)")
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--prior", default="uniform",
+                   help="deployment class prior: uniform (default), train, or a file of one probability or count per "
+                        "line in class-id order")
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a run's exported model as safetensors, ONNX or a torch.export program")
+    p.add_argument("run", help="run directory or a model.pt beside its model.yaml")
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torch_export"])
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="show a long-tailed subset: per-class counts, groups, index sha256")
     p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")

@@ -37,6 +37,7 @@ class DataConfig:
     train_list: Optional[str] = None
     val_list: Optional[str] = None
     test_list: Optional[str] = None
+    class_names: Optional[str] = None  # list-file datasets: a file with one class name per line, in class-id order
     path_remap: Optional[dict[str, str]] = None
     on_bad_sample: Literal["error", "skip"] = "error"
     image_size: int = 224
@@ -100,6 +101,8 @@ class PosthocConfig:
     kind: Literal["none", "multiplicative", "additive"] = "none"
     tau: Optional[float] = None  # null: search on the validation split
     grid: list[float] = field(default_factory=lambda: [0.0, 2.0, 0.05])  # start, stop, step
+    # After `kind`: temperature scaling fitted on the validation split by NLL, folded into the head.
+    calibrate: Literal["none", "temperature"] = "none"
 
 
 @dataclass

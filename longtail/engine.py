@@ -2,7 +2,7 @@
 
     fit: build data, model, method -> for each epoch: train_one_epoch, evaluate, checkpoint
          -> select the checkpoint -> method.finalize (merge, fold) -> post-hoc adjustment
-         -> results.json, model.pt + model.yaml
+         -> temperature calibration -> results.json, model.pt + model.yaml
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ from torch import nn
 from tqdm import tqdm
 
 from longtail import distributed as dist
+from longtail.calibration import calibration_record, fit_temperature
 from longtail.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl
 from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
 from longtail.data import LTData, build_data
+from longtail.data.image_transforms import eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
 from longtail.losses import build_loss, logit_scale
@@ -35,6 +37,7 @@ from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import flip_tta, format_table, gather_unique, summarize
 from longtail.models import build_model, load_exported, model_spec, scale_head
+from longtail.priors import logit_prior, logit_prior_vector
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
@@ -399,6 +402,9 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     if data.val is None and cfg.posthoc.kind != "none" and cfg.posthoc.tau is None:
         raise ConfigError(f"posthoc.tau: null means searching tau on the validation split, and {data.name} has none "
                           "here: set data.val_per_class (e.g. 20) or give a fixed posthoc.tau")
+    if data.val is None and cfg.posthoc.calibrate != "none":
+        raise ConfigError(f"posthoc.calibrate: {cfg.posthoc.calibrate} is fitted on the validation split, and {data.name} "
+                          "has none here: set data.val_per_class (e.g. 20) or give data.val_list, or posthoc.calibrate: none")
     # Resolve dataset defaults into the config so the saved config.yaml shows what was used.
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
     place_splits(data, device, cfg.data.on_device)
@@ -638,7 +644,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
 
 
 def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict:
-    """Select the checkpoint, finalise the method, apply post-hoc adjustment, evaluate and export."""
+    """Select the checkpoint, finalise the method, apply post-hoc adjustment and calibration, evaluate and export."""
     cfg, model, data, device = run.cfg, run.model, run.data, run.device
     epoch = cfg.train.epochs if epoch is None else epoch
     if cfg.eval.select != "final":
@@ -647,15 +653,21 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         epoch = state["epoch"]
     model = run.method.finalize(model)
     scale_head(model.head, logit_scale(cfg.loss))  # the logits the loss saw (LDAM: x ldam_scale), margins aside
-    posthoc = None
+    folds = training_folds(cfg, run.info.extra)
+    posthoc, temperature = None, None
     if cfg.posthoc.kind != "none":
         from longtail.methods.posthoc import apply_posthoc
 
         model, posthoc = apply_posthoc(model, cfg, data, device)
+        folds.append({"kind": "logit_adjustment", "form": posthoc["kind"], "tau": posthoc["tau"]})
+    if cfg.posthoc.calibrate == "temperature":
+        temperature = calibrate(model, cfg, data, device, logit_prior(cfg, folds)[0])
+        folds.append({"kind": "temperature", "temperature": temperature})
     split = data.val if cfg.eval.split == "val" else data.test
-    metrics = evaluate(model, split, device, cfg, data)
+    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta)
     results = {
-        **metrics,
+        **summarize(logits, targets, data.class_counts, thresholds_of(cfg, data), cfg.eval.ece_bins),
+        **calibration_record(logits, targets, temperature, cfg.eval.ece_bins),
         "thresholds_rule": data.thresholds_rule if cfg.eval.thresholds is None else "eval.thresholds from the config",
         "split": cfg.eval.split,
         "checkpoint": cfg.eval.select,
@@ -680,19 +692,56 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         "config": cfg.to_dict(),
     }
     if dist.is_main():
-        export_model(model, cfg, data, out)
+        export_model(model, cfg, data, out, folds)
         atomic_write_json(out / "results.json", results)
         print(format_table([(f"{results['method']}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)]))
+        if temperature is not None:
+            print(f"temperature {temperature:.4f}: ECE {results['ece_uncalibrated']:.2f} -> {results['ece']:.2f}, "
+                  f"NLL {results['nll_uncalibrated']:.3f} -> {results['nll']:.3f}")
     dist.barrier()  # no rank returns before rank 0 has written the run's files
     return results
 
 
-def export_model(model: nn.Module, cfg: Config, data: LTData, out: Path) -> None:
-    """`model.pt`: a plain state dict; `model.yaml`: the architecture it loads into."""
+def training_folds(cfg: Config, method_record: dict) -> list[dict]:
+    """What `finish` has folded into the model before the post-hoc steps, in order, as model.yaml records it."""
+    folds = [{"kind": "more_merge"}] if cfg.more.enabled else []
+    if cfg.method.name == "lws":
+        folds.append({"kind": "lws_scales"})
+    if cfg.method.name == "tau_norm":
+        folds.append({"kind": "tau_norm", "tau": method_record["tau_norm"]["tau"]})
+    if logit_scale(cfg.loss) != 1.0:
+        folds.append({"kind": "logit_scale", "scale": logit_scale(cfg.loss)})
+    return folds
+
+
+def calibrate(model: nn.Module, cfg: Config, data: LTData, device: torch.device, prior: str) -> float:
+    """Fit the temperature on the validation split (NLL under the logits' prior) and fold 1 / T into the head."""
+    logits, targets = collect_logits(model, data.val, device, cfg.eval.batch_size, cfg.eval.tta)
+    temperature = fit_temperature(logits, targets, logit_prior_vector(prior, data.class_counts))
+    scale_head(model.head, 1.0 / temperature)
+    return temperature
+
+
+def eval_transform(data: LTData, tta: str) -> dict:
+    """model.yaml's `transform`: how an image becomes the model's input at evaluation. In-memory datasets
+    (CIFAR, Fashion-MNIST) take their images as they are; image files are resized and centre-cropped."""
+    geometry = {"kind": "as_is"} if isinstance(data.test, InMemorySplit) else {
+        "kind": "resize_center_crop", "resize": eval_resize(data.image_size)}
+    return {**geometry, "size": data.image_size, "mean": list(data.mean), "std": list(data.std), "tta": tta}
+
+
+def export_model(model: nn.Module, cfg: Config, data: LTData, out: Path, folds: list[dict]) -> None:
+    """`model.pt`: a plain state dict; `model.yaml`: everything needed to use it without the dataset or the
+    config (docs/deployment.md): the architecture, class names and counts, the evaluation transform, the
+    folds in its weights and the prior its logits are calibrated to."""
     spec = model_spec(cfg.model, model, data.num_classes, data.in_channels, data.image_size)
-    spec["data"] = {"name": data.name, "mean": list(data.mean), "std": list(data.std)}
+    prior, note = logit_prior(cfg, folds)
+    spec.update(task="single_label",
+                data={"name": data.name, "class_names": list(data.class_names),
+                      "class_counts": list(data.class_counts)},
+                transform=eval_transform(data, cfg.eval.tta), folds=folds, logit_prior=prior, logit_prior_note=note)
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
-    atomic_write_text(out / "model.yaml", yaml.safe_dump(spec, sort_keys=False))
+    atomic_write_text(out / "model.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
 
 
 def _tensorboard(out: Path) -> Any:
@@ -736,36 +785,49 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 class LoadedRun:
     cfg: Config
     model: nn.Module
+    spec: dict  # model.yaml
     data: LTData
     run_dir: Path
     results: Optional[dict]
 
 
-def load_run(path: str | Path, data_root: Optional[str] = None, download: bool = False) -> LoadedRun:
-    """A finished run (its directory, or a model.pt inside one): config, exported model, data."""
+def load_model(path: str | Path, needs: tuple[str, ...] = ()) -> tuple[nn.Module, dict, Path]:
+    """An exported model (a run directory, or a model.pt beside its model.yaml): the model, its model.yaml and
+    the model.pt path. `needs` names further files the directory must hold (config.yaml)."""
     path = Path(path)
     # Checked first: a mistyped name must not fall back to the model.pt of the folder it points into.
     if not path.exists():
         raise ConfigError(f"{path} does not exist: expected a run directory written by `longtail train` "
                           "or the model.pt in one")
-    run_dir = path if path.is_dir() else path.parent
-    model_pt = path if path.is_file() else run_dir / "model.pt"
-    for needed in (run_dir / "config.yaml", run_dir / "model.yaml", model_pt):
+    model_pt = path if path.is_file() else path / "model.pt"
+    for needed in (*(model_pt.parent / name for name in needs), model_pt.parent / "model.yaml", model_pt):
         if not needed.exists():
             raise ConfigError(f"{needed} does not exist: expected a run directory written by `longtail train` "
-                              "(config.yaml, model.yaml, model.pt)")
-    cfg = from_dict(read_yaml(run_dir / "config.yaml"))
-    spec = read_yaml(run_dir / "model.yaml")
+                              f"({', '.join((*needs, 'model.yaml', 'model.pt'))})")
+    spec = read_yaml(model_pt.parent / "model.yaml")
     state = load_checkpoint(model_pt)
     # checkpoint.pt / best.pt hold the weights before the method's finalize (MORE merge, head folding).
     if not isinstance(state, dict) or ("model" in state and "epoch" in state):
         raise ConfigError(f"{model_pt} is not an exported model (a plain state dict; checkpoint.pt and best.pt "
                           "are training checkpoints): pass the run directory or its model.pt")
-    model = load_exported(spec, state)
+    return load_exported(spec, state).eval(), spec, model_pt
+
+
+def load_run(path: str | Path, data_root: Optional[str] = None, download: bool = False) -> LoadedRun:
+    """A finished run (its directory, or a model.pt inside one): config, exported model, data."""
+    model, spec, model_pt = load_model(path, needs=("config.yaml",))
+    run_dir = model_pt.parent
+    cfg = from_dict(read_yaml(run_dir / "config.yaml"))
     data = build_data(cfg.data, data_root, download)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else None
-    return LoadedRun(cfg, model, data, run_dir, results)
+    return LoadedRun(cfg, model, spec, data, run_dir, results)
+
+
+def folded_temperature(spec: dict) -> Optional[float]:
+    """The temperature folded into a model (model.yaml's folds), or None."""
+    found = [fold["temperature"] for fold in spec.get("folds", []) if fold["kind"] == "temperature"]
+    return found[-1] if found else None
 
 
 def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False, data_root: Optional[str] = None,
@@ -778,7 +840,11 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     device = select_device(run.cfg.train.device)
     model = run.model.to(device)
     logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta)
-    metrics = summarize(logits, targets, run.data.class_counts, thresholds_of(run.cfg, run.data), run.cfg.eval.ece_bins)
+    bins = run.cfg.eval.ece_bins
+    metrics = summarize(logits, targets, run.data.class_counts, thresholds_of(run.cfg, run.data), bins)
+    temperature = folded_temperature(run.spec)
+    if temperature is not None:
+        metrics.update(calibration_record(logits, targets, temperature, bins))
     metrics.update(split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
     if plots:
         from longtail import plots as plotting
@@ -788,7 +854,13 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
         metrics["figures"] = [
             str(plotting.plot_per_class_accuracy(metrics["per_class"], run.data.class_counts, fig / f"per_class-{split_name}.png")),
             str(plotting.plot_confusion(logits, targets, run.data.num_classes, fig / f"confusion-{split_name}.png", run.data.class_counts)),
-            str(plotting.plot_reliability(logits, targets, fig / f"reliability-{split_name}.png", run.cfg.eval.ece_bins)),
         ]
+        if temperature is not None:  # the logits before calibration are the exported ones times T
+            metrics["figures"].append(str(plotting.plot_reliability(
+                logits * temperature, targets, fig / f"reliability-uncalibrated-{split_name}.png", bins,
+                title="Before temperature scaling")))
+        metrics["figures"].append(str(plotting.plot_reliability(
+            logits, targets, fig / f"reliability-{split_name}.png", bins,
+            title=f"Temperature-scaled, T = {temperature:.3g}" if temperature is not None else "Reliability diagram")))
     atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)
     return metrics

@@ -118,7 +118,8 @@ def plot_confusion(
     return save_figure(fig, path)
 
 
-def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Path, bins: int = 15) -> str:
+def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Path, bins: int = 15,
+                     title: str = "Reliability diagram") -> str:
     """Reliability diagram: accuracy per confidence bin, the gap to the diagonal, and the bin shares."""
     conf, acc, counts = calibration_bins(logits, targets, bins)
     ece = expected_calibration_error(logits, targets, bins)
@@ -137,7 +138,7 @@ def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Pa
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.legend(loc="upper left", fontsize=8)
-    top.set_title(f"Reliability diagram (ECE {ece:.2f} %, {bins} bins)")
+    top.set_title(f"{title} (ECE {ece:.2f} %, {bins} bins)")
     bottom.bar(centres, (counts / counts.sum()).tolist(), width=width, color="gray", edgecolor="black", lw=0.5)
     bottom.set_xlabel("confidence (max softmax)")
     bottom.set_ylabel("share of samples")

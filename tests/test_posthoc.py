@@ -138,7 +138,10 @@ def test_cli_posthoc_writes_a_derived_run_and_leaves_the_original(plain_run, dat
     assert (plain_run / "model.pt").read_bytes() == before
     saved = json.loads((out / "results.json").read_text())
     assert saved["posthoc"]["tau"] == 1.0 and not saved["posthoc"]["searched"]
-    assert saved["config"]["posthoc"] == {"kind": "additive", "tau": 1.0, "grid": [0.0, 2.0, 0.05]}
+    assert saved["config"]["posthoc"] == {"kind": "additive", "tau": 1.0, "grid": [0.0, 2.0, 0.05], "calibrate": "none"}
+    spec = yaml.safe_load((out / "model.yaml").read_text())
+    assert spec["folds"] == [{"kind": "logit_adjustment", "form": "additive", "tau": 1.0}]
+    assert spec["logit_prior"] == "uniform"  # a CE model adjusted by z - log pi
     assert math.isclose(saved["top1"], results["top1"]) and "before" in saved["posthoc"]
 
     original, derived = load_run(plain_run, data_root), load_run(out, data_root)

@@ -112,6 +112,9 @@ def _stats(given: Optional[list[float]], default: tuple[float, ...], key: str) -
 def from_raw(name: str, raw: RawDataset, data_cfg: DataConfig, mean: tuple[float, ...],
              std: tuple[float, ...]) -> LTData:
     """Pick the long-tailed subset of an in-memory dataset and wrap its splits."""
+    if data_cfg.class_names is not None:
+        raise ConfigError(f"data.class_names: {name} has its own class names (from its files); the key is for "
+                          "list-file datasets (imagenet_lt, places_lt, inat2018), whose lists hold only ids")
     num_classes = len(raw.class_names)
     subset = lt_subset(raw.train_labels, num_classes, data_cfg)
     mean = _stats(data_cfg.mean, mean, "data.mean")

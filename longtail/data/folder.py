@@ -48,6 +48,9 @@ def scan(folder: Path, base: Path, classes: list[str], on_bad_sample: str) -> Im
 def build_folder(cfg: DataConfig, root: str | Path) -> LTData:
     """The folder dataset at `root` (data.root): train/ and test/ required, val/ optional."""
     base = Path(root)
+    if cfg.class_names is not None:
+        raise ConfigError("data.class_names: a folder dataset names its classes by their folders (sorted); the key is "
+                          "for list-file datasets (imagenet_lt, places_lt, inat2018), whose lists hold only ids")
     layout = ("data.name=folder reads <data.root>/train/<class>/<image> and <data.root>/test/<class>/<image> "
               "(and optionally val/); set data.root to such a directory")
     if not (base / "train").is_dir() or not (base / "test").is_dir():

@@ -21,11 +21,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_image(path: str | Path) -> torch.Tensor:
-    """The image as RGB uint8, 3 x H x W (a channels-last view, which resizes fastest)."""
+def decode_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
+    """The image as uint8 C x H x W in Pillow mode `mode` (RGB: 3 channels, L: 1), a channels-last view,
+    which resizes fastest."""
     with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB")).copy()
+        array = np.asarray(img.convert(mode)).copy()
+    if array.ndim == 2:  # single-channel modes come back as H x W
+        array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def eval_resize(size: int) -> int:
+    """The shorter side an evaluation image is resized to before its centre crop to `size` (256 for 224)."""
+    return size * 256 // 224
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -118,7 +126,7 @@ class ImageTransform:
             top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], generator)
             image = resize(image[:, top:top + h, left:left + w], size, size)
         else:
-            image = center_crop(resize_shorter(image, size * 256 // 224), size)
+            image = center_crop(resize_shorter(image, eval_resize(size)), size)
         x = image.float().div_(255)
         if self.augment != "none" and torch.rand((), generator=generator).item() < 0.5:
             x = x.flip(2)

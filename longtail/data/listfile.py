@@ -180,6 +180,19 @@ def read_list(list_path: Path, base: Path, num_classes: int, remap: Optional[Pat
     return items
 
 
+def read_class_names(path: Path, num_classes: int) -> list[str]:
+    """`data.class_names`: one name per line, in class-id order (blank lines ignored; names may repeat,
+    as ImageNet's do)."""
+    if not path.is_file():
+        raise ConfigError(f"data.class_names: {path} does not exist; give a file with one class name per line, "
+                          "in class-id order")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise ConfigError(f"data.class_names: {path} lists {len(names)} names, but the dataset has {num_classes} "
+                          "classes; give one name per line, in class-id order")
+    return names
+
+
 def check_size(list_path: Path, found: int, expected: int, name: str, split: str) -> bool:
     """Warn (not fail) when a split file's line count differs from the published one; True if it matches.
 
@@ -344,8 +357,12 @@ def build_listfile(cfg: DataConfig, root: str | Path, benchmark: Benchmark) -> L
         items = read_list(path, base, benchmark.num_classes, remap, cfg.on_bad_sample)
         check_size(path, len(items.paths) + items.skipped, expected, benchmark.name, split)
         read[split] = items
+    names = None
+    if cfg.class_names is not None:
+        path = Path(cfg.class_names)
+        names = read_class_names(path if path.is_absolute() else base / path, benchmark.num_classes)
     return make_splits(benchmark.name, cfg, base, benchmark.num_classes, read["train"], read.get("val"),
-                       read["test"])
+                       read["test"], names)
 
 
 @register_dataset("imagenet_lt")

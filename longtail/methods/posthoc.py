@@ -15,18 +15,15 @@ from torch import nn
 
 from longtail.checkpoint import atomic_write_json
 from longtail.config import Config, save_config
-from longtail.engine import collect_logits, evaluate, export_model, load_run, select_device
+from longtail.engine import (collect_logits, evaluate, export_model, folded_temperature, load_run, select_device,
+                             training_folds)
 from longtail.errors import ConfigError
 from longtail.metrics import format_table
 from longtail.models.heads import ETFHead, LinearHead
+from longtail.priors import class_prior
 
 KINDS = ("multiplicative", "additive")
 _SHOWN = ("top1", "balanced", "many", "medium", "few", "ece", "nll")
-
-
-def class_prior(class_counts: Sequence[int]) -> torch.Tensor:
-    counts = torch.as_tensor(class_counts, dtype=torch.float64)
-    return counts / counts.sum()
 
 
 def _check_kind(kind: str) -> None:
@@ -144,6 +141,12 @@ def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None,
             f"{run.run_dir}: its model.pt already has post-hoc adjustment ({done['kind']}, tau {done['tau']}) "
             "folded in; adjusting again would compound it. Apply posthoc to a run trained with posthoc.kind: none"
         )
+    if folded_temperature(run.spec) is not None:
+        raise ConfigError(
+            f"{run.run_dir}: its model.pt has a temperature folded in (posthoc.calibrate), fitted to the logits before "
+            "any adjustment; calibration comes after the adjustment. Train with posthoc.kind and posthoc.calibrate "
+            "both set, or apply posthoc to a run trained with posthoc.calibrate: none"
+        )
     if tau is None and run.data.val is None:
         raise ConfigError(f"{run.run_dir} has no validation split to search tau on; give it with --tau T")
     cfg = run.cfg
@@ -159,7 +162,10 @@ def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None,
     results = {**(run.results or {}), **metrics, "posthoc": record, "derived_from": str(run.run_dir),
                "config": cfg.to_dict()}
     save_config(cfg, out / "config.yaml")
-    export_model(model, cfg, run.data, out)
+    # A model.yaml older than its `folds` key: rebuilt from the config (such runs had no calibration).
+    folds = run.spec["folds"] if "folds" in run.spec else training_folds(cfg, (run.results or {}).get("method_record") or {})
+    export_model(model, cfg, run.data, out, [*folds, {"kind": "logit_adjustment", "form": record["kind"],
+                                                     "tau": record["tau"]}])
     atomic_write_json(out / "results.json", results)
     print(format_table([("before", before), (f"{record['kind']}, tau {record['tau']:g}", metrics)]))
     print(f"wrote {out}")

@@ -1,0 +1,146 @@
+"""`longtail predict`: class names with probabilities under a chosen prior, from an exported model alone.
+
+It needs model.pt and the model.yaml beside it, nothing else (no dataset, no config.yaml): model.yaml
+holds the architecture, the class names and counts, the evaluation transform and the prior the
+logits are calibrated to (`logit_prior`). The probabilities under a deployment prior pi_t are
+softmax(z + log pi_t - log pi_logit) (docs/deployment.md), so a correction the model already has is
+never applied again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from longtail.data.folder import IMAGE_EXTENSIONS
+from longtail.data.image_transforms import center_crop, decode_image, resize_shorter
+from longtail.engine import load_model, select_device
+from longtail.errors import ConfigError
+from longtail.metrics import flip_tta
+from longtail.priors import logit_prior_vector, prior_shift, prior_vector
+
+BATCH_SIZE = 256  # images decoded and run at a time
+LIST_SUFFIX = ".txt"
+PILLOW_MODES = {1: "L", 3: "RGB"}  # in_channels -> the mode images are decoded in
+# model.yaml keys predict reads beyond the architecture (older exports lack them)
+NEEDED = ("task", "data", "transform", "logit_prior", "logit_prior_note")
+
+
+def check_spec(spec: dict, where: Path) -> None:
+    """Refuse a model.yaml that predict cannot use, saying why."""
+    if spec.get("task") == "multi_label":
+        raise ConfigError(f"{where}: task multi_label: longtail has no multi-label models yet, and top-k softmax "
+                          "probabilities are wrong for one: each of its classes needs its own sigmoid")
+    missing = [key for key in NEEDED if key not in spec]
+    if missing:
+        raise ConfigError(f"{where}: no {', '.join(missing)}: written by an older longtail, before model.yaml recorded "
+                          "class names, the evaluation transform and the logit prior; predict needs a model exported "
+                          "since (`longtail eval` still takes this one)")
+    if spec["task"] != "single_label":
+        raise ConfigError(f"{where}: task {spec['task']!r} is unknown; predict takes single_label models")
+    if spec["transform"]["kind"] not in ("as_is", "resize_center_crop"):
+        raise ConfigError(f"{where}: transform kind {spec['transform']['kind']!r} is unknown; "
+                          "expected as_is or resize_center_crop")
+    if spec["in_channels"] not in PILLOW_MODES:
+        raise ConfigError(f"{where}: in_channels {spec['in_channels']}: image files decode to 1 (grey) or 3 (RGB)")
+
+
+def read_list(path: Path) -> list[Path]:
+    """One image path per line, relative ones to the list file's folder; blank lines and `#` comments skipped."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [path.parent / line for line in lines if line and not line.startswith("#")]
+
+
+def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    """The images named by `inputs`: image files, every image under a folder (recursive, sorted, hidden entries
+    skipped), and the images a list file (.txt) names, in that order."""
+    paths: list[Path] = []
+    kinds = f"an image ({', '.join(IMAGE_EXTENSIONS)}), a folder of images or a list file ({LIST_SUFFIX})"
+    for item in inputs:
+        path = Path(item)
+        suffix = path.suffix.lower()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ConfigError(f"{path}: a folder without image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif not path.exists():
+            raise ConfigError(f"{path} does not exist; expected {kinds}")
+        elif suffix in IMAGE_EXTENSIONS:
+            paths.append(path)
+        elif suffix == LIST_SUFFIX:
+            paths += read_list(path)
+        else:
+            raise ConfigError(f"{path}: not {kinds}")
+    return paths
+
+
+def load_input(path: Path, spec: dict) -> torch.Tensor:
+    """An image file as the model's input, transformed as model.yaml's `transform` says (the run's evaluation
+    transform): the image as it is, or the shorter side resized and a centre crop; then normalised."""
+    t = spec["transform"]
+    try:
+        image = decode_image(path, PILLOW_MODES[spec["in_channels"]])
+    except Exception as exc:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
+        raise ConfigError(f"cannot read image {path}: {exc}") from None
+    size = t["size"]
+    if t["kind"] == "resize_center_crop":
+        image = center_crop(resize_shorter(image, t["resize"]), size)
+    elif tuple(image.shape[1:]) != (size, size):
+        raise ConfigError(f"{path}: {image.shape[2]} x {image.shape[1]} pixels, but this model takes {size} x {size} "
+                          f"images as they are ({spec['data']['name']} is not resized at evaluation); resize it first")
+    x = image.float().div_(255)
+    return (x - torch.tensor(t["mean"]).view(-1, 1, 1)) / torch.tensor(t["std"]).view(-1, 1, 1)
+
+
+def prior_note(spec: dict, prior: str) -> str:
+    """What `--prior` does to this model's logits, in words."""
+    kind = spec["logit_prior"]
+    same = (prior == "uniform" and kind != "train") or (prior == "train" and kind == "train")
+    taken = "taken as uniform" if kind == "approx_uniform" else None
+    parts = [f"model.yaml: logit_prior {kind} ({spec['logit_prior_note']})" + (f", {taken}" if taken else "")]
+    if same:
+        parts.append(f"--prior {prior}: no correction")
+    else:
+        parts.append(f"--prior {prior}: z + log pi_{'file' if prior not in ('uniform', 'train') else prior} - "
+                     f"log pi_{'train' if kind == 'train' else 'uniform'}")
+    return "; ".join(parts)
+
+
+class Predictor:
+    """An exported model ready to predict: on the best device, with its prior correction computed once."""
+
+    def __init__(self, model_path: str | Path, prior: str = "uniform"):
+        self.model, self.spec, model_pt = load_model(model_path)
+        check_spec(self.spec, model_pt.parent / "model.yaml")
+        self.device = select_device("auto")
+        self.model.to(self.device)
+        counts = self.spec["data"]["class_counts"]
+        self.shift = prior_shift(prior_vector(prior, counts), logit_prior_vector(self.spec["logit_prior"], counts))
+        self.note = prior_note(self.spec, prior)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Model inputs (N x C x H x W) -> class probabilities under the chosen prior (N x K, float64, CPU)."""
+        x = x.to(self.device)
+        z = flip_tta(self.model, x) if self.spec["transform"]["tta"] == "flip" else self.model(x)
+        return torch.softmax(z.double().cpu() + self.shift, dim=1)
+
+    def predict(self, paths: Sequence[Path], topk: int = 5) -> Iterator[dict]:
+        """{"input": path, "predictions": [{"class", "id", "probability"}, ...]} per image, most probable first."""
+        names = self.spec["data"]["class_names"]
+        if not 1 <= topk <= len(names):
+            raise ConfigError(f"--topk {topk}: the model has {len(names)} classes; give 1..{len(names)}")
+        for start in range(0, len(paths), BATCH_SIZE):
+            batch = paths[start:start + BATCH_SIZE]
+            top = self.probabilities(torch.stack([load_input(p, self.spec) for p in batch])).topk(topk, dim=1)
+            for path, probs, ids in zip(batch, top.values.tolist(), top.indices.tolist()):
+                yield {"input": str(path),
+                       "predictions": [{"class": names[k], "id": k, "probability": p} for k, p in zip(ids, probs)]}
+
+
+def format_prediction(record: dict) -> str:
+    return f"{record['input']}: " + ", ".join(f"{p['class']} {100 * p['probability']:.2f}%"
+                                              for p in record["predictions"])
