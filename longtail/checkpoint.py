@@ -38,6 +38,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(directory: str | Path) -> None:
+    """The `.NAME.XXXXXXXX.tmp` files of atomic writes that a killed process left behind (up to a checkpoint's size each)."""
+    for path in Path(directory).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

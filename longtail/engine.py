@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from longtail import distributed as dist
 from longtail.calibration import calibration_record, fit_temperature
-from longtail.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl
+from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl,
+                                 remove_stale_temporaries)
 from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
 from longtail.data import LTData, build_data
 from longtail.data.image_transforms import eval_resize
@@ -575,6 +576,8 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                           "batch and need at least two images per batch (per process); use data.batch_size >= 2")
     if resume and (out / "config.yaml").exists():
         _check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
+    if resume and dist.is_main() and out.exists():
+        remove_stale_temporaries(out)
     fresh = not ckpt_path.exists()
     if resume and fresh and dist.is_main():
         print(f"--resume: {out} holds no checkpoint yet; starting the run", flush=True)

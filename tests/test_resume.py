@@ -101,8 +101,10 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_clean(tmp_path, data_
     for name in ("checkpoint.pt", "results.json", "model.pt", "model.yaml"):
         (out / name).unlink()  # what a kill in epoch 1 leaves, plus a stale record of that epoch
     (out / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 9.0}\n{"epoch": 2, "tra')
+    (out / ".checkpoint.pt.abcd1234.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
     fit(load_config(None, TINY), out, resume=True, data_root=data_root)
     _assert_same_run(out, reference)
+    assert not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
