@@ -30,11 +30,12 @@ from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml
 from longtail.data import LTData, build_data
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
-from longtail.losses import build_loss, logit_scale
+from longtail.losses import logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
-from longtail.metrics import flip_tta, format_table, gather_unique, summarize
+from longtail.metrics import flip_tta, format_table, gather_unique
 from longtail.models import build_model, load_exported, model_spec, scale_head
+from longtail.task import get_task, task_of
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
@@ -139,11 +140,7 @@ def collect_logits(
 
 def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, data: LTData) -> dict:
     logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta)
-    return summarize(logits, targets, data.class_counts, thresholds_of(cfg, data), cfg.eval.ece_bins)
-
-
-def thresholds_of(cfg: Config, data: LTData) -> tuple[int, int]:
-    return tuple(cfg.eval.thresholds) if cfg.eval.thresholds is not None else tuple(data.default_thresholds)
+    return task_of(data).summarize(logits, targets, data, cfg)
 
 
 # ----------------------------------------------------------------------------- training
@@ -388,6 +385,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     device = dist.init_from_env(device.type) or device
     seed_everything(cfg.train.seed)
     data = build_data(cfg.data, data_root, download)
+    task = task_of(data)
+    task.check(cfg)
     if data.val is None and (cfg.eval.select == "best_val" or cfg.eval.split == "val"):
         raise ConfigError(f"eval.select={cfg.eval.select} / eval.split={cfg.eval.split} need a validation split and "
                           f"{data.name} has none here: set data.val_per_class (e.g. 20) or give data.val_list")
@@ -402,8 +401,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     steps = math.ceil(batches / cfg.train.accum_steps)  # optimiser steps: what schedules and progress count
     info = RunInfo(cfg=cfg, num_classes=data.num_classes, class_counts=list(data.class_counts),
                    epochs=cfg.train.epochs, steps_per_epoch=steps, device=device, data=data,
-                   run_dir=str(run_dir) if run_dir else None)
-    method = build_method(cfg, info, build_loss(cfg.loss, data.class_counts, cfg.train.epochs))
+                   run_dir=str(run_dir) if run_dir else None, task=task.name)
+    method = build_method(cfg, info, task.build_loss(cfg, data))
     model = method.prepare(model).to(device)
     if cfg.train.sync_bn:
         model = dist.convert_sync_batchnorm(model, device)
@@ -507,7 +506,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         if dist.is_main():
             print(f"{out}: already finished; nothing was rewritten")
             print(format_table([(f"{results['method']}/{results['loss']} ({results['split']}, {results['checkpoint']})",
-                                 results)]))
+                                 results)], get_task(results.get("task")).columns))
         return results
     run = setup(cfg, data_root, download, out)
     model, method, device, data = run.model, run.method, run.device, run.data
@@ -597,13 +596,13 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                     # The selection split is evaluated every epoch; the other only every `eval.every` epochs.
                     if split is not None and (scheduled or split is select_split):
                         m = evaluate(model, split, device, cfg, data)
-                        record[name] = {k: m[k] for k in ("top1", "balanced", "many", "medium", "few", "ece", "nll")}
+                        record[name] = task_of(data).epoch_record(m)
                 if cfg.train.track_every and (epoch + 1) % cfg.train.track_every == 0:
                     from longtail.analysis import track
 
                     record["track"] = track(model, data.train, device)
                 if select_split is not None:
-                    score = record["val" if cfg.eval.select == "best_val" else "test"]["balanced"]
+                    score = record["val" if cfg.eval.select == "best_val" else "test"][task_of(data).select_key]
                     if score > loop.best["metric"]:
                         loop.best = {"metric": score, "epoch": epoch + 1}
                 if dist.is_main():
@@ -639,6 +638,7 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
     metrics = evaluate(model, split, device, cfg, data)
     results = {
         **metrics,
+        "task": data.task,
         "thresholds_rule": data.thresholds_rule if cfg.eval.thresholds is None else "eval.thresholds from the config",
         "split": cfg.eval.split,
         "checkpoint": cfg.eval.select,
@@ -665,7 +665,8 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
     if dist.is_main():
         export_model(model, cfg, data, out)
         atomic_write_json(out / "results.json", results)
-        print(format_table([(f"{results['method']}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)]))
+        print(format_table([(f"{results['method']}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)],
+                           task_of(data).columns))
     dist.barrier()  # no rank returns before rank 0 has written the run's files
     return results
 
@@ -698,8 +699,9 @@ def _log_epoch(out: Path, writer: Any, record: dict) -> None:
     parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.2e}",
              f"{record['images_per_sec']:.0f} img/s"]
     for split in ("val", "test"):
-        if split in record:
-            parts.append(f"{split} top1 {record[split]['top1']:.2f}")
+        if split in record:  # the task's headline number: top1, or map
+            key, value = next(iter(record[split].items()))
+            parts.append(f"{split} {key} {value:.2f}")
     print(" | ".join(parts), flush=True)
 
 
@@ -761,9 +763,17 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     device = select_device(run.cfg.train.device)
     model = run.model.to(device)
     logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta)
-    metrics = summarize(logits, targets, run.data.class_counts, thresholds_of(run.cfg, run.data), run.cfg.eval.ece_bins)
+    task = task_of(run.data)
+    metrics = task.summarize(logits, targets, run.data, run.cfg)
     metrics.update(split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
-    if plots:
+    if plots and task.multilabel:
+        from longtail import plots as plotting
+
+        fig = run.run_dir / "figures"
+        fig.mkdir(exist_ok=True)
+        metrics["figures"] = [str(plotting.plot_ap_vs_frequency(metrics["per_class_ap"], run.data.class_counts,
+                                                                 fig / f"ap_vs_frequency-{split_name}.png"))]
+    elif plots:
         from longtail import plots as plotting
 
         fig = run.run_dir / "figures"
