@@ -765,7 +765,7 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta)
     task = task_of(run.data)
     metrics = task.summarize(logits, targets, run.data, run.cfg)
-    metrics.update(split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
+    metrics.update(task=task.name, split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
     if plots and task.multilabel:
         from longtail import plots as plotting
 

@@ -18,7 +18,8 @@ def summarize(data: LTData, data_cfg: DataConfig) -> dict:
     # A published head / medium / tail split (multi-label benchmarks) wins over the thresholds.
     groups = data.class_groups or group_of_classes(counts, data.default_thresholds)
     group_names = [""] * len(counts)
-    for name, ids in zip(("many", "medium", "few"), groups):
+    names = ("head", "medium", "tail") if data.task == "multi_label" else ("many", "medium", "few")
+    for name, ids in zip(names, groups):
         for k in ids:
             group_names[k] = name
     return {
