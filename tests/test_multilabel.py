@@ -481,3 +481,31 @@ def test_report_shows_map_columns_for_multilabel_runs_and_refuses_mixing(cifar_r
     (single / "results.json").write_text(json.dumps({"config": from_dict({}).to_dict(), "top1": 50.0}))
     with pytest.raises(ConfigError, match="report single-label and multi-label runs separately"):
         report([str(tmp_path / "s0"), str(single)])
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="this torch build has no gloo backend for CPU processes")
+def test_two_process_multilabel_run_equals_a_single_process_eval(cifar_root, tmp_path):
+    import os
+    import sys
+
+    from launch import launch
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(LONGTAIL_DATA=str(cifar_root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    config = tmp_path / "c.yaml"
+    config.write_text("")
+    overrides = ["data.name=cifar10_mosaic_mlt", "data.mosaic_train_images=64", "data.mosaic_test_images=41",
+                 "data.batch_size=16", "data.sampler=class_aware", "model.name=mlp", "model.width=16",
+                 "loss.name=db_focal", "more.enabled=true", "more.discrepancy=kl", "train.epochs=1",
+                 "eval.batch_size=8"]
+    out = tmp_path / "run"
+    done, _ = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                      "-m", "longtail", "train", config, *overrides, "--out", out], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["num_samples"] == 41  # 41 is odd: the padding repeat is dropped
+    single = evaluate_run(out, data_root=str(cifar_root))
+    assert single["per_class_ap"] == results["per_class_ap"]
+    for key in ("map", "map_head", "map_medium", "map_tail", "micro_f1", "macro_f1"):
+        assert single[key] == results[key], key
