@@ -26,6 +26,7 @@ SINGLE_LABEL, MULTI_LABEL = "single_label", "multi_label"
 
 # Multi-label refusals: (what, why). Each is checked in `Task.check`.
 _SOFTMAX = "it adjusts a softmax over mutually exclusive classes, and multi-label outputs are independent sigmoids"
+# Also refused for multi-label data: `longtail analyze` (FDR, class means, by class id), in `refuse_analysis`.
 MULTILABEL_REFUSED_METHODS = {
     "ewb": "its fixed simplex-ETF head and logit adjustment are built for a softmax over exclusive classes",
     "wb_stage2": "its stage 2 retrains the classifier with class-balanced CE and a class-id sampler",
@@ -112,6 +113,8 @@ class Task:
             "posthoc.kind": (cfg.posthoc.kind != "none", f"post-hoc logit adjustment: {_SOFTMAX}; use none"),
             "loss.drw_start": (cfg.loss.drw_start is not None,
                                "deferred re-weighting weights samples by their one class; use cb_bce or dbl"),
+            "train.track_every": (cfg.train.track_every > 0,
+                                  "the Fisher discriminant ratio and class means need one class per sample; use 0"),
         }
         for key, (refused, why) in refusals.items():
             if refused:
@@ -158,3 +161,10 @@ def get_task(name: Optional[str]) -> Task:
 def task_of(data: Any) -> Task:
     return get_task(getattr(data, "task", SINGLE_LABEL))
 
+
+def refuse_analysis(data: Any, run_dir: Any) -> None:
+    """`longtail analyze` groups features by a sample's one class (FDR, class means, cosines)."""
+    if task_of(data).multilabel:
+        raise ConfigError(f"longtail analyze: {run_dir} is a multi-label run, and the analysis (Fisher discriminant "
+                          "ratio, class-mean cosines) needs one class per sample; use longtail eval --plots for AP "
+                          "against class frequency")

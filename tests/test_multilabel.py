@@ -16,6 +16,7 @@ from PIL import Image
 from torchmetrics.functional.classification import binary_average_precision
 
 from fake_data import write_cifar10
+from longtail.analysis import analyze_run
 from longtail.config import DataConfig, from_dict
 from longtail.data import build_data
 from longtail.data.describe import describe, format_description
@@ -26,6 +27,7 @@ from longtail.errors import ConfigError
 from longtail.losses import (asymmetric_loss, bce_loss, class_balanced_weights, distribution_balanced_loss,
                              focal_bce_loss, MultiLabelLoss)
 from longtail.methods.more import discrepancy, more_loss, sample_weights
+from longtail.methods.posthoc import run_posthoc
 from longtail.metrics import average_precision, f1_scores, gather_unique, summarize_multilabel
 from longtail.report import report
 from longtail.task import MULTI, SINGLE
@@ -195,6 +197,7 @@ def test_class_aware_sampler_refuses_class_ids():
     ({"loss": {"name": "bce"}, "model": {"head": "etf"}}, "model.head"),
     ({"loss": {"name": "bce"}, "posthoc": {"kind": "additive", "tau": 1.0}}, "posthoc.kind"),
     ({"loss": {"name": "bce", "drw_start": 0.8}}, "loss.drw_start"),
+    ({"loss": {"name": "bce"}, "train": {"track_every": 1}}, "train.track_every"),
 ])
 def test_multilabel_refuses_softmax_only_options_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -469,13 +472,17 @@ def test_training_end_to_end_gives_map_and_exports_a_merged_model(cifar_root, tm
     assert Path(again["figures"][0]).name == "ap_vs_frequency-test.png" and Path(again["figures"][0]).is_file()
 
 
-def test_report_shows_map_columns_for_multilabel_runs_and_refuses_mixing(cifar_root, tmp_path):
+def test_report_shows_map_columns_and_posthoc_and_analyze_refuse_multilabel_runs(cifar_root, tmp_path):
     for seed in (0, 1):
         cfg = mosaic_cfg("bce")
         cfg["train"].update(seed=seed, epochs=1)
         fit(from_dict(cfg), tmp_path / f"s{seed}", data_root=str(cifar_root))
     table = report([str(tmp_path / "s0"), str(tmp_path / "s1")])
     assert "| mAP | Head | Medium | Tail | macro-F1 |" in table and " ± " in table and len(table.splitlines()) == 3
+    with pytest.raises(ConfigError, match="posthoc.kind: not for multi-label data"):
+        run_posthoc(str(tmp_path / "s0"), tau=1.0, data_root=str(cifar_root))
+    with pytest.raises(ConfigError, match="longtail analyze: .* is a multi-label run"):
+        analyze_run(tmp_path / "s0", data_root=str(cifar_root))
     single = tmp_path / "single"
     single.mkdir()
     (single / "results.json").write_text(json.dumps({"config": from_dict({}).to_dict(), "top1": 50.0}))
