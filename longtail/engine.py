@@ -766,22 +766,9 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     task = task_of(run.data)
     metrics = task.summarize(logits, targets, run.data, run.cfg)
     metrics.update(task=task.name, split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
-    if plots and task.multilabel:
-        from longtail import plots as plotting
-
+    if plots:
         fig = run.run_dir / "figures"
         fig.mkdir(exist_ok=True)
-        metrics["figures"] = [str(plotting.plot_ap_vs_frequency(metrics["per_class_ap"], run.data.class_counts,
-                                                                 fig / f"ap_vs_frequency-{split_name}.png"))]
-    elif plots:
-        from longtail import plots as plotting
-
-        fig = run.run_dir / "figures"
-        fig.mkdir(exist_ok=True)
-        metrics["figures"] = [
-            str(plotting.plot_per_class_accuracy(metrics["per_class"], run.data.class_counts, fig / f"per_class-{split_name}.png")),
-            str(plotting.plot_confusion(logits, targets, run.data.num_classes, fig / f"confusion-{split_name}.png", run.data.class_counts)),
-            str(plotting.plot_reliability(logits, targets, fig / f"reliability-{split_name}.png", run.cfg.eval.ece_bins)),
-        ]
+        metrics["figures"] = task.figures(metrics, logits, targets, run.data, run.cfg, fig, split_name)
     atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)
     return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -138,6 +139,20 @@ class Task:
 
     def epoch_record(self, metrics: dict) -> dict:
         return {k: metrics[k] for k in self.epoch_keys}
+
+    def figures(self, metrics: dict, logits: torch.Tensor, targets: torch.Tensor, data: Any, cfg: Config,
+                folder: Path, split: str) -> list[str]:
+        """`longtail eval --plots`: per-class accuracy, confusion and reliability; multi-label: AP by frequency."""
+        from longtail import plots
+
+        if self.multilabel:
+            return [plots.plot_ap_vs_frequency(metrics["per_class_ap"], data.class_counts,
+                                               folder / f"ap_vs_frequency-{split}.png")]
+        return [
+            plots.plot_per_class_accuracy(metrics["per_class"], data.class_counts, folder / f"per_class-{split}.png"),
+            plots.plot_confusion(logits, targets, data.num_classes, folder / f"confusion-{split}.png", data.class_counts),
+            plots.plot_reliability(logits, targets, folder / f"reliability-{split}.png", cfg.eval.ece_bins),
+        ]
 
 
 SINGLE = Task(SINGLE_LABEL, NAMES, ("instance", "class_balanced", "sqrt"),
