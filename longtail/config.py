@@ -20,7 +20,8 @@ from longtail.errors import ConfigError
 @dataclass
 class DataConfig:
     # cifar10_lt | cifar100_lt | fashion_mnist_lt | imagenet_lt | places_lt | inat2018 | folder, and the
-    # multi-label ones (docs/multilabel.md): multilabel_list | voc_mlt | coco_mlt | cifar10_mosaic_mlt
+    # multi-label ones (docs/multilabel.md): multilabel_list | voc_mlt | coco_mlt | cifar10_mosaic_mlt |
+    # fashion_mnist_mosaic_mlt
     name: str = "cifar10_lt"
     root: Optional[str] = None  # null: --data-root, else $LONGTAIL_DATA, else ~/.cache/longtail-data
     imbalance: float = 100.0
@@ -45,7 +46,7 @@ class DataConfig:
     # multi-label datasets (docs/multilabel.md)
     class_names: Optional[str] = None  # multilabel_list: a file with one class name per line, in class-id order
     on_unlabelled: Literal["keep", "error"] = "keep"  # an image with no label: an all-negative sample, or an error
-    mosaic_train_images: int = 5000  # cifar10_mosaic_mlt
+    mosaic_train_images: int = 5000  # cifar10_mosaic_mlt, fashion_mnist_mosaic_mlt
     mosaic_test_images: int = 2000
     # In-memory datasets (CIFAR, Fashion-MNIST) held on the training device, so batches need no host copy.
     # auto: on a GPU when the images take under half its free memory; never for file-decoding datasets.
@@ -278,6 +279,8 @@ def _check_values(cfg: Config) -> None:
         "eval.every": cfg.eval.every,
         "train.accum_steps": cfg.train.accum_steps,
         "train.log_every": cfg.train.log_every,
+        "data.mosaic_train_images": cfg.data.mosaic_train_images,
+        "data.mosaic_test_images": cfg.data.mosaic_test_images,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -289,8 +292,6 @@ def _check_values(cfg: Config) -> None:
     if not 0 < cfg.data.minority_fraction <= 1:
         raise ConfigError(f"data.minority_fraction: must be in (0, 1], got {cfg.data.minority_fraction}")
     for key, value in {
-        "data.mosaic_train_images": cfg.data.mosaic_train_images,
-        "data.mosaic_test_images": cfg.data.mosaic_test_images,
         "loss.focal_bce_gamma": cfg.loss.focal_bce_gamma,
         "loss.db_alpha": cfg.loss.db_alpha,
         "loss.db_kappa": cfg.loss.db_kappa,

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchmetrics.functional.classification import binary_average_precision
 
-from fake_data import write_cifar10
+from fake_data import write_cifar10, write_fashion_mnist
 from longtail.analysis import analyze_run
 from longtail.config import DataConfig, from_dict
 from longtail.data import build_data
@@ -284,6 +284,14 @@ def test_cifar10_mosaic_is_deterministic_long_tailed_and_described(cifar_root):
     assert "400 images carrying" in text
 
 
+def test_fashion_mnist_mosaic_has_one_channel_28_pixel_mosaics(tmp_path):
+    write_fashion_mnist(tmp_path, train_per_class=20, test_per_class=4)
+    data = build_data(DataConfig(name="fashion_mnist_mosaic_mlt", mosaic_train_images=50, mosaic_test_images=12),
+                      tmp_path)
+    assert data.train.images.shape == (50, 1, 28, 28) and data.in_channels == 1 and data.image_size == 28
+    assert data.task == "multi_label" and data.test.labels.shape == (12, 10)
+
+
 # ----------------------------------------------------------------------------- list and CSV
 
 
@@ -516,3 +524,19 @@ def test_two_process_multilabel_run_equals_a_single_process_eval(cifar_root, tmp
     assert single["per_class_ap"] == results["per_class_ap"]
     for key in ("map", "map_head", "map_medium", "map_tail", "micro_f1", "macro_f1"):
         assert single[key] == results[key], key
+
+
+REPO = Path(__file__).resolve().parents[1]
+ML_CONFIGS = sorted(p for d in ("voc_mlt", "coco_mlt", "cifar10_mosaic_mlt", "fashion_mnist_mosaic_mlt")
+                    for p in (REPO / "configs" / d).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ML_CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in ML_CONFIGS])
+def test_multilabel_configs_pass_the_task_check_and_are_documented(path):
+    from longtail.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.data.name == path.parent.name and cfg.loss.name == path.stem
+    MULTI.check(cfg)
+    assert (cfg.data.sampler == "class_aware") == cfg.loss.name.startswith("db")  # DB-Loss trains class-aware
+    assert f"configs/{path.parent.name}/" in (REPO / "docs" / "multilabel.md").read_text()

@@ -4,7 +4,8 @@
   `labels` columns, class names from `data.class_names`;
 - `voc_mlt`, `coco_mlt`: DB-Loss's VOC-MLT and COCO-MLT (Wu et al., ECCV 2020) from the original
   VOC / COCO annotations and DB-Loss's image-id lists and head / medium / tail class split;
-- `cifar10_mosaic_mlt`: 2 x 2 mosaics of real CIFAR-10 images with long-tailed label frequencies.
+- `cifar10_mosaic_mlt`, `fashion_mnist_mosaic_mlt`: 2 x 2 mosaics of real CIFAR-10 / Fashion-MNIST images with
+  long-tailed label frequencies.
 
 Bad lines, unknown labels and missing images raise a ConfigError naming file and line, or are skipped
 and counted with `data.on_bad_sample: skip`. An image with no label is an all-negative sample (counted
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 
 from longtail.config import DataConfig
-from longtail.data import CIFAR_MEAN, CIFAR_STD, LTData, _missing, _stats, indices_sha256, register_dataset
-from longtail.data.cifar import CIFAR10_DIR, read_cifar10
-from longtail.data.download import CIFAR10, download_archive
+from longtail.data import (CIFAR_MEAN, CIFAR_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, LTData, _missing, _stats,
+                           indices_sha256, register_dataset)
+from longtail.data.cifar import CIFAR10_DIR, RawDataset, read_cifar10
+from longtail.data.download import CIFAR10, download_archive, download_fashion_mnist
+from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
 from longtail.data.listfile import BadSamples, FileSplit, ImageList, PathRemap, check_size, missing_files
 from longtail.data.safe_pickle import load_pickle
@@ -346,7 +349,7 @@ def _coco_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
     return file_data("coco_mlt", cfg, base, names, train, None, test, groups)
 
 
-# ----------------------------------------------------------------------------- CIFAR-10 mosaics
+# ----------------------------------------------------------------------------- CIFAR-10 / Fashion-MNIST mosaics
 
 MOSAIC_GROUPS = ([0, 1, 2], [3, 4, 5], [6, 7, 8, 9])  # head / medium / tail by the profile's class rank
 
@@ -370,9 +373,10 @@ def mosaic_tiles(labels: np.ndarray, probs: np.ndarray, n: int, rng: np.random.G
 
 
 def mosaic_images(images: np.ndarray, tiles: np.ndarray) -> np.ndarray:
-    """N x 3 x 32 x 32 uint8: each source image averaged over 2 x 2 pixel blocks (rounded) to 16 x 16,
-    placed top-left, top-right, bottom-left, bottom-right."""
-    small = images.reshape(-1, 3, 16, 2, 16, 2).astype(np.uint16).sum(axis=(3, 5))
+    """N x C x H x W uint8 from C x H x W sources: each source image averaged over 2 x 2 pixel blocks (rounded)
+    to H/2 x W/2, placed top-left, top-right, bottom-left, bottom-right."""
+    _, c, h, w = images.shape
+    small = images.reshape(-1, c, h // 2, 2, w // 2, 2).astype(np.uint16).sum(axis=(3, 5))
     small = ((small + 2) // 4).astype(np.uint8)
     t = small[tiles]  # n x 4 x 3 x 16 x 16
     top = np.concatenate([t[:, 0], t[:, 1]], axis=3)
@@ -380,24 +384,19 @@ def mosaic_images(images: np.ndarray, tiles: np.ndarray) -> np.ndarray:
     return np.concatenate([top, bottom], axis=2)
 
 
-@register_dataset("cifar10_mosaic_mlt")
-def _cifar10_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
-    if not (root / CIFAR10_DIR).is_dir():
-        if not download:
-            raise _missing(cfg.name, root / CIFAR10_DIR)
-        download_archive(CIFAR10, root, CIFAR10_DIR)
+def mosaic_data(cfg: DataConfig, raw: RawDataset, mean: tuple[float, ...], std: tuple[float, ...]) -> LTData:
+    """Training mosaics with tile classes from the exp profile, test mosaics with uniform ones (docs/multilabel.md)."""
     if cfg.profile != "exp":
-        raise ConfigError(f"data.profile: cifar10_mosaic_mlt draws tile classes from the exp profile; got {cfg.profile}")
+        raise ConfigError(f"data.profile: {cfg.name} draws tile classes from the exp profile; got {cfg.profile}")
     if cfg.val_per_class > 0:
-        raise ConfigError("data.val_per_class: cifar10_mosaic_mlt has no per-class hold-out; set it to 0")
-    raw = read_cifar10(root)
+        raise ConfigError(f"data.val_per_class: {cfg.name} has no per-class hold-out; set it to 0")
     num_classes = len(raw.class_names)
     # Separate seeded streams: the test mosaics do not change with the training image count or profile.
     train_tiles = mosaic_tiles(raw.train_labels, tile_probabilities(num_classes, cfg.imbalance),
                                cfg.mosaic_train_images, np.random.default_rng([cfg.subset_seed, 0]))
     test_tiles = mosaic_tiles(raw.test_labels, np.full(num_classes, 1 / num_classes), cfg.mosaic_test_images,
                               np.random.default_rng([cfg.subset_seed, 1]))
-    mean, std = _stats(cfg.mean, CIFAR_MEAN, "data.mean"), _stats(cfg.std, CIFAR_STD, "data.std")
+    mean, std = _stats(cfg.mean, mean, "data.mean"), _stats(cfg.std, std, "data.std")
 
     def split(images: np.ndarray, labels: np.ndarray, tiles: np.ndarray) -> InMemorySplit:
         multi = torch.from_numpy(multi_hot([sorted(set(row)) for row in labels[tiles].tolist()], num_classes))
@@ -406,12 +405,30 @@ def _cifar10_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
 
     train = split(raw.train_images, raw.train_labels, train_tiles)
     test = split(raw.test_images, raw.test_labels, test_tiles)
-    counts = train.class_counts()
     return LTData(
-        name=cfg.name, num_classes=num_classes, class_counts=counts, train=train, val=None, test=test, mean=mean,
-        std=std, in_channels=3, image_size=32, default_thresholds=THRESHOLDS, indices=train.indices,
+        name=cfg.name, num_classes=num_classes, class_counts=train.class_counts(), train=train, val=None, test=test,
+        mean=mean, std=std, in_channels=raw.train_images.shape[1], image_size=raw.train_images.shape[2],
+        default_thresholds=THRESHOLDS, indices=train.indices,
         indices_sha256=hashlib.sha256(np.ascontiguousarray(train_tiles, dtype="<i8").tobytes()).hexdigest(),
         val_indices=None, class_names=raw.class_names, imbalance=float(cfg.imbalance),
-        thresholds_rule="cifar10_mosaic_mlt: head classes 0-2, medium 3-5, tail 6-9 (the profile's rank)",
+        thresholds_rule=f"{cfg.name}: head classes 0-2, medium 3-5, tail 6-9 (the profile's rank)",
         task="multi_label", class_groups=MOSAIC_GROUPS,
     )
+
+
+@register_dataset("cifar10_mosaic_mlt")
+def _cifar10_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
+    if not (root / CIFAR10_DIR).is_dir():
+        if not download:
+            raise _missing(cfg.name, root / CIFAR10_DIR)
+        download_archive(CIFAR10, root, CIFAR10_DIR)
+    return mosaic_data(cfg, read_cifar10(root), CIFAR_MEAN, CIFAR_STD)
+
+
+@register_dataset("fashion_mnist_mosaic_mlt")
+def _fashion_mnist_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
+    if not find_idx(fashion_mnist_dir(root), FASHION_MNIST_FILES[0]).exists():
+        if not download:
+            raise _missing(cfg.name, root / FASHION_MNIST_DIRS[0])
+        download_fashion_mnist(root / FASHION_MNIST_DIRS[0])
+    return mosaic_data(cfg, read_fashion_mnist(root), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
