@@ -287,7 +287,10 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
         raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
     from longtail.engine import load_run, select_device
 
+    from longtail.task import refuse_analysis
+
     run = load_run(run_dir, data_root)
+    refuse_analysis(run.data, run.run_dir)
     device = select_device(run.cfg.train.device)
     model = run.model.to(device)
     counts = list(run.data.class_counts)

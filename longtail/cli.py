@@ -22,9 +22,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from longtail.engine import evaluate_run
     from longtail.metrics import format_table
+    from longtail.task import get_task
 
     metrics = evaluate_run(args.run, args.split, args.plots, args.data_root, args.download)
-    print(format_table([(f"{args.run} ({args.split})", metrics)]))
+    print(format_table([(f"{args.run} ({args.split})", metrics)], get_task(metrics["task"]).columns))
     for path in metrics.get("figures", []):
         print(f"wrote {path}")
 

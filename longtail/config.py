@@ -19,7 +19,10 @@ from longtail.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10_lt"  # cifar10_lt | cifar100_lt | fashion_mnist_lt | imagenet_lt | places_lt | inat2018 | folder
+    # cifar10_lt | cifar100_lt | fashion_mnist_lt | imagenet_lt | places_lt | inat2018 | folder, and the
+    # multi-label ones (docs/multilabel.md): multilabel_list | voc_mlt | coco_mlt | cifar10_mosaic_mlt |
+    # fashion_mnist_mosaic_mlt
+    name: str = "cifar10_lt"
     root: Optional[str] = None  # null: --data-root, else $LONGTAIL_DATA, else ~/.cache/longtail-data
     imbalance: float = 100.0
     profile: Literal["exp", "step", "none"] = "exp"  # none: keep the dataset's natural counts
@@ -28,7 +31,7 @@ class DataConfig:
     val_per_class: int = 0
     subset_seed: int = 0
     batch_size: int = 128
-    sampler: Literal["instance", "class_balanced", "sqrt"] = "instance"
+    sampler: Literal["instance", "class_balanced", "sqrt", "class_aware"] = "instance"
     num_workers: int = 0
     augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
     mean: Optional[list[float]] = None  # null: the dataset's standard values (resolved in the saved config)
@@ -41,6 +44,11 @@ class DataConfig:
     path_remap: Optional[dict[str, str]] = None
     on_bad_sample: Literal["error", "skip"] = "error"
     image_size: int = 224
+    # multi-label datasets (docs/multilabel.md)
+    class_names: Optional[str] = None  # multilabel_list: a file with one class name per line, in class-id order
+    on_unlabelled: Literal["keep", "error"] = "keep"  # an image with no label: an all-negative sample, or an error
+    mosaic_train_images: int = 5000  # cifar10_mosaic_mlt, fashion_mnist_mosaic_mlt
+    mosaic_test_images: int = 2000
     # In-memory datasets (CIFAR, Fashion-MNIST) held on the training device, so batches need no host copy.
     # auto: on a GPU when the images take under half its free memory; never for file-decoding datasets.
     on_device: Literal["auto", "true", "false"] = "auto"
@@ -59,13 +67,28 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["ce", "cb", "focal", "ldam", "la", "bs", "bce"] = "ce"
+    # single-label: ce, cb, focal, ldam, la, bs, bce; multi-label: bce, focal_bce, cb_bce, dbl, db_focal, asl
+    name: Literal["ce", "cb", "focal", "ldam", "la", "bs", "bce", "focal_bce", "cb_bce", "dbl", "db_focal",
+                  "asl"] = "ce"
     tau: float = 1.0  # logit-adjusted loss
     beta: float = 0.9999  # class-balanced weights (cb, DRW)
     gamma: float = 1.0  # focal
     ldam_max_margin: float = 0.5
     ldam_scale: float = 30.0
     drw_start: Optional[float] = None  # fraction of training (< 1) or epoch; null: no deferred re-weighting
+    # multi-label losses (docs/multilabel.md#losses); dbl / db_focal defaults: DB-Loss's VOC-MLT config
+    focal_bce_gamma: float = 2.0
+    cb_bce_beta: float = 0.9
+    db_alpha: float = 0.1
+    db_beta: float = 10.0
+    db_mu: float = 0.3
+    db_neg_scale: float = 5.0  # lambda of the negative-tolerant regularisation
+    db_kappa: float = 0.05  # kappa: the class-specific bias init_bias
+    db_focal_gamma: float = 2.0
+    db_focal_balance: float = 2.0
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
 
 
 @dataclass
@@ -152,6 +175,7 @@ class EvalConfig:
     split: Literal["test", "val"] = "test"
     select: Literal["final", "best_val", "best_test"] = "final"
     thresholds: Optional[list[int]] = None  # [many, few]; null: dataset default
+    f1_threshold: float = 0.5  # multi-label: a label is predicted when sigmoid(logit) >= this
     ece_bins: int = 15
     tta: Literal["none", "flip"] = "none"
     batch_size: int = 512
@@ -258,6 +282,8 @@ def _check_values(cfg: Config) -> None:
         "eval.every": cfg.eval.every,
         "train.accum_steps": cfg.train.accum_steps,
         "train.log_every": cfg.train.log_every,
+        "data.mosaic_train_images": cfg.data.mosaic_train_images,
+        "data.mosaic_test_images": cfg.data.mosaic_test_images,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -269,6 +295,12 @@ def _check_values(cfg: Config) -> None:
     if not 0 < cfg.data.minority_fraction <= 1:
         raise ConfigError(f"data.minority_fraction: must be in (0, 1], got {cfg.data.minority_fraction}")
     for key, value in {
+        "loss.focal_bce_gamma": cfg.loss.focal_bce_gamma,
+        "loss.db_alpha": cfg.loss.db_alpha,
+        "loss.db_kappa": cfg.loss.db_kappa,
+        "loss.db_focal_gamma": cfg.loss.db_focal_gamma,
+        "loss.asl_gamma_neg": cfg.loss.asl_gamma_neg,
+        "loss.asl_gamma_pos": cfg.loss.asl_gamma_pos,
         "data.val_per_class": cfg.data.val_per_class,
         "data.num_workers": cfg.data.num_workers,
         "optim.weight_decay": cfg.optim.weight_decay,
@@ -284,6 +316,16 @@ def _check_values(cfg: Config) -> None:
                           f"else an epoch), got {cfg.schedule.milestones}")
     if not 0 < cfg.more.rank_ratio <= 1:
         raise ConfigError(f"more.rank_ratio: must be in (0, 1], got {cfg.more.rank_ratio}")
+    if not 0 <= cfg.loss.cb_bce_beta < 1:
+        raise ConfigError(f"loss.cb_bce_beta: must be in [0, 1), got {cfg.loss.cb_bce_beta}")
+    if not 0 <= cfg.loss.asl_clip < 1:
+        raise ConfigError(f"loss.asl_clip: must be in [0, 1), got {cfg.loss.asl_clip}")
+    for key, value in {"loss.db_neg_scale": cfg.loss.db_neg_scale, "loss.db_beta": cfg.loss.db_beta,
+                       "loss.db_focal_balance": cfg.loss.db_focal_balance}.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if not 0 < cfg.eval.f1_threshold < 1:
+        raise ConfigError(f"eval.f1_threshold: must be in (0, 1), got {cfg.eval.f1_threshold}")
     if cfg.eval.thresholds is not None:
         t = cfg.eval.thresholds
         if len(t) != 2 or t[0] < t[1]:

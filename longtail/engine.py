@@ -33,12 +33,13 @@ from longtail.data import LTData, build_data
 from longtail.data.image_transforms import eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
-from longtail.losses import build_loss, logit_scale
+from longtail.losses import logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
-from longtail.metrics import flip_tta, format_table, gather_unique, summarize
+from longtail.metrics import flip_tta, format_table, gather_unique
 from longtail.models import build_model, load_exported, model_spec, scale_head
 from longtail.priors import logit_prior, logit_prior_vector
+from longtail.task import get_task, task_of
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
@@ -148,11 +149,7 @@ def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, da
         raise DivergedError("the model's logits are not finite (its weights exploded though the training loss stayed "
                             "finite); nothing was recorded for this epoch and the last good checkpoint is kept. Try a "
                             "lower optim.lr, a longer schedule.warmup_epochs or train.amp=false.")
-    return summarize(logits, targets, data.class_counts, thresholds_of(cfg, data), cfg.eval.ece_bins)
-
-
-def thresholds_of(cfg: Config, data: LTData) -> tuple[int, int]:
-    return tuple(cfg.eval.thresholds) if cfg.eval.thresholds is not None else tuple(data.default_thresholds)
+    return task_of(data).summarize(logits, targets, data, cfg)
 
 
 # ----------------------------------------------------------------------------- training
@@ -397,6 +394,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     device = dist.init_from_env(device.type) or device
     seed_everything(cfg.train.seed)
     data = build_data(cfg.data, data_root, download)
+    task = task_of(data)
+    task.check(cfg)
     if data.val is None and (cfg.eval.select == "best_val" or cfg.eval.split == "val"):
         raise ConfigError(f"eval.select={cfg.eval.select} / eval.split={cfg.eval.split} need a validation split and "
                           f"{data.name} has none here: set data.val_per_class (e.g. 20) or give data.val_list")
@@ -414,8 +413,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     steps = math.ceil(batches / cfg.train.accum_steps)  # optimiser steps: what schedules and progress count
     info = RunInfo(cfg=cfg, num_classes=data.num_classes, class_counts=list(data.class_counts),
                    epochs=cfg.train.epochs, steps_per_epoch=steps, device=device, data=data,
-                   run_dir=str(run_dir) if run_dir else None)
-    method = build_method(cfg, info, build_loss(cfg.loss, data.class_counts, cfg.train.epochs))
+                   run_dir=str(run_dir) if run_dir else None, task=task.name)
+    method = build_method(cfg, info, task.build_loss(cfg, data))
     model = method.prepare(model).to(device)
     if cfg.train.sync_bn:
         model = dist.convert_sync_batchnorm(model, device)
@@ -566,7 +565,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         if dist.is_main():
             print(f"{out}: already finished; nothing was rewritten")
             print(format_table([(f"{results['method']}/{results['loss']} ({results['split']}, {results['checkpoint']})",
-                                 results)]))
+                                 results)], get_task(results.get("task")).columns))
         return results
     run = setup(cfg, data_root, download, out)
     model, method, device, data = run.model, run.method, run.device, run.data
@@ -623,13 +622,13 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                     # The selection split is evaluated every epoch; the other only every `eval.every` epochs.
                     if split is not None and (scheduled or split is select_split):
                         m = evaluate(model, split, device, cfg, data)
-                        record[name] = {k: m[k] for k in ("top1", "balanced", "many", "medium", "few", "ece", "nll")}
+                        record[name] = task_of(data).epoch_record(m)
                 if cfg.train.track_every and (epoch + 1) % cfg.train.track_every == 0:
                     from longtail.analysis import track
 
                     record["track"] = track(model, data.train, device)
                 if select_split is not None:
-                    score = record["val" if cfg.eval.select == "best_val" else "test"]["balanced"]
+                    score = record["val" if cfg.eval.select == "best_val" else "test"][task_of(data).select_key]
                     if score > loop.best["metric"]:
                         loop.best = {"metric": score, "epoch": epoch + 1}
                 if dist.is_main():
@@ -669,8 +668,9 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
     split = data.val if cfg.eval.split == "val" else data.test
     logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta)
     results = {
-        **summarize(logits, targets, data.class_counts, thresholds_of(cfg, data), cfg.eval.ece_bins),
+        **task_of(data).summarize(logits, targets, data, cfg),
         **calibration_record(logits, targets, temperature, cfg.eval.ece_bins),
+        "task": data.task,
         "thresholds_rule": data.thresholds_rule if cfg.eval.thresholds is None else "eval.thresholds from the config",
         "split": cfg.eval.split,
         "checkpoint": cfg.eval.select,
@@ -697,7 +697,8 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
     if dist.is_main():
         export_model(model, cfg, data, out, folds)
         atomic_write_json(out / "results.json", results)
-        print(format_table([(f"{results['method']}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)]))
+        print(format_table([(f"{results['method']}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)],
+                           task_of(data).columns))
         if temperature is not None:
             print(f"temperature {temperature:.4f}: ECE {results['ece_uncalibrated']:.2f} -> {results['ece']:.2f}, "
                   f"NLL {results['nll_uncalibrated']:.3f} -> {results['nll']:.3f}")
@@ -738,8 +739,11 @@ def export_model(model: nn.Module, cfg: Config, data: LTData, out: Path, folds: 
     config (docs/deployment.md): the architecture, class names and counts, the evaluation transform, the
     folds in its weights and the prior its logits are calibrated to."""
     spec = model_spec(cfg.model, model, data.num_classes, data.in_channels, data.image_size)
-    prior, note = logit_prior(cfg, folds)
-    spec.update(task="single_label",
+    if task_of(data).multilabel:  # per-class sigmoids: no softmax prior to calibrate to
+        prior, note = None, "multi-label: independent per-class sigmoid scores; a class prior does not apply"
+    else:
+        prior, note = logit_prior(cfg, folds)
+    spec.update(task=data.task,
                 data={"name": data.name, "class_names": list(data.class_names),
                       "class_counts": list(data.class_counts)},
                 transform=eval_transform(data, cfg.eval.tta), folds=folds, logit_prior=prior, logit_prior_note=note)
@@ -767,8 +771,9 @@ def _log_epoch(out: Path, writer: Any, record: dict) -> None:
     parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.2e}",
              f"{record['images_per_sec']:.0f} img/s"]
     for split in ("val", "test"):
-        if split in record:
-            parts.append(f"{split} top1 {record[split]['top1']:.2f}")
+        if split in record:  # the task's headline number: top1, or map
+            key, value = next(iter(record[split].items()))
+            parts.append(f"{split} {key} {value:.2f}")
     print(" | ".join(parts), flush=True)
 
 
@@ -843,27 +848,16 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     device = select_device(run.cfg.train.device)
     model = run.model.to(device)
     logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta)
-    bins = run.cfg.eval.ece_bins
-    metrics = summarize(logits, targets, run.data.class_counts, thresholds_of(run.cfg, run.data), bins)
+    task = task_of(run.data)
+    metrics = task.summarize(logits, targets, run.data, run.cfg)
     temperature = folded_temperature(run.spec)
     if temperature is not None:
-        metrics.update(calibration_record(logits, targets, temperature, bins))
-    metrics.update(split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
+        metrics.update(calibration_record(logits, targets, temperature, run.cfg.eval.ece_bins))
+    metrics.update(task=task.name, split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
     if plots:
-        from longtail import plots as plotting
-
         fig = run.run_dir / "figures"
         fig.mkdir(exist_ok=True)
-        metrics["figures"] = [
-            str(plotting.plot_per_class_accuracy(metrics["per_class"], run.data.class_counts, fig / f"per_class-{split_name}.png")),
-            str(plotting.plot_confusion(logits, targets, run.data.num_classes, fig / f"confusion-{split_name}.png", run.data.class_counts)),
-        ]
-        if temperature is not None:  # the logits before calibration are the exported ones times T
-            metrics["figures"].append(str(plotting.plot_reliability(
-                logits * temperature, targets, fig / f"reliability-uncalibrated-{split_name}.png", bins,
-                title="Before temperature scaling")))
-        metrics["figures"].append(str(plotting.plot_reliability(
-            logits, targets, fig / f"reliability-{split_name}.png", bins,
-            title=f"Temperature-scaled, T = {temperature:.3g}" if temperature is not None else "Reliability diagram")))
+        metrics["figures"] = [str(f) for f in task.figures(metrics, logits, targets, run.data, run.cfg, fig, split_name,
+                                                           temperature)]
     atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)
     return metrics

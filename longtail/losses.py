@@ -112,14 +112,80 @@ def balanced_softmax_loss(
 def bce_loss(
     logits: torch.Tensor, targets: torch.Tensor, counts: Optional[Counts] = None, weight: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Binary cross-entropy with logits on one-hot targets, averaged over classes and samples."""
+    """Binary cross-entropy with logits, averaged over classes and samples: on one-hot targets for class
+    ids (N), on the targets themselves for multi-hot ones (N x C; `weight` is then per class)."""
+    if targets.ndim == 2:
+        per_entry = F.binary_cross_entropy_with_logits(logits, targets.to(logits), reduction="none")
+        return (per_entry if weight is None else per_entry * weight.to(logits)).mean()
     onehot = F.one_hot(targets, logits.shape[1]).to(logits)
     per_sample = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(dim=1)
     return _weighted_mean(per_sample, targets, weight)
 
 
+# ----------------------------------------------------------------------------- multi-label (N x C multi-hot)
+# Every multi-label loss is a mean over the N x C binary terms (DB-Loss's reduction), so their scales are
+# comparable and a learning rate tuned for `bce` is a sensible start for the others.
+
+
+def focal_bce_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Lin et al.'s sigmoid focal loss without the alpha balance: mean of (1 - p_t)^gamma BCE."""
+    y = targets.to(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    return ((1 - torch.exp(-bce)) ** gamma * bce).mean()  # exp(-bce) = p_t
+
+
+def db_weights(targets: torch.Tensor, counts: torch.Tensor, alpha: float, beta: float, mu: float) -> torch.Tensor:
+    """DB-Loss's re-balanced weighting (N x C): r_ik = (1 / n_k) / sum_{j in y_i} (1 / n_j), the ratio of the
+    class-level to the instance-level sampling probability under class-aware sampling, smoothed to
+    alpha + sigmoid(beta (r - mu)). A sample with no positive label has r = inf: weight 1 + alpha."""
+    y = targets.to(counts.dtype)
+    freq_inv = 1.0 / counts
+    repeat_rate = (y * freq_inv).sum(dim=1, keepdim=True)
+    r = freq_inv[None, :] / repeat_rate.clamp(min=torch.finfo(counts.dtype).tiny)
+    return torch.sigmoid(beta * (r - mu)) + alpha
+
+
+def db_bias(counts: torch.Tensor, num_images: int, kappa: float) -> torch.Tensor:
+    """The negative-tolerant regularisation's class-specific bias nu_k = -kappa log(N / n_k - 1), the logit
+    of the class prior times kappa (N training images, n_k of them with label k)."""
+    return -kappa * torch.log(num_images / counts - 1)
+
+
+def distribution_balanced_loss(
+    logits: torch.Tensor, targets: torch.Tensor, counts: Counts, num_images: int, alpha: float = 0.1,
+    beta: float = 10.0, mu: float = 0.3, neg_scale: float = 5.0, kappa: float = 0.05, focal_gamma: Optional[float] = None,
+    focal_balance: float = 2.0,
+) -> torch.Tensor:
+    """Wu et al. (ECCV 2020), as their `ResampleLoss` computes it: logits shifted by nu / lambda, negative
+    terms computed on lambda-scaled logits with weight / lambda (the negative-tolerant regularisation),
+    every term weighted by `db_weights`; with `focal_gamma`, DB-Focal: focal_balance (1 - p_t)^gamma times it."""
+    n = _counts_on(counts, logits)
+    y = targets.to(logits)
+    w = db_weights(targets, n, alpha, beta, mu)
+    z = logits + db_bias(n, num_images, kappa) / neg_scale
+    z = z * y + z * (1 - y) * neg_scale
+    w = w * y + w * (1 - y) / neg_scale
+    bce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+    if focal_gamma is None:
+        return (w * bce).mean()
+    return (focal_balance * (1 - torch.exp(-bce)) ** focal_gamma * w * bce).mean()
+
+
+def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
+                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """Ridnik et al. (ICCV 2021): -[y (1-p)^g+ log p + (1-y) p_m^g- log(1 - p_m)], p_m = max(p - clip, 0), as a mean
+    over the N x C terms (their code sums them: the same loss up to the constant N x C)."""
+    y = targets.to(logits)
+    p = torch.sigmoid(logits)
+    p_m = (p - clip).clamp(min=0) if clip > 0 else p
+    pos = y * (1 - p) ** gamma_pos * torch.log(p.clamp(min=eps))
+    neg = (1 - y) * p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=eps))
+    return -(pos + neg).mean()
+
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-NAMES = ("ce", "cb", "focal", "ldam", "la", "bs", "bce")
+NAMES = ("ce", "cb", "focal", "ldam", "la", "bs", "bce")  # on class ids
+MULTILABEL_NAMES = ("bce", "focal_bce", "cb_bce", "dbl", "db_focal", "asl")  # on multi-hot targets
 
 
 def logit_scale(loss_cfg: LossConfig) -> float:
@@ -190,6 +256,38 @@ class ConfiguredLoss:
         if c.name == "bce":
             return bce_loss(logits, targets, n, weight=w)
         return cross_entropy(logits, targets, n, weight=w)  # ce, and cb with its weights
+
+
+class MultiLabelLoss:
+    """`loss(logits, multi_hot, progress)`: the configured multi-label loss (`longtail.task` picks it)."""
+
+    def __init__(self, loss_cfg: LossConfig, class_counts: Sequence[int], num_images: int):
+        if loss_cfg.name not in MULTILABEL_NAMES:
+            raise ConfigError(f"loss.name: unknown multi-label loss {loss_cfg.name!r}; choose one of: "
+                              f"{', '.join(MULTILABEL_NAMES)}")
+        counts = torch.as_tensor(class_counts, dtype=torch.float32)
+        if loss_cfg.name in ("cb_bce", "dbl", "db_focal") and not ((counts >= 1) & (counts < num_images)).all():
+            raise ConfigError(f"loss.name: {loss_cfg.name} needs every class on at least one training image and "
+                              f"off at least one (its weights use n_k and N - n_k); counts {counts.long().tolist()} "
+                              f"of {num_images} images")
+        self.cfg, self.counts, self.num_images = loss_cfg, counts, num_images
+        self.class_weights = class_balanced_weights(class_counts, loss_cfg.cb_bce_beta) if loss_cfg.name == "cb_bce" \
+            else None
+        self.logit_scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        c = self.cfg
+        if c.name == "bce":
+            return bce_loss(logits, targets)
+        if c.name == "cb_bce":
+            return bce_loss(logits, targets, weight=self.class_weights)
+        if c.name == "focal_bce":
+            return focal_bce_loss(logits, targets, c.focal_bce_gamma)
+        if c.name == "asl":
+            return asymmetric_loss(logits, targets, c.asl_gamma_neg, c.asl_gamma_pos, c.asl_clip)
+        return distribution_balanced_loss(
+            logits, targets, self.counts, self.num_images, c.db_alpha, c.db_beta, c.db_mu, c.db_neg_scale, c.db_kappa,
+            focal_gamma=c.db_focal_gamma if c.name == "db_focal" else None, focal_balance=c.db_focal_balance)
 
 
 def build_loss(loss_cfg: LossConfig, class_counts: Sequence[int], epochs: int) -> LossFn:

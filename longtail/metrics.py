@@ -104,6 +104,78 @@ def summarize(
     }
 
 
+# ----------------------------------------------------------------------------- multi-label
+
+
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> Optional[float]:
+    """Non-interpolated AP of one class, scikit-learn's `average_precision_score`: sum over the distinct
+    score thresholds, from the highest, of (R_t - R_{t-1}) P_t; tied scores form one threshold. None when
+    the class has no positive sample (AP is undefined)."""
+    scores, positives = scores.to(torch.float64), positives.to(torch.float64)
+    total = positives.sum()
+    if total == 0:
+        return None
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, tp = scores[order], torch.cumsum(positives[order], 0)
+    last = torch.ones_like(s, dtype=torch.bool)  # the last position of each run of tied scores
+    last[:-1] = s[1:] != s[:-1]
+    tp = tp[last]
+    seen = torch.arange(1, len(s) + 1, dtype=torch.float64)[last]
+    recall_gain = torch.diff(tp, prepend=tp.new_zeros(1)) / total
+    return float((recall_gain * tp / seen).sum())
+
+
+def f1_scores(predicted: torch.Tensor, positives: torch.Tensor) -> tuple[float, float]:
+    """(micro, macro) F1 in percent; a class with no positive and no predicted label has F1 0 (scikit-learn's
+    zero_division default)."""
+    p, y = predicted.to(torch.float64), positives.to(torch.float64)
+    tp, fp, fn = (p * y).sum(0), (p * (1 - y)).sum(0), ((1 - p) * y).sum(0)
+    per_class = 2 * tp / (2 * tp + fp + fn).clamp(min=1e-300)
+    micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1e-300)
+    return float(micro) * 100.0, float(per_class.mean()) * 100.0
+
+
+def summarize_multilabel(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    class_counts: Sequence[int],
+    groups: tuple[list[int], list[int], list[int]],
+    f1_threshold: float = 0.5,
+) -> dict:
+    """mAP (percent) over the classes with a positive test sample, per class and by head / medium / tail
+    `groups` (class ids), and micro / macro F1 with a label predicted where sigmoid(logit) >= f1_threshold."""
+    num_classes = len(class_counts)
+    if logits.ndim != 2 or logits.shape[1] != num_classes or targets.shape != logits.shape:
+        raise ConfigError(f"the model outputs {tuple(logits.shape[1:])} logits per sample for targets of shape "
+                          f"{tuple(targets.shape[1:])}, and the dataset has {num_classes} classes; evaluate a model "
+                          "trained on this dataset")
+    if logits.shape[0] == 0:
+        raise ValueError("summarize_multilabel: no samples to evaluate")
+    logits = logits.detach().to("cpu", torch.float64)
+    y = targets.detach().cpu() > 0
+    ap = [average_precision(logits[:, k], y[:, k]) for k in range(num_classes)]
+
+    def mean_ap(ids: Sequence[int]) -> Optional[float]:
+        kept = [ap[k] for k in ids if ap[k] is not None]
+        return sum(kept) / len(kept) * 100.0 if kept else None
+
+    micro, macro = f1_scores(torch.sigmoid(logits) >= f1_threshold, y)
+    head, medium, tail = groups
+    return {
+        "map": mean_ap(range(num_classes)),
+        "map_head": mean_ap(head),
+        "map_medium": mean_ap(medium),
+        "map_tail": mean_ap(tail),
+        "micro_f1": micro,
+        "macro_f1": macro,
+        "per_class_ap": [None if a is None else a * 100.0 for a in ap],
+        "class_counts": [int(n) for n in class_counts],
+        "groups": {"head": list(head), "medium": list(medium), "tail": list(tail)},
+        "f1_threshold": f1_threshold,
+        "num_samples": int(logits.shape[0]),
+    }
+
+
 def gather_unique(
     logits: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,13 +209,19 @@ def _cell(key: str, value: Optional[float]) -> str:
     return f"{value:.3f}" if key == "nll" else f"{value:.2f}"
 
 
-def format_table(results: Union[dict, list[tuple[str, dict]]]) -> str:
-    """A Markdown table of one results dict, or of named rows; accuracies and ECE in percent."""
+MULTILABEL_COLUMNS = [("mAP", "map"), ("Head", "map_head"), ("Medium", "map_medium"), ("Tail", "map_tail"),
+                      ("micro-F1", "micro_f1"), ("macro-F1", "macro_f1")]
+
+
+def format_table(results: Union[dict, list[tuple[str, dict]]], columns: Optional[list] = None) -> str:
+    """A Markdown table of one results dict, or of named rows; accuracies and ECE in percent. `columns`:
+    (title, key) pairs, by default the single-label ones (`longtail.task` names each task's)."""
+    columns = columns or _COLUMNS
     rows = [("", results)] if isinstance(results, dict) else list(results)
     named = not isinstance(results, dict)
-    header = (["Run"] if named else []) + [title for title, _ in _COLUMNS]
+    header = (["Run"] if named else []) + [title for title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name, res in rows:
-        cells = ([name] if named else []) + [_cell(key, res.get(key)) for _, key in _COLUMNS]
+        cells = ([name] if named else []) + [_cell(key, res.get(key)) for _, key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

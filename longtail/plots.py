@@ -143,3 +143,18 @@ def plot_reliability(logits: torch.Tensor, targets: torch.Tensor, path: str | Pa
     bottom.set_xlabel("confidence (max softmax)")
     bottom.set_ylabel("share of samples")
     return save_figure(fig, path)
+
+
+def plot_ap_vs_frequency(per_class_ap: Sequence[Optional[float]], class_counts: Sequence[int], path: str | Path) -> str:
+    """Multi-label: each class's AP (percent) against its number of training images (log scale); classes
+    with no positive test sample (AP undefined) are left out."""
+    points = [(n, ap) for n, ap in zip(class_counts, per_class_ap) if ap is not None]
+    fig = new_figure(6, 4)
+    ax = fig.add_subplot()
+    ax.scatter([max(n, 1) for n, _ in points], [ap for _, ap in points], s=16)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images with the label")
+    ax.set_ylabel("AP (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"AP by class frequency ({len(points)} classes)")
+    return save_figure(fig, path)

@@ -30,8 +30,8 @@ NEEDED = ("task", "data", "transform", "logit_prior", "logit_prior_note")
 def check_spec(spec: dict, where: Path) -> None:
     """Refuse a model.yaml that predict cannot use, saying why."""
     if spec.get("task") == "multi_label":
-        raise ConfigError(f"{where}: task multi_label: longtail has no multi-label models yet, and top-k softmax "
-                          "probabilities are wrong for one: each of its classes needs its own sigmoid")
+        raise ConfigError(f"{where}: task multi_label: predict gives top-k softmax probabilities, which are wrong for a "
+                          "multi-label model (each class has its own sigmoid); evaluate it with longtail eval")
     missing = [key for key in NEEDED if key not in spec]
     if missing:
         raise ConfigError(f"{where}: no {', '.join(missing)}: written by an older longtail, before model.yaml recorded "

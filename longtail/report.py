@@ -15,9 +15,12 @@ from typing import Optional
 from longtail.config import flatten_saved
 from longtail.engine import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
+from longtail.task import get_task
 
 IGNORED_KEYS = RESUME_FREE_KEYS | {"train.seed"}
 _COLUMNS = [("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few"), ("ECE", "ece")]
+_MULTILABEL_COLUMNS = [("mAP", "map"), ("Head", "map_head"), ("Medium", "map_medium"), ("Tail", "map_tail"),
+                       ("macro-F1", "macro_f1")]
 
 
 def _read_results(run_dir: Path) -> dict:
@@ -69,7 +72,7 @@ def _imbalance(results: dict) -> str:
     return f"IF {results.get('imbalance', data['imbalance']):g}"
 
 
-def _row(name: str, group: list[dict]) -> list[str]:
+def _row(name: str, group: list[dict], columns: list) -> list[str]:
     first = group[0]
     config = first["config"]
     method = first.get("method", config["method"]["name"])
@@ -83,18 +86,25 @@ def _row(name: str, group: list[dict]) -> list[str]:
     seeds = ", ".join(str(r.get("seed", r["config"]["train"]["seed"])) for r in group)
     cells = [name, data, first.get("model", config["model"]["name"]), recipe, epochs, seeds,
              _mean_std(taus) if taus else "—"]
-    return cells + [_mean_std([r.get(key) for r in group]) for _, key in _COLUMNS]
+    return cells + [_mean_std([r.get(key) for r in group]) for _, key in columns]
 
 
 def report(run_dirs: list[str]) -> str:
-    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order."""
+    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order: accuracy
+    columns for single-label runs, mAP columns for multi-label ones (one table holds one kind)."""
     groups: dict[str, tuple[str, list[dict]]] = {}
+    kinds: dict[str, str] = {}
     for run_dir in run_dirs:
         results = _read_results(Path(run_dir))
+        kinds.setdefault(get_task(results.get("task")).name, str(run_dir))
         key = recipe_key(results["config"])
         groups.setdefault(key, (str(run_dir), []))[1].append(results)
-    header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [title for title, _ in _COLUMNS]
+    if len(kinds) > 1:
+        raise ConfigError(f"longtail report: {' and '.join(f'{d} is {k}' for k, d in kinds.items())}; accuracy and "
+                          "mAP do not share columns, so report single-label and multi-label runs separately")
+    columns = _MULTILABEL_COLUMNS if get_task(next(iter(kinds))).multilabel else _COLUMNS
+    header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [title for title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name, group in groups.values():
-        lines.append("| " + " | ".join(_row(name, group)) + " |")
+        lines.append("| " + " | ".join(_row(name, group, columns)) + " |")
     return "\n".join(lines)

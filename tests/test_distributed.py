@@ -174,6 +174,9 @@ def test_two_process_checkpoint_resumes_on_one_process_with_its_own_schedule(cra
 @pytest.mark.parametrize("world", [2, 3])
 def test_rank_shares_interleave_to_the_single_process_epoch_order(sampler, world):
     labels = torch.repeat_interleave(torch.arange(5), torch.tensor([40, 20, 9, 4, 2]))  # 75 images, long-tailed
+    if sampler == "class_aware":  # multi-label: one-hot rows, every third image also carrying class 4
+        labels = torch.nn.functional.one_hot(labels, 5)
+        labels[::3, 4] = 1
     split = InMemorySplit(torch.zeros(len(labels), 1, 2, 2, dtype=torch.uint8), labels, torch.arange(len(labels)),
                           mean=[0.5], std=[0.5], augment="none", num_classes=5)
     for epoch in (0, 1):

@@ -273,9 +273,11 @@ def test_multilabel_weights_use_mean_prior_of_positive_labels():
 
 
 def test_more_step_on_a_synthetic_multi_hot_batch():
-    """A multi-label base loss plugs in unchanged: More.loss weights 2-D targets the multi-label way."""
+    """A multi-label base loss plugs in unchanged: on a multi-label run (RunInfo.task) More.loss weights
+    the 2-D targets the multi-label way."""
     cfg = from_dict({"more": {"enabled": True, "schedule": "constant", "amplitude": 0.5}})
     info = make_info(cfg)
+    info.task = "multi_label"
     bce = lambda z, y, p: F.binary_cross_entropy_with_logits(z, y)  # noqa: E731
     method = More(Method(cfg, info, bce), cfg, info)
     model, x = make_model("user")

@@ -46,9 +46,15 @@ def test_malicious_pickle_is_refused_without_running_code(tmp_path):
 
 def test_other_globals_are_refused(tmp_path):
     path = tmp_path / "f"
-    path.write_bytes(pickle.dumps({"x": {1, 2}.__class__}, protocol=2))  # builtins.set
-    with pytest.raises(ConfigError, match=r"(builtins|__builtin__)\.set"):
+    path.write_bytes(pickle.dumps({"x": frozenset}, protocol=2))  # builtins.frozenset
+    with pytest.raises(ConfigError, match=r"(builtins|__builtin__)\.frozenset"):
         load_pickle(path)
+
+
+def test_sets_load_as_db_loss_split_files_hold_them(tmp_path):
+    path = tmp_path / "class_split.pkl"
+    path.write_bytes(pickle.dumps({"head": {0, 2}, "middle": {1}, "tail": set()}, protocol=2))
+    assert load_pickle(path) == {"head": {0, 2}, "middle": {1}, "tail": set()}
 
 
 def test_truncated_and_missing_files(tmp_path):

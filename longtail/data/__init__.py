@@ -50,6 +50,8 @@ class LTData:
     class_names: list[str]
     imbalance: float  # to record: data.imbalance, or under profile none the measured max/min train count
     thresholds_rule: str  # which rule gave default_thresholds and why (`default_thresholds_rule`)
+    task: str = "single_label"  # or "multi_label": labels are N x C multi-hot (longtail.task decides the rest)
+    class_groups: Optional[tuple[list[int], list[int], list[int]]] = None  # multi-label: a published head/medium/tail
 
 
 Builder = Callable[[DataConfig, Path, bool], LTData]
@@ -168,4 +170,4 @@ def _fashion_mnist_lt(data_cfg: DataConfig, root: Path, download: bool) -> LTDat
         download_fashion_mnist(root / FASHION_MNIST_DIRS[0])
     return from_raw(data_cfg.name, read_fashion_mnist(root), data_cfg, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
-from longtail.data import folder, listfile  # noqa: E402,F401  (they register their datasets)
+from longtail.data import folder, listfile, multilabel  # noqa: E402,F401  (they register their datasets)

@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class ImageList:
     """Image files with labels and, for messages, the split file and line each came from."""
 
     paths: list[str]  # relative to the dataset directory, or absolute
-    labels: np.ndarray  # int64
+    labels: np.ndarray  # int64 class ids, or N x C multi-hot rows (longtail.data.multilabel)
     origin: np.ndarray  # int64 original index: 0-based line in `list_file`, or position in a folder scan
     list_file: str = ""  # empty for folder datasets
     skipped: int = 0
@@ -214,7 +214,7 @@ class _Reader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items.paths)
 
-    def __getitem__(self, pos: int) -> tuple[Optional[torch.Tensor], int, int, Optional[str]]:
+    def __getitem__(self, pos: int) -> tuple[Optional[torch.Tensor], Any, int, Optional[str]]:
         # Per-image ops gain nothing from intra-op threads, and with num_workers=0 they run in the
         # training process, where a multi-threaded resize stalls ~50x on a busy machine.
         threads = torch.get_num_threads()
@@ -224,9 +224,9 @@ class _Reader(torch.utils.data.Dataset):
         finally:
             torch.set_num_threads(threads)
 
-    def _load(self, pos: int) -> tuple[Optional[torch.Tensor], int, int, Optional[str]]:
+    def _load(self, pos: int) -> tuple[Optional[torch.Tensor], Any, int, Optional[str]]:
         path = self.base / self.items.paths[pos]
-        label = int(self.items.labels[pos])
+        label = self.items.labels[pos]  # a class id, or a multi-hot row
         try:
             image = decode_image(path)
         except Exception as exc:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
@@ -238,7 +238,7 @@ class _Reader(torch.utils.data.Dataset):
 def _collate(samples: list) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
     good = [s for s in samples if s[3] is None]
     x = torch.stack([s[0] for s in good]) if good else None
-    y = torch.tensor([s[1] for s in good], dtype=torch.int64)
+    y = torch.as_tensor(np.asarray([s[1] for s in good]), dtype=torch.int64)
     idx = torch.tensor([s[2] for s in good], dtype=torch.int64)
     return x, y, idx, [s[3] for s in samples if s[3] is not None]
 

@@ -1,8 +1,9 @@
-"""A restricted unpickler for the CIFAR python archives.
+"""A restricted unpickler for the data pickles we read: the CIFAR python archives, DB-Loss's split files.
 
 A pickle can run any function it names, so loading a file from the internet with plain `pickle.load`
-is code execution. CIFAR pickles only need numpy to rebuild arrays; every other global is refused
-before it is looked up, so nothing from a hostile file runs.
+is code execution. These pickles only need numpy to rebuild arrays and the builtin set (DB-Loss's
+class_split.pkl holds sets of class ids); every other global is refused before it is looked up, so
+nothing from a hostile file runs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ except ImportError:  # numpy 1.x
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("builtins", "set"): set,  # protocol 2-3 pickles of a set name it (Python 2: __builtin__)
+    ("__builtin__", "set"): set,
 }
 for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_module, "_reconstruct")] = _multiarray._reconstruct
@@ -40,13 +43,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         except KeyError:
             raise ConfigError(
-                f"{self._path}: refusing to unpickle the global '{module}.{name}'; a CIFAR data file only "
-                f"contains numpy arrays, lists, strings and numbers (this file is not one, or was tampered with)"
+                f"{self._path}: refusing to unpickle the global '{module}.{name}'; a CIFAR data file or DB-Loss "
+                f"split file only contains numpy arrays, sets, lists, strings and numbers (this file is not one, or "
+                f"was tampered with)"
             ) from None
 
 
 def load_pickle(path: str | Path) -> Any:
-    """Load a CIFAR-style pickle, allowing only numpy array reconstruction."""
+    """Load a data pickle, allowing only numpy array and set reconstruction."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")

@@ -3,7 +3,9 @@
 Samplers (each epoch as long as the split, deterministic from (seed, epoch)):
 - `instance`: a random permutation; `None`: sequential order (evaluation);
 - `class_balanced`: a class uniformly at random, then an instance of it uniformly;
-- `sqrt`: a class with probability proportional to sqrt(n_k), then an instance uniformly.
+- `sqrt`: a class with probability proportional to sqrt(n_k), then an instance uniformly;
+- `class_aware` (multi-hot labels): DB-Loss's class-aware sampler — classes in shuffled rounds, from each
+  drawn class 3 consecutive images taken from that class's own shuffled cycle of images carrying it.
 With `world` > 1 processes, rank r takes positions r, r + world, ... of the same epoch order, padded by
 repeating its start so that all ranks see equally many samples. `idx` (position in the split) reveals
 the repeats, so gathered evaluation can drop them.
@@ -19,7 +21,8 @@ import torch
 from longtail.data.augment import crop_flip
 from longtail.errors import ConfigError
 
-SAMPLERS = ("instance", "class_balanced", "sqrt")
+SAMPLERS = ("instance", "class_balanced", "sqrt", "class_aware")
+CLASS_AWARE_RUN = 3  # images per class draw (DB-Loss's ClassAwareSampler num_samples_cls)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -56,6 +59,8 @@ def epoch_order(labels: torch.Tensor, num_classes: int, sampler: Optional[str], 
     g = epoch_generator(seed, epoch)
     if sampler == "instance":
         return torch.randperm(n, generator=g)
+    if sampler == "class_aware":
+        return class_aware_order(labels, n, g)
     counts = torch.bincount(labels, minlength=num_classes)
     weights = (counts > 0).double() if sampler == "class_balanced" else counts.double().sqrt()
     classes = torch.multinomial(weights, n, replacement=True, generator=g)
@@ -65,6 +70,29 @@ def epoch_order(labels: torch.Tensor, num_classes: int, sampler: Optional[str], 
     size = counts[classes]
     within = torch.minimum((torch.rand(n, generator=g, dtype=torch.float64) * size).long(), size - 1)
     return by_class[start[classes] + within]
+
+
+def class_aware_order(multi_hot: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n positions: each class (that has an image) once per shuffled round, and from the drawn class the next
+    CLASS_AWARE_RUN images of its own cycle, reshuffled whenever it wraps (DB-Loss's RandomCycleIter)."""
+    if multi_hot.ndim != 2:
+        raise ConfigError("data.sampler: class_aware samples by the positive labels of multi-hot targets; for class "
+                          "ids use class_balanced")
+    members = [torch.nonzero(multi_hot[:, k] > 0).flatten() for k in range(multi_hot.shape[1])]
+    classes = torch.tensor([k for k, m in enumerate(members) if len(m)])
+    cycles = {int(k): (members[k][torch.randperm(len(members[k]), generator=g)], 0) for k in classes}
+    out: list[int] = []
+    while len(out) < n:
+        for k in classes[torch.randperm(len(classes), generator=g)].tolist():
+            for _ in range(CLASS_AWARE_RUN):
+                cycle, at = cycles[k]
+                if at == len(cycle):
+                    cycle, at = members[k][torch.randperm(len(members[k]), generator=g)], 0
+                out.append(int(cycle[at]))
+                cycles[k] = (cycle, at + 1)
+            if len(out) >= n:
+                break
+    return torch.tensor(out[:n], dtype=torch.int64)
 
 
 def rank_slice(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -86,6 +114,9 @@ class LabelledSplit:
         return len(self.labels)
 
     def class_counts(self) -> list[int]:
+        """Training images per class: of each class id, or carrying each label of multi-hot targets."""
+        if self.labels.ndim == 2:
+            return (self.labels > 0).sum(dim=0).tolist()
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
     def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:

@@ -31,6 +31,7 @@ class RunInfo:
     data: Any = None  # the LTData bundle (two-stage methods read the training split through it)
     run_dir: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    task: str = "single_label"  # longtail.task: the dataset's task kind
 
     @property
     def total_steps(self) -> int:

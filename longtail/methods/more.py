@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from longtail.config import Config, MoreConfig
 from longtail.errors import ConfigError
 from longtail.methods.base import Method, RunInfo
+from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task
 
 SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 # Second stages retrain the classifier of a finished run (WB's MaxNorm even edits `head.weight` in place,
@@ -193,32 +194,25 @@ def alpha(schedule: str, amplitude: float, progress: float) -> float:
     raise ConfigError(f"more.schedule: {schedule!r} is not allowed; choose one of: sin, constant, cosine, ramp")
 
 
-def discrepancy(z_full: torch.Tensor, z_gen: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample ||z_full - z_gen||^2 (`l2`) or KL(softmax(z_full) || softmax(z_gen)) (`kl`), shape (N,)."""
-    z_full, z_gen = z_full.float(), z_gen.float()  # half-precision logits under AMP
-    if kind == "l2":
-        return (z_full - z_gen).pow(2).sum(dim=1)
-    if kind == "kl":
-        log_full, log_gen = F.log_softmax(z_full, dim=1), F.log_softmax(z_gen, dim=1)
-        return (log_full.exp() * (log_full - log_gen)).sum(dim=1)
-    raise ConfigError(f"more.discrepancy: {kind!r} is not allowed; choose one of: l2, kl")
+def discrepancy(z_full: torch.Tensor, z_gen: torch.Tensor, kind: str, task: str = SINGLE_LABEL) -> torch.Tensor:
+    """Per-sample discrepancy between the two passes (N,): squared l2 of the logits, or `kl` — of the softmax
+    for single-label data, the summed per-class Bernoulli KLs for multi-label (`longtail.task`)."""
+    if kind not in ("l2", "kl"):
+        raise ConfigError(f"more.discrepancy: {kind!r} is not allowed; choose one of: l2, kl")
+    return get_task(task).discrepancy(z_full.float(), z_gen.float(), kind)  # float: half-precision under AMP
 
 
-def sample_weights(targets: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
+def sample_weights(targets: torch.Tensor, class_prior: torch.Tensor, task: str = SINGLE_LABEL) -> torch.Tensor:
     """pi_y per sample; for multi-hot targets the mean prior of its positive labels (none: the smallest prior)."""
-    if targets.ndim == 1:
-        return class_prior[targets]
-    positives = (targets > 0).to(class_prior.dtype)
-    count = positives.sum(dim=1)
-    mean_prior = (positives @ class_prior) / count.clamp(min=1)
-    return torch.where(count > 0, mean_prior, class_prior.min())
+    return get_task(task).more_weights(targets, class_prior)
 
 
 def more_loss(
-    z_full: torch.Tensor, z_gen: torch.Tensor, targets: torch.Tensor, class_prior: torch.Tensor, kind: str = "l2"
+    z_full: torch.Tensor, z_gen: torch.Tensor, targets: torch.Tensor, class_prior: torch.Tensor, kind: str = "l2",
+    task: str = SINGLE_LABEL,
 ) -> torch.Tensor:
-    """L_MORE = mean_i pi_{y_i} * discrepancy(z_full_i, z_gen_i)."""
-    return (sample_weights(targets, class_prior) * discrepancy(z_full, z_gen, kind)).mean()
+    """L_MORE = mean_i w_i * discrepancy(z_full_i, z_gen_i), w_i = `sample_weights`."""
+    return (sample_weights(targets, class_prior, task) * discrepancy(z_full, z_gen, kind, task)).mean()
 
 
 def more_loss_multilabel(
@@ -232,7 +226,7 @@ def more_loss_multilabel(
     if targets_multihot.ndim != 2:
         shape = tuple(targets_multihot.shape)
         raise ValueError(f"targets_multihot: expected an N x C multi-hot tensor, got shape {shape}")
-    return more_loss(z_full, z_gen, targets_multihot, class_prior, kind)
+    return more_loss(z_full, z_gen, targets_multihot, class_prior, kind, MULTI_LABEL)
 
 
 class More(Method):
@@ -296,7 +290,7 @@ class More(Method):
         grad = needs_grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad), general_only(model), bn_stats_frozen(model):
             _, z_gen = self.inner.forward(model, x)
-        l_more = more_loss(z_full, z_gen, y, self.class_prior, self.more.discrepancy)
+        l_more = more_loss(z_full, z_gen, y, self.class_prior, self.more.discrepancy, self.info.task)
         logs = {**logs, "more_alpha": a, "more_loss": l_more.detach()}
         return loss + a * l_more, logs
 

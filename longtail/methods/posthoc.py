@@ -21,6 +21,7 @@ from longtail.errors import ConfigError
 from longtail.metrics import format_table
 from longtail.models.heads import ETFHead, LinearHead
 from longtail.priors import class_prior
+from longtail.task import task_of
 
 KINDS = ("multiplicative", "additive")
 _SHOWN = ("top1", "balanced", "many", "medium", "few", "ece", "nll")
@@ -151,6 +152,7 @@ def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None,
         raise ConfigError(f"{run.run_dir} has no validation split to search tau on; give it with --tau T")
     cfg = run.cfg
     cfg.posthoc.kind, cfg.posthoc.tau = kind or "multiplicative", tau
+    task_of(run.data).check(cfg)  # refuses a multi-label run: its sigmoids have no softmax prior to adjust
     device = select_device(cfg.train.device)
     model = run.model.to(device)
     split = run.data.val if cfg.eval.split == "val" else run.data.test
