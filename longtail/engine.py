@@ -35,6 +35,7 @@ from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import flip_tta, format_table, gather_unique, summarize
 from longtail.models import build_model, load_exported, model_spec, scale_head
+from longtail.provenance import environment
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
@@ -658,6 +659,7 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         "effective_batch_size": effective_batch_size(cfg),
         "effective_lr": effective_lr(cfg),
         "world_size": dist.world_size(),
+        "environment": environment(device),  # commit, torch version, device
         "posthoc": posthoc,
         "method_record": run.info.extra or None,
         "config": cfg.to_dict(),

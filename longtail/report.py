@@ -4,11 +4,18 @@ Runs whose resolved configs differ only in `train.seed` (and in keys that do not
 computed, such as the device) are one row: mean ± sample standard deviation over the seeds. A
 two-stage run's `method.init_from` counts by the recipe of the stage-1 run it names, so stage-2 runs
 of different seeds, each from its own stage-1 seed, still group together.
+
+With a baseline row, a second table compares every row that shares seeds with it seed by seed:
+the mean paired difference, its 95 % interval and the paired t-test p-value (`longtail.stats`).
+The same rows also render as CSV and as one self-contained HTML page (`longtail.report_html`).
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +25,21 @@ from longtail.errors import ConfigError
 
 IGNORED_KEYS = RESUME_FREE_KEYS | {"train.seed"}
 _COLUMNS = [("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few"), ("ECE", "ece")]
+PAIRED_COLUMNS = _COLUMNS[:4]  # accuracies; a difference in ECE is not what a comparison of recipes asks
+
+
+@dataclass
+class Group:
+    """One row: the runs of one recipe, in input order."""
+    name: str  # the first run directory given
+    dirs: list[str]
+    results: list[dict]
+
+    def seeds(self) -> list[int]:
+        return [r.get("seed", r["config"]["train"]["seed"]) for r in self.results]
+
+    def by_seed(self, key: str) -> dict[int, Optional[float]]:
+        return {seed: r.get(key) for seed, r in zip(self.seeds(), self.results)}
 
 
 def _read_results(run_dir: Path) -> dict:
@@ -86,15 +108,132 @@ def _row(name: str, group: list[dict]) -> list[str]:
     return cells + [_mean_std([r.get(key) for r in group]) for _, key in _COLUMNS]
 
 
-def report(run_dirs: list[str]) -> str:
-    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order."""
-    groups: dict[str, tuple[str, list[dict]]] = {}
+def group_runs(run_dirs: list[str]) -> list[Group]:
+    """Runs grouped by recipe (runs differing only in seed together), in input order."""
+    groups: dict[str, Group] = {}
     for run_dir in run_dirs:
         results = _read_results(Path(run_dir))
         key = recipe_key(results["config"])
-        groups.setdefault(key, (str(run_dir), []))[1].append(results)
+        group = groups.setdefault(key, Group(str(run_dir), [], []))
+        group.dirs.append(str(run_dir))
+        group.results.append(results)
+    return list(groups.values())
+
+
+def find_baseline(groups: list[Group], baseline: str) -> Group:
+    """The row named by `baseline`: one of its run directories, or a sweep point's name without its
+    seed (`loss.name=ce` for the runs `loss.name=ce,seed=0`, `...,seed=1`)."""
+    for group in groups:
+        for run_dir in group.dirs:
+            path = Path(run_dir)
+            if Path(baseline).resolve() == path.resolve() or path.name.rsplit(",seed=", 1)[0] == baseline:
+                return group
+    raise ConfigError(f"--baseline {baseline}: no row has that run directory or sweep point name; "
+                      f"rows: {', '.join(g.name for g in groups)}")
+
+
+def paired_rows(groups: list[Group], base: Group) -> list[tuple[Group, list[int], dict]]:
+    """For every other row sharing seeds with `base`: the shared seeds and, per metric, a `Paired`."""
+    from longtail.stats import paired
+
+    out = []
+    for group in groups:
+        if len(set(group.seeds())) != len(group.seeds()):
+            raise ConfigError(f"row {group.name}: two runs have the same seed ({', '.join(group.dirs)}), so runs "
+                              "cannot be paired by seed; give each run once")
+        if group is base:
+            continue
+        shared = [s for s in group.seeds() if s in base.seeds()]
+        if not shared:
+            continue
+        stats = {}
+        for title, key in PAIRED_COLUMNS:
+            mine, theirs = group.by_seed(key), base.by_seed(key)
+            seeds = [s for s in shared if mine[s] is not None and theirs[s] is not None]
+            stats[title] = paired([mine[s] for s in seeds], [theirs[s] for s in seeds]) if seeds else None
+        out.append((group, shared, stats))
+    return out
+
+
+def _paired_cell(p) -> str:
+    if p is None:
+        return "—"
+    if p.low is None:
+        return f"{p.mean:+.2f} (1 seed)"
+    return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}] p={'—' if p.p is None else format(p.p, '.3g')}"
+
+
+def environment_cells(group: Group) -> list[str]:
+    """Commit, torch, device, world size; several values when the seeds' runs differ; — where older
+    results.json files did not record them."""
+    def values(get) -> str:
+        seen = []
+        for r in group.results:
+            v = get(r)
+            v = "—" if v is None else str(v)
+            if v not in seen:
+                seen.append(v)
+        return ", ".join(seen)
+
+    env = lambda r: r.get("environment") or {}  # noqa: E731
+    return [values(lambda r: (env(r).get("commit") or None) and env(r)["commit"][:10]),
+            values(lambda r: env(r).get("torch")), values(lambda r: env(r).get("device")),
+            values(lambda r: r.get("world_size"))]
+
+
+ENV_HEADER = ["Commit", "torch", "Device", "World size"]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def report(run_dirs: list[str], baseline: Optional[str] = None, show_env: bool = False) -> str:
+    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order; with
+    `baseline`, a table of paired differences against that row; with `show_env`, where runs ran."""
+    groups = group_runs(run_dirs)
     header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [title for title, _ in _COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name, group in groups.values():
-        lines.append("| " + " | ".join(_row(name, group)) + " |")
+    rows = [_row(g.name, g.results) + (environment_cells(g) if show_env else []) for g in groups]
+    lines = _markdown(header + (ENV_HEADER if show_env else []), rows)
+    if baseline is not None:
+        base = find_baseline(groups, baseline)
+        lines += ["", f"Paired differences against {base.name} over shared seeds (row − baseline, points): "
+                      "mean [95 % t interval] and the paired t-test p-value", ""]
+        lines += _markdown(["Run", "Shared seeds"] + [title for title, _ in PAIRED_COLUMNS],
+                           [[g.name, ", ".join(map(str, shared))] + [_paired_cell(stats[t]) for t, _ in PAIRED_COLUMNS]
+                            for g, shared, stats in paired_rows(groups, base)])
     return "\n".join(lines)
+
+
+def report_csv(run_dirs: list[str], baseline: Optional[str] = None) -> str:
+    """One CSV line per row: mean and std of each metric; with `baseline`, per accuracy the paired
+    difference, interval and p-value (empty where there is none)."""
+    groups = group_runs(run_dirs)
+    base = find_baseline(groups, baseline) if baseline is not None else None
+    compared = {id(g): (shared, stats) for g, shared, stats in (paired_rows(groups, base) if base else [])}
+    header = ["run", "data", "model", "recipe", "epochs", "seeds", "n"]
+    for _, key in _COLUMNS:
+        header += [f"{key}_mean", f"{key}_std"]
+    if base:
+        header += ["shared_seeds"] + [f"{key}_{part}" for _, key in PAIRED_COLUMNS
+                                      for part in ("diff", "diff_low", "diff_high", "p")]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for g in groups:
+        cells = _row(g.name, g.results)
+        line = cells[:5] + [" ".join(map(str, g.seeds())), len(g.results)]
+        for _, key in _COLUMNS:
+            values = [r.get(key) for r in g.results if r.get(key) is not None]
+            line += [statistics.mean(values) if values else "",
+                     statistics.stdev(values) if len(values) > 1 else ""]
+        if base:
+            shared, stats = compared.get(id(g), ([], {}))
+            line.append(" ".join(map(str, shared)))
+            for title, _ in PAIRED_COLUMNS:
+                p = stats.get(title)
+                line += ["", "", "", ""] if p is None else [p.mean, "" if p.low is None else p.low,
+                                                             "" if p.high is None else p.high, "" if p.p is None else p.p]
+        writer.writerow(line)
+    return buf.getvalue()
