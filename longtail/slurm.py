@@ -78,10 +78,9 @@ def make_executor(folder: Path, options: dict) -> Any:
     # cluster "local" runs the jobs on this machine through submitit's local executor (the tests do).
     executor = submitit.AutoExecutor(folder, cluster=options.get("cluster", "slurm"))
     gpus = options.get("gpus", 0)
+    # One task per GPU; without GPUs `tasks` CPU processes (the tests' two-process job), else one.
     params = {"name": "longtail-sweep", "timeout_min": options.get("time", 60), "nodes": 1,
-              "tasks_per_node": max(1, gpus), "cpus_per_task": options.get("cpus", 4),
-              "slurm_signal_delay_s": options.get("signal_delay_s", 90),
-              "slurm_array_parallelism": options.get("parallel", 256)}
+              "tasks_per_node": gpus or options.get("tasks", 1), "cpus_per_task": options.get("cpus", 4)}
     if gpus:
         params["gpus_per_node"] = gpus
     if options.get("partition"):
@@ -119,7 +118,7 @@ def run_slurm(config: str, points: list, options: dict, data_root: Optional[str]
             pending.remove((point, job))
             seconds = time.monotonic() - start
             try:
-                job.result()
+                job.results()  # every task's (one per process); raises the failure of any
                 on_done(Outcome(point, "finished", seconds, 0, "", _read_results(point)))
             except Exception as exc:  # submitit re-raises the job's failure here; one failure stops nothing
                 log = folder / f"{point.name}.log"
