@@ -88,6 +88,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
           slurm=slurm_options(args), data_root=args.data_root, download=args.download, baseline=args.baseline)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from longtail.reproduce import list_tables, reproduce
+    from longtail.sweep import parse_seeds
+
+    if args.list:
+        print(list_tables())
+        return
+    if not args.table:
+        raise LongtailError("reproduce: name a TABLE (longtail reproduce --list shows them)")
+    reproduce(args.table, budget=args.budget, out=args.out, jobs=args.jobs, slurm=slurm_options(args),
+              data_root=args.data_root, download=args.download, seeds=parse_seeds(args.seeds) if args.seeds else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition: train, evaluate, analyse.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(p)
     data_options(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("reproduce", help="run a paper table (configs/tables/) and show it beside the paper's numbers")
+    p.add_argument("table", nargs="?", help="a table name (longtail reproduce --list) or a table YAML file")
+    p.add_argument("--list", action="store_true", help="list the tables")
+    p.add_argument("--budget", choices=["smoke", "short", "full"], default="full",
+                   help="full: the configs as they are; short: a tenth of the epochs; smoke: 1 epoch of a tiny model")
+    p.add_argument("--seeds", help="train.seed values (default: the table's)")
+    p.add_argument("--out", help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
+    run_options(p)
+    data_options(p)
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -89,14 +89,14 @@ def make_executor(folder: Path, options: dict) -> Any:
     return executor
 
 
-def submit(config: str, points: list, options: dict, data_root: Optional[str], download: bool,
+def submit(points: list, options: dict, data_root: Optional[str], download: bool,
            folder: Path) -> list:
     """Submit the points as one array; returns the submitit jobs in the points' order."""
     from longtail.sweep import train_command
 
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(folder, options)
-    calls = [TrainPoint(train_command(config, p, data_root, download), str(folder / f"{p.name}.log"))
+    calls = [TrainPoint(train_command(p, data_root, download), str(folder / f"{p.name}.log"))
              for p in points]
     with executor.batch():
         jobs = [executor.submit(call) for call in calls]
@@ -105,12 +105,12 @@ def submit(config: str, points: list, options: dict, data_root: Optional[str], d
     return jobs
 
 
-def run_slurm(config: str, points: list, options: dict, data_root: Optional[str], download: bool,
+def run_slurm(points: list, options: dict, data_root: Optional[str], download: bool,
               folder: Path, on_done: Any) -> None:
     """Submit, then wait, reporting each point as its job ends (in the order they end)."""
     from longtail.sweep import Outcome, _last_error, _read_results
 
-    jobs = submit(config, points, options, data_root, download, folder)
+    jobs = submit(points, options, data_root, download, folder)
     start = time.monotonic()
     pending = list(zip(points, jobs))
     while pending:

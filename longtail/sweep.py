@@ -30,6 +30,7 @@ from longtail.errors import ConfigError, LongtailError
 @dataclass
 class Point:
     name: str  # the run directory's name, from the varied keys and the seed: `loss.name=la,seed=1`
+    config: Optional[str]  # the YAML config (None: the defaults)
     overrides: list[str]  # the config's overrides, then the point's own
     out: Path
 
@@ -94,7 +95,7 @@ def plan(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds:
             # A string value is passed quoted (JSON is YAML), so `ce` stays the string "ce" and `null` is null.
             own = [f"{key}={json.dumps(value)}" for (key, _), value in zip(grid, values)] + [f"train.seed={seed}"]
             load_config(config, [*overrides, *own])  # a bad value stops the sweep before any point runs
-            points.append(Point(name, [*overrides, *own], Path(out) / name))
+            points.append(Point(name, config, [*overrides, *own], Path(out) / name))
     return points
 
 
@@ -107,13 +108,13 @@ def config_differences(saved: dict, config: str, overrides: list[str]) -> list[s
                   and not (k in RESOLVED_KEYS and new.get(k) is None))
 
 
-def check_points(config: str, points: list[Point]) -> list[Point]:
+def check_points(points: list[Point]) -> list[Point]:
     """The points still to run. A directory holding another config stops the sweep, naming the keys."""
     todo = []
     for point in points:
         saved = point.out / "config.yaml"
         if saved.exists():
-            differ = config_differences(read_yaml(saved), config, point.overrides)
+            differ = config_differences(read_yaml(saved), point.config, point.overrides)
             if differ:
                 raise ConfigError(f"{point.out} holds a run of another config (differs in {', '.join(differ[:5])}"
                                   f"{', ...' if len(differ) > 5 else ''}); remove it or choose another --out")
@@ -122,8 +123,9 @@ def check_points(config: str, points: list[Point]) -> list[Point]:
     return todo
 
 
-def train_command(config: str, point: Point, data_root: Optional[str], download: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "longtail", "train", config, *point.overrides, "--out", str(point.out), "--resume"]
+def train_command(point: Point, data_root: Optional[str], download: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "longtail", "train", *([point.config] if point.config else []), *point.overrides,
+           "--out", str(point.out), "--resume"]
     if data_root:
         cmd += ["--data-root", data_root]
     if download:
@@ -167,7 +169,7 @@ def _read_results(point: Point) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_local(config: str, points: list[Point], jobs: int, data_root: Optional[str], download: bool,
+def run_local(points: list[Point], jobs: int, data_root: Optional[str], download: bool,
               log_dir: Path, on_done: Any) -> list[Outcome]:
     """Run the points `jobs` at a time, each in its own `longtail train` process; `on_done(outcome)`
     is called as each one ends. A failed point does not stop the others."""
@@ -184,9 +186,9 @@ def run_local(config: str, points: list[Point], jobs: int, data_root: Optional[s
         start = time.monotonic()
         try:
             with open(log, "a") as f:
-                f.write(f"$ {shlex.join(train_command(config, point, data_root, download))}\n")
+                f.write(f"$ {shlex.join(train_command(point, data_root, download))}\n")
                 f.flush()
-                proc = subprocess.run(train_command(config, point, data_root, download), stdout=f,
+                proc = subprocess.run(train_command(point, data_root, download), stdout=f,
                                       stderr=subprocess.STDOUT, env={**os.environ, **env})
         finally:
             slots.put(env)
@@ -215,20 +217,16 @@ def progress_line(done: int, total: int, outcome: Outcome) -> str:
     return f"{head}: {when}; {groups}"
 
 
-def sweep(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds: Optional[list[int]], out: str,
-          jobs: int = 1, slurm: Optional[dict] = None, data_root: Optional[str] = None, download: bool = False,
-          baseline: Optional[str] = None) -> list[Outcome]:
-    """Plan, skip the finished points, run the rest here or on SLURM, print progress, a summary and the
-    report. Raises LongtailError at the end when a point failed (after every other point ran)."""
-    from longtail.report import report
-
+def run_points(points: list[Point], out: str | Path, jobs: int = 1, slurm: Optional[dict] = None,
+               data_root: Optional[str] = None, download: bool = False) -> list[Outcome]:
+    """Skip the finished points, run the rest here or on SLURM; a progress line per run and a summary.
+    A failed point does not stop the others: the outcomes say which failed."""
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
-    points = plan(config, overrides, grid, seeds, out)
-    todo = check_points(config, points)
+    todo = check_points(points)
     total = len(points)
     outcomes = [Outcome(p, "skipped", results=_read_results(p)) for p in points if p not in todo]
-    print(f"sweep {out}: {total} runs ({len(outcomes)} already finished, {len(todo)} to run"
+    print(f"{out}: {total} runs ({len(outcomes)} already finished, {len(todo)} to run"
           f"{' on SLURM' if slurm is not None else f', {jobs} at a time'})", flush=True)
     for i, outcome in enumerate(outcomes, 1):
         print(progress_line(i, total, outcome), flush=True)
@@ -240,17 +238,34 @@ def sweep(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds
     if todo and slurm is not None:
         from longtail.slurm import run_slurm
 
-        run_slurm(config, todo, slurm, data_root, download, Path(out) / "slurm", on_done)
+        run_slurm(todo, slurm, data_root, download, Path(out) / "slurm", on_done)
     elif todo:
-        run_local(config, todo, jobs, data_root, download, Path(out) / "logs", on_done)
-    failed = [o for o in outcomes if o.status == "failed"]
+        run_local(todo, jobs, data_root, download, Path(out) / "logs", on_done)
+    failed = sum(o.status == "failed" for o in outcomes)
     ran = sum(o.status == "finished" for o in outcomes)
-    print(f"sweep {out}: {ran} ran, {total - len(todo)} already finished, {len(failed)} failed", flush=True)
+    print(f"{out}: {ran} ran, {total - len(todo)} already finished, {failed} failed", flush=True)
+    return outcomes
+
+
+def raise_failures(outcomes: list[Outcome]) -> None:
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        names = ", ".join(o.point.name for o in failed)
+        raise LongtailError(f"{len(failed)} of {len(outcomes)} runs failed ({names}); their logs say why. "
+                            "Rerun the same command to retry them: finished runs are skipped")
+
+
+def sweep(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds: Optional[list[int]], out: str,
+          jobs: int = 1, slurm: Optional[dict] = None, data_root: Optional[str] = None, download: bool = False,
+          baseline: Optional[str] = None) -> list[Outcome]:
+    """Plan, run (`run_points`), print the report of the finished runs; raises LongtailError at the end
+    when a point failed (after every other point ran)."""
+    from longtail.report import report
+
+    points = plan(config, overrides, grid, seeds, out)
+    outcomes = run_points(points, out, jobs, slurm, data_root, download)
     finished = [str(p.out) for p in points if (p.out / "results.json").exists()]
     if finished:
         print(report(finished, baseline=baseline))
-    if failed:
-        names = ", ".join(o.point.name for o in failed)
-        raise LongtailError(f"{len(failed)} of {total} runs failed ({names}); their logs say why. "
-                            "Rerun the same command to retry them: finished runs are skipped")
+    raise_failures(outcomes)
     return outcomes

@@ -49,7 +49,7 @@ def test_the_batch_script_asks_for_the_partition_time_gpus_and_the_array(setup, 
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     points = plan(str(config), [], parse_grid(["loss.name=[ce,la]"]), [0], tmp_path / "sw")
     options = {"partition": "gpu", "time": 30, "gpus": 2, "cpus": 8}
-    jobs = submit(str(config), points, options, str(root / "data"), False, tmp_path / "sw" / "slurm")
+    jobs = submit(points, options, str(root / "data"), False, tmp_path / "sw" / "slurm")
     assert [j.job_id for j in jobs] == ["4242_0", "4242_1"]
     script = (tmp_path / "submitted.sh").read_text()
     for line in ["#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --gpus-per-node=2",
@@ -73,7 +73,7 @@ def _children(pid: int) -> list[int]:
 def test_local_jobs_run_and_a_preempted_job_is_requeued_and_resumed(setup, tmp_path, this_checkout):
     root, config = setup
     points = plan(str(config), ["train.epochs=10", "eval.every=10"], parse_grid(["loss.name=[ce]"]), [0], tmp_path / "sw")
-    (job,) = submit(str(config), points, {"cluster": "local", "time": 5}, str(root / "data"), False,
+    (job,) = submit(points, {"cluster": "local", "time": 5}, str(root / "data"), False,
                     tmp_path / "sw" / "slurm")
     run = points[0].out
     deadline = time.monotonic() + 120
@@ -98,7 +98,7 @@ def test_a_two_process_job_gets_rank_and_world_size_from_submitit(setup, tmp_pat
     root, config = setup
     points = plan(str(config), [], parse_grid(["loss.name=[ce,la]"]), [0], tmp_path / "sw")
     done = []
-    run_slurm(str(config), points, {"cluster": "local", "time": 5, "tasks": 2, "poll_s": 0.5}, str(root / "data"),
+    run_slurm(points, {"cluster": "local", "time": 5, "tasks": 2, "poll_s": 0.5}, str(root / "data"),
               False, tmp_path / "sw" / "slurm", done.append)
     assert sorted(o.point.name for o in done) == ["loss.name=ce,seed=0", "loss.name=la,seed=0"]
     assert all(isinstance(o, Outcome) and o.status == "finished" for o in done)

@@ -76,7 +76,7 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted_points(setup):
         assert results["seed"] == int(name[-1]) and results["loss"] == name.split(",")[0].split("=")[1]
     assert sorted(line.split("] ")[1].split(":")[0] for line in first.stdout.splitlines() if line.startswith("[")) \
         == names
-    assert "4 ran, 0 already finished, 0 failed" in first.stdout
+    assert "sw: 4 ran, 0 already finished, 0 failed" in first.stdout
     assert "Paired differences against sw/loss.name=ce,seed=0" in first.stdout  # the report, with its baseline
     log = (root / "sw" / "logs" / "loss.name=la,seed=1.log").read_text()
     assert log.splitlines()[0].endswith("--out sw/loss.name=la,seed=1 --resume --data-root " + str(root / "data"))
@@ -104,11 +104,11 @@ def test_a_directory_with_another_config_stops_the_sweep_naming_the_keys(setup, 
     saved.update(loss={"name": "ce"}, optim={"lr": 0.5})
     (points[0].out / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match=r"holds a run of another config \(differs in optim.lr\)"):
-        check_points(str(config), points)
+        check_points(points)
     saved["optim"]["lr"] = 0.1  # the default: the same config spelled out
     saved["train"]["device"] = "cpu"  # does not change what is computed
     (points[0].out / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert check_points(str(config), points) == points
+    assert check_points(points) == points
 
 
 def test_a_failed_point_is_reported_and_does_not_stop_the_others(setup):
