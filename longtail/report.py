@@ -176,7 +176,10 @@ def environment_cells(group: Group) -> list[str]:
         return ", ".join(seen)
 
     env = lambda r: r.get("environment") or {}  # noqa: E731
-    return [values(lambda r: (env(r).get("commit") or None) and env(r)["commit"][:10]),
+    def short(commit: Optional[str]) -> Optional[str]:
+        return commit and commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
+
+    return [values(lambda r: short(env(r).get("commit"))),
             values(lambda r: env(r).get("torch")), values(lambda r: env(r).get("device")),
             values(lambda r: r.get("world_size"))]
 
@@ -226,14 +229,15 @@ def report_csv(run_dirs: list[str], baseline: Optional[str] = None) -> str:
         line = cells[:5] + [" ".join(map(str, g.seeds())), len(g.results)]
         for _, key in _COLUMNS:
             values = [r.get(key) for r in g.results if r.get(key) is not None]
-            line += [statistics.mean(values) if values else "",
-                     statistics.stdev(values) if len(values) > 1 else ""]
+            line += [round(statistics.mean(values), 4) if values else "",
+                     round(statistics.stdev(values), 4) if len(values) > 1 else ""]
         if base:
             shared, stats = compared.get(id(g), ([], {}))
             line.append(" ".join(map(str, shared)))
             for title, _ in PAIRED_COLUMNS:
                 p = stats.get(title)
-                line += ["", "", "", ""] if p is None else [p.mean, "" if p.low is None else p.low,
-                                                             "" if p.high is None else p.high, "" if p.p is None else p.p]
+                line += ["", "", "", ""] if p is None else [
+                    round(p.mean, 4), "" if p.low is None else round(p.low, 4), "" if p.high is None else round(p.high, 4),
+                    "" if p.p is None else f"{p.p:.4g}"]
         writer.writerow(line)
     return buf.getvalue()

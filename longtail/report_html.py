@@ -15,11 +15,11 @@ from longtail.report import (ENV_HEADER, PAIRED_COLUMNS, _COLUMNS, Group, _paire
                              find_baseline, group_runs, paired_rows)
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
+table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}
 th{background:#f2f2f2}figure{display:inline-block;margin:1em 2em 1em 0}figcaption{font-size:90%;max-width:480px}
 .many{fill:#1f77b4}.medium{fill:#ff7f0e}.few{fill:#d62728}svg text{font-size:11px;fill:#222}"""
 
-_W, _H, _L, _R, _T, _B = 480, 300, 50, 15, 15, 40  # plot size and margins, px
+_W, _H, _L, _R, _T, _B = 480, 300, 50, 30, 15, 40  # plot size and margins, px
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
