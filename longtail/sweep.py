@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ class Point:
 @dataclass
 class Outcome:
     point: Point
-    status: str  # finished | skipped | failed
+    status: str  # finished | skipped | failed | stopped
     seconds: float = 0.0
     returncode: int = 0
     message: str = ""
@@ -169,44 +170,83 @@ def _read_results(point: Point) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+class SweepStopped(LongtailError):
+    """A stop signal reached the sweep: its running points checkpointed and stopped; rerun to continue."""
+    exit_code = 143  # as `train` stopped by its signal: what a scheduler expects of a job that stopped on it
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def run_local(points: list[Point], jobs: int, data_root: Optional[str], download: bool,
               log_dir: Path, on_done: Any) -> list[Outcome]:
     """Run the points `jobs` at a time, each in its own `longtail train` process; `on_done(outcome)`
-    is called as each one ends. A failed point does not stop the others."""
+    is called as each one ends. A failed point does not stop the others. A stop signal (TERM, USR1,
+    USR2) is passed on to the running points, which checkpoint and exit 143 (`train`'s stop signals),
+    and no further point starts: the sweep then raises SweepStopped, and the same command continues."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     slots: Queue = Queue()
     for env in slot_environments(jobs, cores, visible_gpus()):
         slots.put(env)
     log_dir.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
+    running: set[subprocess.Popen] = set()
+    stopped = threading.Event()
 
-    def run_one(point: Point) -> Outcome:
+    def forward(signum: int, frame: Any) -> None:
+        stopped.set()
+        with lock:
+            for proc in running:
+                proc.send_signal(signum)
+
+    def run_one(point: Point) -> Optional[Outcome]:
         env = slots.get()
         log = log_dir / f"{point.name}.log"
         start = time.monotonic()
         try:
-            with open(log, "a") as f:
-                f.write(f"$ {shlex.join(train_command(point, data_root, download))}\n")
-                f.flush()
-                proc = subprocess.run(train_command(point, data_root, download), stdout=f,
-                                      stderr=subprocess.STDOUT, env={**os.environ, **env})
+            with lock:
+                if stopped.is_set():
+                    return None
+                with open(log, "a") as f:
+                    f.write(f"$ {shlex.join(train_command(point, data_root, download))}\n")
+                    f.flush()
+                    proc = subprocess.Popen(train_command(point, data_root, download), stdout=f,
+                                            stderr=subprocess.STDOUT, env={**os.environ, **env})
+                running.add(proc)
+            proc.wait()
+            with lock:
+                running.discard(proc)
         finally:
             slots.put(env)
         seconds = time.monotonic() - start
         if proc.returncode == 0:
             outcome = Outcome(point, "finished", seconds, 0, "", _read_results(point))
+        elif proc.returncode == SweepStopped.exit_code and stopped.is_set():
+            outcome = Outcome(point, "stopped", seconds, proc.returncode, f"checkpointed (log: {log})")
         else:
             outcome = Outcome(point, "failed", seconds, proc.returncode, f"{_last_error(log)} (log: {log})")
         with lock:
             on_done(outcome)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(run_one, points))
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if main else {}
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            outcomes = [o for o in pool.map(run_one, points) if o is not None]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped.is_set():
+        raise SweepStopped(f"stopped by a signal: {sum(o.status == 'stopped' for o in outcomes)} running runs "
+                           f"checkpointed, {len(points) - len(outcomes)} not started; rerun the same command to continue")
+    return outcomes
 
 
 def progress_line(done: int, total: int, outcome: Outcome) -> str:
     head = f"[{done}/{total}] {outcome.point.name}"
+    if outcome.status == "stopped":
+        return f"{head}: stopped by a signal after {outcome.seconds:.0f} s, {outcome.message}"
     if outcome.status == "failed":
         return f"{head}: FAILED (exit {outcome.returncode}) after {outcome.seconds:.0f} s: {outcome.message}"
     r = outcome.results or {}
@@ -263,6 +303,10 @@ def sweep(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds
     from longtail.report import report
 
     points = plan(config, overrides, grid, seeds, out)
+    names = {p.name.rsplit(",seed=", 1)[0] for p in points}
+    if baseline is not None and baseline not in names and not any(Path(baseline).resolve() == p.out.resolve()
+                                                                   for p in points):
+        raise ConfigError(f"--baseline {baseline}: not a point of this sweep; points: {', '.join(sorted(names))}")
     outcomes = run_points(points, out, jobs, slurm, data_root, download)
     finished = [str(p.out) for p in points if (p.out / "results.json").exists()]
     if finished:

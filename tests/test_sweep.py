@@ -57,6 +57,16 @@ def test_a_bad_grid_value_stops_the_sweep_before_any_run():
         plan(None, [], parse_grid(["loss.name=[ce,foo]"]), [0], "out")
 
 
+
+def test_a_baseline_that_is_no_point_stops_the_sweep_before_any_run(tmp_path):
+    from longtail.sweep import sweep
+
+    with pytest.raises(ConfigError, match=r"--baseline loss.name=focal: not a point of this sweep; points: "
+                                          r"loss.name=ce, loss.name=la"):
+        sweep(None, [], parse_grid(["loss.name=[ce,la]"]), [0, 1], str(tmp_path), baseline="loss.name=focal")
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_cores_are_split_between_jobs_and_each_job_gets_one_gpu():
     envs = slot_environments(jobs=3, cores=16, gpus=["4", "5"])
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["5", "5", "5"]  # 15 threads on 16 cores, not 48
@@ -121,3 +131,29 @@ def test_a_failed_point_is_reported_and_does_not_stop_the_others(setup):
     assert "1 ran, 0 already finished, 1 failed" in result.stdout
     assert "1 of 2 runs failed (data.batch_size=1,seed=0)" in result.stderr
     assert "| fail/data.batch_size=16,seed=0 |" in result.stdout  # the report of what finished
+
+
+def test_a_stop_signal_checkpoints_the_running_points_and_the_same_command_continues(setup):
+    import signal
+    import time
+
+    root, config = setup
+    args = [sys.executable, "-m", "longtail", "sweep", str(config), "train.epochs=12", "--grid", "loss.name=[ce,la]",
+            "--out", "stop", "--data-root", str(root / "data")]
+    env = {**os.environ, "PYTHONPATH": str(Path(longtail.__file__).parents[1])}
+    sweep = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (root / "stop" / "loss.name=ce,seed=0" / "checkpoint.pt").exists():  # the first point trains
+        assert time.monotonic() < deadline and sweep.poll() is None
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGTERM)  # what a scheduler sends the sweep's own job
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 143, err
+    assert "loss.name=ce,seed=0: stopped by a signal" in out and "1 not started" in err
+    assert not (root / "stop" / "loss.name=la,seed=0").exists()
+    assert "longtail train: stopped: stopped by signal 15" in (root / "stop" / "logs" / "loss.name=ce,seed=0.log").read_text()
+    again = _sweep(config, root, "train.epochs=12", "--grid", "loss.name=[ce,la]", "--out", "stop")
+    assert again.returncode == 0 and "2 ran, 0 already finished, 0 failed" in again.stdout
+    epochs = [json.loads(line)["epoch"] for line in
+              (root / "stop" / "loss.name=ce,seed=0" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 13))  # continued from the checkpoint, nothing trained twice
