@@ -163,25 +163,19 @@ def _paired_cell(p) -> str:
     return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}] p={'—' if p.p is None else format(p.p, '.3g')}"
 
 
+def _environment(results: dict) -> list[Optional[str]]:
+    env = results.get("environment") or {}
+    commit = env.get("commit")
+    short = commit and commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
+    world = results.get("world_size")
+    return [short, env.get("torch"), env.get("device"), None if world is None else str(world)]
+
+
 def environment_cells(group: Group) -> list[str]:
-    """Commit, torch, device, world size; several values when the seeds' runs differ; — where older
-    results.json files did not record them."""
-    def values(get) -> str:
-        seen = []
-        for r in group.results:
-            v = get(r)
-            v = "—" if v is None else str(v)
-            if v not in seen:
-                seen.append(v)
-        return ", ".join(seen)
-
-    env = lambda r: r.get("environment") or {}  # noqa: E731
-    def short(commit: Optional[str]) -> Optional[str]:
-        return commit and commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
-
-    return [values(lambda r: short(env(r).get("commit"))),
-            values(lambda r: env(r).get("torch")), values(lambda r: env(r).get("device")),
-            values(lambda r: r.get("world_size"))]
+    """Commit, torch, device, world size; each value once when the row's seeds differ in it; — where
+    older results.json files did not record them."""
+    columns = zip(*(_environment(r) for r in group.results))
+    return [", ".join(dict.fromkeys("—" if v is None else v for v in column)) for column in columns]
 
 
 ENV_HEADER = ["Commit", "torch", "Device", "World size"]

@@ -63,6 +63,8 @@ def load_table(name_or_path: str) -> tuple[Path, dict, list[Row]]:
     path = Path(name_or_path)
     if not path.suffix:
         path = tables_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no table {name_or_path!r} ({path} does not exist); `longtail reproduce --list` shows the tables")
     table = read_yaml(path)
     configs = path.resolve().parent.parent  # rows name configs relative to configs/
     rows, ids = [], set()

@@ -31,7 +31,7 @@ from longtail.errors import ConfigError, LongtailError
 @dataclass
 class Point:
     name: str  # the run directory's name, from the varied keys and the seed: `loss.name=la,seed=1`
-    config: Optional[str]  # the YAML config (None: the defaults)
+    config: str  # the YAML config
     overrides: list[str]  # the config's overrides, then the point's own
     out: Path
 
@@ -78,7 +78,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _value_text(value: Any) -> str:
-    """A value as a command-line YAML value and as part of a directory name: compact flow style."""
+    """A value as part of a directory name: strings bare, anything else in compact flow style."""
     if isinstance(value, str):
         return value
     return json.dumps(value, separators=(",", ":"))
@@ -125,8 +125,8 @@ def check_points(points: list[Point]) -> list[Point]:
 
 
 def train_command(point: Point, data_root: Optional[str], download: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "longtail", "train", *([point.config] if point.config else []), *point.overrides,
-           "--out", str(point.out), "--resume"]
+    cmd = [sys.executable, "-m", "longtail", "train", point.config, *point.overrides, "--out", str(point.out),
+           "--resume"]
     if data_root:
         cmd += ["--data-root", data_root]
     if download:

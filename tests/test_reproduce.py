@@ -63,6 +63,8 @@ def test_the_table_compares_in_the_paper_s_metric():
 
 
 def test_a_bad_table_is_refused_naming_the_row(tmp_path):
+    with pytest.raises(ConfigError, match="no table 'ldam'.*reproduce --list"):
+        load_table("ldam")
     table = tmp_path / "t.yaml"
     table.write_text("rows:\n  - {id: a, config: cifar10_lt/ce.yaml, paper: {metric: top1, all: 1, source: s, selection: f}}\n")
     with pytest.raises(ConfigError, match=r"rows\[0\] \(a\): paper.metric must be accuracy or error"):

@@ -14,6 +14,7 @@ from fake_data import write_fashion_mnist
 from longtail.errors import ConfigError
 from longtail.sweep import check_points, parse_grid, parse_seeds, plan, slot_environments
 
+CE = str(Path(longtail.__file__).parents[1] / "configs" / "cifar10_lt" / "ce.yaml")
 TINY = {"data": {"name": "fashion_mnist_lt", "imbalance": 5, "batch_size": 16, "augment": "none"},
         "model": {"name": "mlp", "width": 16}, "train": {"epochs": 1}, "eval": {"batch_size": 256}}
 
@@ -37,7 +38,7 @@ def _sweep(config, root, *args):
 def test_grid_values_are_yaml_lists_and_list_valued_keys_work():
     grid = parse_grid(["loss.name=[ce,la]", "schedule.milestones=[[0.5,0.75],[0.8,0.9]]"])
     assert grid == [("loss.name", ["ce", "la"]), ("schedule.milestones", [[0.5, 0.75], [0.8, 0.9]])]
-    points = plan(None, ["train.epochs=2"], grid, [0, 1], "out")
+    points = plan(CE, ["train.epochs=2"], grid, [0, 1], "out")
     assert [p.name for p in points][:3] == ["loss.name=ce,schedule.milestones=[0.5,0.75],seed=0",
                                             "loss.name=ce,schedule.milestones=[0.5,0.75],seed=1",
                                             "loss.name=ce,schedule.milestones=[0.8,0.9],seed=0"]
@@ -54,7 +55,7 @@ def test_grid_values_are_yaml_lists_and_list_valued_keys_work():
 
 def test_a_bad_grid_value_stops_the_sweep_before_any_run():
     with pytest.raises(ConfigError, match="loss.name: 'foo' is not allowed"):
-        plan(None, [], parse_grid(["loss.name=[ce,foo]"]), [0], "out")
+        plan(CE, [], parse_grid(["loss.name=[ce,foo]"]), [0], "out")
 
 
 
@@ -63,7 +64,7 @@ def test_a_baseline_that_is_no_point_stops_the_sweep_before_any_run(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--baseline loss.name=focal: not a point of this sweep; points: "
                                           r"loss.name=ce, loss.name=la"):
-        sweep(None, [], parse_grid(["loss.name=[ce,la]"]), [0, 1], str(tmp_path), baseline="loss.name=focal")
+        sweep(CE, [], parse_grid(["loss.name=[ce,la]"]), [0, 1], str(tmp_path), baseline="loss.name=focal")
     assert not any(tmp_path.iterdir())
 
 
