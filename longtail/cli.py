@@ -76,9 +76,46 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from longtail.report import report
+    from longtail.report import report, report_csv
 
-    print(report(args.runs))
+    if args.html:
+        from longtail.checkpoint import atomic_write_text
+        from longtail.report_html import report_html
+
+        atomic_write_text(args.html, report_html(args.runs, baseline=args.baseline))
+    if args.csv:
+        sys.stdout.write(report_csv(args.runs, baseline=args.baseline))
+    else:
+        print(report(args.runs, baseline=args.baseline, show_env=args.show_env))
+    if args.html:
+        print(f"wrote {args.html}", file=sys.stderr)
+
+
+def slurm_options(args: argparse.Namespace) -> dict | None:
+    if not args.slurm:
+        return None
+    return {"partition": args.partition, "time": args.time, "gpus": args.gpus, "cpus": args.cpus}
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from longtail.sweep import parse_grid, parse_seeds, sweep
+
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    sweep(args.config, args.overrides, parse_grid(args.grid), seeds, args.out, jobs=args.jobs,
+          slurm=slurm_options(args), data_root=args.data_root, download=args.download, baseline=args.baseline)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from longtail.reproduce import list_tables, reproduce
+    from longtail.sweep import parse_seeds
+
+    if args.list:
+        print(list_tables())
+        return
+    if not args.table:
+        raise LongtailError("reproduce: name a TABLE (longtail reproduce --list shows them)")
+    reproduce(args.table, budget=args.budget, out=args.out, jobs=args.jobs, slurm=slurm_options(args),
+              data_root=args.data_root, download=args.download, seeds=parse_seeds(args.seeds) if args.seeds else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,9 +176,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root")
     p.set_defaults(func=cmd_analyze)
 
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine; the cores (and GPUs) "
+                       "are split between them")
+        p.add_argument("--slurm", action="store_true", help="submit the runs as a SLURM job array (submitit)")
+        p.add_argument("--partition", help="--slurm: the partition")
+        p.add_argument("--time", type=int, default=60, help="--slurm: time limit per job, minutes (default 60)")
+        p.add_argument("--gpus", type=int, default=0, help="--slurm: GPUs per job, one process each (default 0)")
+        p.add_argument("--cpus", type=int, default=4, help="--slurm: CPU cores per process (default 4)")
+
     p = sub.add_parser("report", help="Markdown table of runs; seeds grouped into mean ± std")
     p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--baseline", help="a run directory or sweep point name (loss.name=ce): paired differences "
+                   "against its row over shared seeds")
+    p.add_argument("--csv", action="store_true", help="print CSV instead of Markdown")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with per-class plots")
+    p.add_argument("--show-env", action="store_true", help="add commit, torch version, device, world size")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="a config over a grid of settings and seeds, one run directory each")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=50")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
+                   help="a key and its values as a YAML flow list; repeat for a product of grids")
+    p.add_argument("--seeds", help="train.seed values, e.g. 0,1,2 (default: the config's seed)")
+    p.add_argument("--out", required=True, help="the sweep directory: one run directory per point inside")
+    p.add_argument("--baseline", help="the report's baseline: a point name without its seed, e.g. loss.name=ce")
+    run_options(p)
+    data_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("reproduce", help="run a paper table (configs/tables/) and show it beside the paper's numbers")
+    p.add_argument("table", nargs="?", help="a table name (longtail reproduce --list) or a table YAML file")
+    p.add_argument("--list", action="store_true", help="list the tables")
+    p.add_argument("--budget", choices=["smoke", "short", "full"], default="full",
+                   help="full: the configs as they are; short: a tenth of the epochs; smoke: 1 epoch of a tiny model")
+    p.add_argument("--seeds", help="train.seed values (default: the table's)")
+    p.add_argument("--out", help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
+    run_options(p)
+    data_options(p)
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -40,6 +40,7 @@ from longtail.metrics import flip_tta, format_table, gather_unique
 from longtail.models import build_model, load_exported, model_spec, scale_head
 from longtail.priors import logit_prior, logit_prior_vector
 from longtail.task import get_task, task_of
+from longtail.provenance import environment
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
@@ -690,6 +691,7 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         "effective_batch_size": effective_batch_size(cfg),
         "effective_lr": effective_lr(cfg),
         "world_size": dist.world_size(),
+        "environment": environment(device),  # commit, torch version, device
         "posthoc": posthoc,
         "method_record": run.info.extra or None,
         "config": cfg.to_dict(),

@@ -4,11 +4,18 @@ Runs whose resolved configs differ only in `train.seed` (and in keys that do not
 computed, such as the device) are one row: mean ± sample standard deviation over the seeds. A
 two-stage run's `method.init_from` counts by the recipe of the stage-1 run it names, so stage-2 runs
 of different seeds, each from its own stage-1 seed, still group together.
+
+With a baseline row, a second table compares every row that shares seeds with it seed by seed:
+the mean paired difference, its 95 % interval and the paired t-test p-value (`longtail.stats`).
+The same rows also render as CSV and as one self-contained HTML page (`longtail.report_html`).
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,8 +26,23 @@ from longtail.task import get_task
 
 IGNORED_KEYS = RESUME_FREE_KEYS | {"train.seed"}
 _COLUMNS = [("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few"), ("ECE", "ece")]
+PAIRED_COLUMNS = _COLUMNS[:4]  # accuracies; a difference in ECE is not what a comparison of recipes asks
 _MULTILABEL_COLUMNS = [("mAP", "map"), ("Head", "map_head"), ("Medium", "map_medium"), ("Tail", "map_tail"),
                        ("macro-F1", "macro_f1")]
+
+
+@dataclass
+class Group:
+    """One row: the runs of one recipe, in input order."""
+    name: str  # the first run directory given
+    dirs: list[str]
+    results: list[dict]
+
+    def seeds(self) -> list[int]:
+        return [r.get("seed", r["config"]["train"]["seed"]) for r in self.results]
+
+    def by_seed(self, key: str) -> dict[int, Optional[float]]:
+        return {seed: r.get(key) for seed, r in zip(self.seeds(), self.results)}
 
 
 def _read_results(run_dir: Path) -> dict:
@@ -89,22 +111,147 @@ def _row(name: str, group: list[dict], columns: list) -> list[str]:
     return cells + [_mean_std([r.get(key) for r in group]) for _, key in columns]
 
 
-def report(run_dirs: list[str]) -> str:
-    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order: accuracy
-    columns for single-label runs, mAP columns for multi-label ones (one table holds one kind)."""
-    groups: dict[str, tuple[str, list[dict]]] = {}
-    kinds: dict[str, str] = {}
+def group_runs(run_dirs: list[str]) -> list[Group]:
+    """Runs grouped by recipe (runs differing only in seed together), in input order."""
+    groups: dict[str, Group] = {}
     for run_dir in run_dirs:
         results = _read_results(Path(run_dir))
-        kinds.setdefault(get_task(results.get("task")).name, str(run_dir))
         key = recipe_key(results["config"])
-        groups.setdefault(key, (str(run_dir), []))[1].append(results)
+        group = groups.setdefault(key, Group(str(run_dir), [], []))
+        group.dirs.append(str(run_dir))
+        group.results.append(results)
+    return list(groups.values())
+
+
+def columns_for(groups: list[Group]) -> tuple[list, list]:
+    """(table columns, paired columns): accuracies for single-label runs, mAP for multi-label ones. One
+    table holds one kind: accuracy and mAP do not share columns."""
+    kinds: dict[str, str] = {}
+    for group in groups:
+        for run_dir, results in zip(group.dirs, group.results):
+            kinds.setdefault(get_task(results.get("task")).name, run_dir)
     if len(kinds) > 1:
         raise ConfigError(f"longtail report: {' and '.join(f'{d} is {k}' for k, d in kinds.items())}; accuracy and "
                           "mAP do not share columns, so report single-label and multi-label runs separately")
-    columns = _MULTILABEL_COLUMNS if get_task(next(iter(kinds))).multilabel else _COLUMNS
+    if kinds and get_task(next(iter(kinds))).multilabel:
+        return _MULTILABEL_COLUMNS, _MULTILABEL_COLUMNS[:4]
+    return _COLUMNS, PAIRED_COLUMNS
+
+
+def find_baseline(groups: list[Group], baseline: str) -> Group:
+    """The row named by `baseline`: one of its run directories, or a sweep point's name without its
+    seed (`loss.name=ce` for the runs `loss.name=ce,seed=0`, `...,seed=1`)."""
+    for group in groups:
+        for run_dir in group.dirs:
+            path = Path(run_dir)
+            if Path(baseline).resolve() == path.resolve() or path.name.rsplit(",seed=", 1)[0] == baseline:
+                return group
+    raise ConfigError(f"--baseline {baseline}: no row has that run directory or sweep point name; "
+                      f"rows: {', '.join(g.name for g in groups)}")
+
+
+def paired_rows(groups: list[Group], base: Group, columns: list) -> list[tuple[Group, list[int], dict]]:
+    """For every other row sharing seeds with `base`: the shared seeds and, per metric, a `Paired`."""
+    from longtail.stats import paired
+
+    out = []
+    for group in groups:
+        if len(set(group.seeds())) != len(group.seeds()):
+            raise ConfigError(f"row {group.name}: two runs have the same seed ({', '.join(group.dirs)}), so runs "
+                              "cannot be paired by seed; give each run once")
+        if group is base:
+            continue
+        shared = [s for s in group.seeds() if s in base.seeds()]
+        if not shared:
+            continue
+        stats = {}
+        for title, key in columns:
+            mine, theirs = group.by_seed(key), base.by_seed(key)
+            seeds = [s for s in shared if mine[s] is not None and theirs[s] is not None]
+            stats[title] = paired([mine[s] for s in seeds], [theirs[s] for s in seeds]) if seeds else None
+        out.append((group, shared, stats))
+    return out
+
+
+def _paired_cell(p) -> str:
+    if p is None:
+        return "—"
+    if p.low is None:
+        return f"{p.mean:+.2f} (1 seed)"
+    return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}] p={'—' if p.p is None else format(p.p, '.3g')}"
+
+
+def _environment(results: dict) -> list[Optional[str]]:
+    env = results.get("environment") or {}
+    commit = env.get("commit")
+    short = commit and commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
+    world = results.get("world_size")
+    return [short, env.get("torch"), env.get("device"), None if world is None else str(world)]
+
+
+def environment_cells(group: Group) -> list[str]:
+    """Commit, torch, device, world size; each value once when the row's seeds differ in it; — where
+    older results.json files did not record them."""
+    columns = zip(*(_environment(r) for r in group.results))
+    return [", ".join(dict.fromkeys("—" if v is None else v for v in column)) for column in columns]
+
+
+ENV_HEADER = ["Commit", "torch", "Device", "World size"]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def report(run_dirs: list[str], baseline: Optional[str] = None, show_env: bool = False) -> str:
+    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order; with
+    `baseline`, a table of paired differences against that row; with `show_env`, where runs ran."""
+    groups = group_runs(run_dirs)
+    columns, paired_columns = columns_for(groups)
     header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [title for title, _ in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name, group in groups.values():
-        lines.append("| " + " | ".join(_row(name, group, columns)) + " |")
+    rows = [_row(g.name, g.results, columns) + (environment_cells(g) if show_env else []) for g in groups]
+    lines = _markdown(header + (ENV_HEADER if show_env else []), rows)
+    if baseline is not None:
+        base = find_baseline(groups, baseline)
+        lines += ["", f"Paired differences against {base.name} over shared seeds (row − baseline, points): "
+                      "mean [95 % t interval] and the paired t-test p-value", ""]
+        lines += _markdown(["Run", "Shared seeds"] + [title for title, _ in paired_columns],
+                           [[g.name, ", ".join(map(str, shared))] + [_paired_cell(stats[t]) for t, _ in paired_columns]
+                            for g, shared, stats in paired_rows(groups, base, paired_columns)])
     return "\n".join(lines)
+
+
+def report_csv(run_dirs: list[str], baseline: Optional[str] = None) -> str:
+    """One CSV line per row: mean and std of each metric; with `baseline`, per accuracy the paired
+    difference, interval and p-value (empty where there is none)."""
+    groups = group_runs(run_dirs)
+    columns, paired_columns = columns_for(groups)
+    base = find_baseline(groups, baseline) if baseline is not None else None
+    compared = {id(g): (shared, stats) for g, shared, stats in (paired_rows(groups, base, paired_columns) if base else [])}
+    header = ["run", "data", "model", "recipe", "epochs", "seeds", "n"]
+    for _, key in columns:
+        header += [f"{key}_mean", f"{key}_std"]
+    if base:
+        header += ["shared_seeds"] + [f"{key}_{part}" for _, key in paired_columns
+                                      for part in ("diff", "diff_low", "diff_high", "p")]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for g in groups:
+        cells = _row(g.name, g.results, columns)
+        line = cells[:5] + [" ".join(map(str, g.seeds())), len(g.results)]
+        for _, key in columns:
+            values = [r.get(key) for r in g.results if r.get(key) is not None]
+            line += [round(statistics.mean(values), 4) if values else "",
+                     round(statistics.stdev(values), 4) if len(values) > 1 else ""]
+        if base:
+            shared, stats = compared.get(id(g), ([], {}))
+            line.append(" ".join(map(str, shared)))
+            for title, _ in paired_columns:
+                p = stats.get(title)
+                line += ["", "", "", ""] if p is None else [
+                    round(p.mean, 4), "" if p.low is None else round(p.low, 4), "" if p.high is None else round(p.high, 4),
+                    "" if p.p is None else f"{p.p:.4g}"]
+        writer.writerow(line)
+    return buf.getvalue()

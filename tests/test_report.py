@@ -1,5 +1,6 @@
 """`longtail report`: one Markdown row per recipe, seeds merged into mean ± std."""
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -98,3 +99,117 @@ def test_data_column_shows_the_measured_imbalance_under_profile_none(tmp_path):
     old["imbalance"] = 256.0  # as written now: measured
     path.write_text(json.dumps(old))
     assert _rows(report([natural]))[0]["Data"] == "imagenet_lt IF 256 (natural)"
+
+
+def _seeded(tmp_path, name, overrides, top1s, few_offset=0.0):
+    runs = []
+    for seed, top1 in enumerate(top1s):
+        run = _run(tmp_path, f"{name},seed={seed}", [*overrides, f"train.seed={seed}"], top1, few=top1 / 2 + few_offset)
+        path = Path(run) / "results.json"
+        results = json.loads(path.read_text())
+        results.update(class_counts=[500, 100, 10], per_class=[top1 + 10, top1, None], thresholds=[100, 20],
+                       environment={"commit": "0123456789abcdef", "torch": "2.13.0", "device": "cpu"}, world_size=1)
+        path.write_text(json.dumps(results))
+        runs.append(run)
+    return runs
+
+
+def test_baseline_rows_get_the_paired_difference_its_interval_and_p_value(tmp_path):
+    ce = _seeded(tmp_path, "loss.name=ce", [], [70.0, 70.5, 73.0])
+    la = _seeded(tmp_path, "loss.name=la", ["loss.name=la"], [72.0, 73.0, 75.0])
+    lone = _seeded(tmp_path, "loss.name=bs", ["loss.name=bs"], [80.0])
+    other = _seeded(tmp_path, "wd", ["optim.weight_decay=0.1"], [60.0])
+    for run in other:  # another seed than any baseline run: no paired row
+        path = Path(run) / "results.json"
+        path.write_text(path.read_text().replace('"seed": 0', '"seed": 7').replace('"seed": 0', '"seed": 7'))
+    text = report([*ce, *la, *lone, *other], baseline="loss.name=ce")
+    paired_table = text.split("Paired differences")[1]
+    rows = _rows("\n".join(paired_table.splitlines()[2:]))
+    assert [r["Run"] for r in rows] == [la[0], lone[0]]
+    # Differences 2, 2.5, 2: mean 2.1667, sd 0.2887, t = 13.0 on 2 df: p = 1 - 13 / sqrt(171) = 0.00587;
+    # half-width 4.3027 (the 97.5 % t quantile, 2 df) x 0.2887 / sqrt(3) = 0.717.
+    assert rows[0]["Shared seeds"] == "0, 1, 2"
+    assert rows[0]["All"] == "+2.17 [+1.45, +2.88] p=0.00587"
+    assert rows[0]["Few"] == "+1.08 [+0.72, +1.44] p=0.00587"
+    assert rows[0]["Medium"] == "—"  # not recorded
+    assert rows[1]["Shared seeds"] == "0" and rows[1]["All"] == "+10.00 (1 seed)"
+    with pytest.raises(ConfigError, match="no row has that run directory or sweep point name"):
+        report(ce, baseline="loss.name=focal")
+
+
+def test_student_t_matches_tables():
+    from longtail.stats import paired, t_quantile, t_two_sided_p
+
+    for df, q in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)]:
+        assert abs(t_quantile(0.975, df) - q) < 1e-4
+    assert abs(t_two_sided_p(2.0, 5) - 0.101939) < 1e-6  # P(|T| > 2), 5 df
+    assert abs(t_two_sided_p(1.0, 1) - 0.5) < 1e-12  # Cauchy: P(|T| > 1) = 1/2
+    assert paired([1.0, 2.0], [1.0, 2.0]).p is None  # no spread: no test
+
+
+def test_csv_has_means_stds_and_paired_columns(tmp_path):
+    import csv
+    import io
+
+    from longtail.report import report_csv
+
+    ce = _seeded(tmp_path, "loss.name=ce", [], [70.0, 72.0])
+    la = _seeded(tmp_path, "loss.name=la", ["loss.name=la"], [71.0, 75.0])
+    rows = list(csv.DictReader(io.StringIO(report_csv([*ce, *la], baseline=ce[0]))))
+    assert [r["run"] for r in rows] == [ce[0], la[0]]
+    assert float(rows[1]["top1_mean"]) == 73.0 and float(rows[1]["top1_std"]) == round(statistics.stdev([71, 75]), 4)
+    assert float(rows[1]["top1_diff"]) == 2.0 and rows[1]["shared_seeds"] == "0 1"
+    assert rows[0]["top1_diff"] == "" and rows[1]["medium_diff"] == ""
+    # Differences 1, 3: mean 2, standard error 1, t = 2 on 1 df (Cauchy): p = 1 - (2 / pi) atan(2).
+    assert float(rows[1]["top1_p"]) == pytest.approx(1 - 2 / math.pi * math.atan(2), rel=1e-3)  # 4 digits
+
+
+def test_html_is_one_page_with_the_tables_and_a_per_class_plot_per_row(tmp_path):
+    from html.parser import HTMLParser
+
+    from longtail.report_html import report_html
+
+    ce = _seeded(tmp_path, "loss.name=ce", [], [70.0, 72.0])
+    la = _seeded(tmp_path, "loss.name=la", ["loss.name=la"], [71.0, 75.0])
+    page = report_html([*ce, *la], baseline="loss.name=ce")
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.cells, self.circles, self.external = [], [], [], []
+            self._in_cell = False
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.append(tag)
+            self._in_cell = tag in ("td", "th")
+            if tag == "circle":
+                self.circles.append(attrs)
+            if tag in ("script", "link", "img") or "src" in attrs:
+                self.external.append(tag)
+
+        def handle_data(self, data):
+            if self._in_cell:
+                self.cells.append(data)
+
+        def handle_endtag(self, tag):
+            self._in_cell = False
+
+    parsed = Page()
+    parsed.feed(page)
+    assert parsed.tags.count("table") == 2 and parsed.tags.count("svg") == 2 and not parsed.external
+    assert "71.00 ± 1.41" in parsed.cells and "73.00 ± 2.83" in parsed.cells
+    assert "+2.00 [-10.71, +14.71] p=0.295" in parsed.cells and "0123456789" in parsed.cells
+    # Per row, one dot per class with a test accuracy (the third has none), coloured by its group.
+    assert [c["class"] for c in parsed.circles] == ["many", "medium"] * 2
+    ys = [float(c["cy"]) for c in parsed.circles]
+    assert ys[0] < ys[1]  # the head class is more accurate: higher on the page
+
+
+def test_show_env_adds_commit_torch_device_and_world_size(tmp_path):
+    ce = _seeded(tmp_path, "loss.name=ce", [], [70.0, 72.0])
+    old = _run(tmp_path, "old", ["loss.name=la"], 70.0)  # written before the environment was recorded
+    rows = _rows(report([*ce, old], show_env=True))
+    assert (rows[0]["Commit"], rows[0]["torch"], rows[0]["Device"], rows[0]["World size"]) == \
+        ("0123456789", "2.13.0", "cpu", "1")
+    assert rows[1]["Commit"] == "—" and rows[1]["World size"] == "—"

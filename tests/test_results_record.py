@@ -24,3 +24,20 @@ def test_results_record_measured_imbalance_and_thresholds_rule(tmp_path):
     given = _results(tmp_path, "exp", ["data.imbalance=4", "eval.thresholds=[10,5]"])
     assert given["imbalance"] == 4.0 and given["thresholds"] == [10, 5]
     assert given["thresholds_rule"] == "eval.thresholds from the config"
+
+
+def test_results_record_the_commit_torch_version_and_device(tmp_path):
+    import re
+    import subprocess
+
+    import torch
+
+    write_fashion_mnist(tmp_path / "data", train_per_class=12, test_per_class=2)
+    env = _results(tmp_path, "run", ["train.device=cpu", "data.imbalance=4"])["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=__import__("longtail").__path__[0])
+    if head.returncode == 0:  # a checkout: its commit, +dirty with uncommitted changes
+        assert re.fullmatch(head.stdout.strip() + r"(\+dirty)?", env["commit"])
+    else:
+        assert env["commit"] is None

@@ -1,0 +1,107 @@
+"""`longtail sweep --slurm`: the batch script submitit generates, and jobs run by submitit's local
+executor: a job array, a preempted job requeued and resumed from its checkpoint, a two-process job
+given RANK / WORLD_SIZE / MASTER_* from submitit's job environment."""
+import json
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import longtail
+from fake_data import write_fashion_mnist
+from longtail.slurm import TrainPoint, submit
+from longtail.sweep import Outcome, parse_grid, plan
+
+submitit = pytest.importorskip("submitit", reason="submitit is the optional extra `slurm` (in the test extra)")
+
+TINY = {"data": {"name": "fashion_mnist_lt", "imbalance": 5, "batch_size": 16, "augment": "none"},
+        "model": {"name": "mlp", "width": 16}, "train": {"epochs": 1}, "eval": {"batch_size": 256}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    write_fashion_mnist(root / "data", train_per_class=20, test_per_class=4)
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    return root, config
+
+
+@pytest.fixture
+def this_checkout(monkeypatch):
+    """Jobs' `longtail train` processes import this checkout, wherever they start."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(longtail.__file__).parents[1]))
+
+
+def test_the_batch_script_asks_for_the_partition_time_gpus_and_the_array(setup, tmp_path, monkeypatch):
+    root, config = setup
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # A fake sbatch keeps the script it is given and answers as SLURM does; srun only has to exist.
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    points = plan(str(config), [], parse_grid(["loss.name=[ce,la]"]), [0], tmp_path / "sw")
+    options = {"partition": "gpu", "time": 30, "gpus": 2, "cpus": 8}
+    jobs = submit(points, options, str(root / "data"), False, tmp_path / "sw" / "slurm")
+    assert [j.job_id for j in jobs] == ["4242_0", "4242_1"]
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ["#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --gpus-per-node=2",
+                 "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=8", "#SBATCH --array=0-1%2",
+                 "#SBATCH --signal=USR2@90", "#SBATCH --nodes=1"]:
+        assert line in script.splitlines(), line
+    assert "srun" in script and "submitit.core._submit" in script
+    # Each array task runs its point's requeue-safe train command.
+    with open(jobs[1].paths.submitted_pickle, "rb") as f:
+        call = pickle.load(f).function
+    assert isinstance(call, TrainPoint)
+    assert call.command[-5:] == ["--out", str(points[1].out), "--resume", "--data-root", str(root / "data")]
+    assert 'loss.name="la"' in call.command
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def test_local_jobs_run_and_a_preempted_job_is_requeued_and_resumed(setup, tmp_path, this_checkout):
+    root, config = setup
+    points = plan(str(config), ["train.epochs=10", "eval.every=10"], parse_grid(["loss.name=[ce]"]), [0], tmp_path / "sw")
+    (job,) = submit(points, {"cluster": "local", "time": 5}, str(root / "data"), False,
+                    tmp_path / "sw" / "slurm")
+    run = points[0].out
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists():  # training has started: preempt it now
+        assert time.monotonic() < deadline and not job.done(), job.stderr()
+        time.sleep(0.05)
+    (task,) = _children(job._process.pid)  # the controller's one task: submitit's handler lives there
+    os.kill(task, signal.SIGUSR2)  # what SLURM sends before a preemption
+    assert job.result() == 0
+    log = (tmp_path / "sw" / "slurm" / "loss.name=ce,seed=0.log").read_text()
+    # train stopped at a checkpoint, then the requeued job continued it (no second "starting the run").
+    assert "longtail train: stopped: stopped by signal" in log and log.count(f"run {run}:") == 2
+    assert log.count("holds no checkpoint yet") == 1 and "Caught signal SIGUSR2" in job.stderr()
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 11))
+    assert json.loads((run / "results.json").read_text())["epochs"] == 10
+
+
+def test_a_two_process_job_gets_rank_and_world_size_from_submitit(setup, tmp_path, this_checkout):
+    from longtail.slurm import run_slurm
+
+    root, config = setup
+    points = plan(str(config), [], parse_grid(["loss.name=[ce,la]"]), [0], tmp_path / "sw")
+    done = []
+    run_slurm(points, {"cluster": "local", "time": 5, "tasks": 2, "poll_s": 0.5}, str(root / "data"),
+              False, tmp_path / "sw" / "slurm", done.append)
+    assert sorted(o.point.name for o in done) == ["loss.name=ce,seed=0", "loss.name=la,seed=0"]
+    assert all(isinstance(o, Outcome) and o.status == "finished" for o in done)
+    for point in points:
+        results = json.loads((point.out / "results.json").read_text())
+        assert results["world_size"] == 2 and results["loss"] == point.name.split(",")[0][len("loss.name="):]
