@@ -250,3 +250,31 @@ def test_cli_exits_143_on_a_stop_signal_and_the_same_command_finishes_the_run(tm
     assert again.returncode == 0 and "already finished" in again.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["per_class"] == json.loads((reference / "results.json").read_text())["per_class"]
+
+
+def test_the_saved_rng_state_continues_every_generator_where_it_stopped():
+    import random
+
+    import numpy as np
+
+    np.random.seed(3), random.seed(3), torch.manual_seed(3)
+    np.random.rand(5), np.random.randn(1), random.gauss(0, 1)  # mid-stream, a cached Gaussian in both
+    state = engine._rng_state()
+    expected = (np.random.rand(3).tolist(), np.random.randn(2).tolist(), random.gauss(0, 1), torch.rand(2))
+    np.random.seed(99), random.seed(99), torch.manual_seed(99)
+    engine._restore_rng(state)
+    assert (np.random.rand(3).tolist(), np.random.randn(2).tolist(), random.gauss(0, 1)) == expected[:3]
+    assert torch.equal(torch.rand(2), expected[3])
+
+
+def test_seeds_outside_numpys_range_are_refused_in_the_config():
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError, match=r"train.seed: must be in \[0, 2\*\*32\)"):
+            load_config(None, [f"train.seed={seed}"])
+    load_config(None, [f"train.seed={2**32 - 1}"])
+
+
+def test_the_resolved_schedule_lists_milestones_only_for_multistep():
+    assert "milestones" in engine.resolved_schedule(load_config(None, ["schedule.name=multistep"]))
+    for name in ("cosine", "constant"):
+        assert "milestones" not in engine.resolved_schedule(load_config(None, [f"schedule.name={name}"]))
