@@ -227,6 +227,8 @@ def _collectives_worker(rank: int, store: str) -> None:
 
         with pytest.raises(ConfigError, match="train.sync_bn"):
             distributed.convert_sync_batchnorm(model, cpu)
+        del step  # its gradient reducer holds the group: freed after the group is gone, gloo can hang on it
+        tdist.barrier()
     finally:
         tdist.destroy_process_group()
 
