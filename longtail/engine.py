@@ -33,11 +33,15 @@ from longtail.data import LTData, build_data
 from longtail.data.image_transforms import eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
+from longtail.finetune import apply_finetune, parameter_counts
+from longtail.lowrank import merge
 from longtail.losses import logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import flip_tta, format_table, gather_unique
 from longtail.models import build_model, load_exported, model_spec, scale_head
+from longtail.models.hf import HF_MODELS
+from longtail.models.hf import normalisation as hf_normalisation
 from longtail.priors import logit_prior, logit_prior_vector
 from longtail.task import get_task, task_of
 from longtail.provenance import environment
@@ -394,6 +398,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     device = select_device(cfg.train.device)
     device = dist.init_from_env(device.type) or device
     seed_everything(cfg.train.seed)
+    if cfg.model.name in HF_MODELS and cfg.data.mean is None and cfg.data.std is None:
+        cfg.data.mean, cfg.data.std = hf_normalisation(cfg.model)  # the checkpoint's, not the dataset's
     data = build_data(cfg.data, data_root, download)
     task = task_of(data)
     task.check(cfg)
@@ -409,7 +415,7 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     # Resolve dataset defaults into the config so the saved config.yaml shows what was used.
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
     place_splits(data, device, cfg.data.on_device)
-    model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size)
+    model = apply_finetune(build_model(cfg.model, data.num_classes, data.in_channels, data.image_size), cfg)
     batches = data.train.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
     steps = math.ceil(batches / cfg.train.accum_steps)  # optimiser steps: what schedules and progress count
     info = RunInfo(cfg=cfg, num_classes=data.num_classes, class_counts=list(data.class_counts),
@@ -610,6 +616,8 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
               f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
               f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {loop.steps_per_epoch} steps on {device} "
               f"(schedule resolved to {resolved_schedule(cfg)})", flush=True)
+        trainable, total = parameter_counts(model)
+        print(f"parameters: {trainable:,} trainable of {total:,} (finetune.mode {cfg.finetune.mode})", flush=True)
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
     with loop.stop:
         try:
@@ -654,7 +662,8 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         state = load_checkpoint(out / "best.pt", map_location=device)
         model.load_state_dict(state["model"])
         epoch = state["epoch"]
-    model = run.method.finalize(model)
+    # LoRA's low-rank parts fold into plain weights first (MORE's too), so methods fold into a plain model.
+    model = run.method.finalize(merge(model))
     scale_head(model.head, logit_scale(cfg.loss))  # the logits the loss saw (LDAM: x ldam_scale), margins aside
     folds = training_folds(cfg, run.info.extra)
     posthoc, temperature = None, None
@@ -711,6 +720,9 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
 def training_folds(cfg: Config, method_record: dict) -> list[dict]:
     """What `finish` has folded into the model before the post-hoc steps, in order, as model.yaml records it."""
     folds = [{"kind": "more_merge"}] if cfg.more.enabled else []
+    if cfg.finetune.mode == "lora":  # with MORE the same parts: more_merge then names them too
+        folds.append({"kind": "lora_merge", "rank": cfg.finetune.lora_rank,
+                      "scale": cfg.finetune.lora_alpha / cfg.finetune.lora_rank})
     if cfg.method.name == "lws":
         folds.append({"kind": "lws_scales"})
     if cfg.method.name == "tau_norm":
