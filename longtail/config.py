@@ -180,6 +180,7 @@ class TrainConfig:
     track_every: int = 0  # epochs between FDR / BN-gamma tracking; 0: off
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in some steps
+    grad_checkpoint: bool = False  # hf_clip / hf_vit: recompute each layer's activations in backward (less memory)
 
 
 @dataclass
@@ -351,6 +352,11 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("posthoc.kind: a cosine head normalises its weights, so a logit adjustment cannot be folded "
                           "into it; use model.head linear or etf, or posthoc.kind none")
     _check_finetune(cfg)
+    if cfg.train.grad_checkpoint and cfg.more.enabled:
+        # Backward recomputes a layer's forward after MORE's general-only block has switched the parts back
+        # on, so the gradient of L_MORE through the general pass would silently use the full weights.
+        raise ConfigError("train.grad_checkpoint: not yet with more.enabled (the recomputed general-only pass "
+                          "would run with the low-rank parts on); set one of them to false")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):

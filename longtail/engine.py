@@ -416,6 +416,10 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
     place_splits(data, device, cfg.data.on_device)
     model = apply_finetune(build_model(cfg.model, data.num_classes, data.in_channels, data.image_size), cfg)
+    if cfg.train.grad_checkpoint:
+        if not hasattr(model, "enable_grad_checkpoint"):
+            raise ConfigError(f"train.grad_checkpoint: model {cfg.model.name} does not support it; hf_clip and hf_vit do")
+        model.enable_grad_checkpoint()
     batches = data.train.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
     steps = math.ceil(batches / cfg.train.accum_steps)  # optimiser steps: what schedules and progress count
     info = RunInfo(cfg=cfg, num_classes=data.num_classes, class_counts=list(data.class_counts),

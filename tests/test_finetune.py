@@ -143,3 +143,32 @@ def test_the_shared_lowrank_part_is_the_one_more_uses():
     model = nn.Sequential(layer)
     more.decompose(model, cfg.more)
     assert lowrank_parts(model) and lowrank_parts(model)[0] is layer.parametrizations.weight[0]
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)  # the same random model both times
+        model, _ = build("hf_vit", "finetune.mode=lora")
+        for part in lowrank_parts(model):
+            part.B.data.fill_(0.01)  # B = 0 would leave A without gradient
+        if on:
+            model.enable_grad_checkpoint()
+        assert model.net.is_activation_checkpointing == on
+        model.train()
+        model(X).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and any(".A" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
+def test_grad_checkpoint_is_refused_with_more_and_for_other_models(tmp_path):
+    from longtail.engine import setup
+
+    with pytest.raises(ConfigError, match="train.grad_checkpoint: not yet with more.enabled"):
+        load_config(None, ["train.grad_checkpoint=true", "more.enabled=true"])
+    root = tmp_path / "data"
+    write_cifar10(root, train_per_class=2, test_per_class=1)
+    with pytest.raises(ConfigError, match="model resnet32 does not support it"):
+        setup(load_config(None, ["train.grad_checkpoint=true", "data.imbalance=1"]), data_root=str(root))

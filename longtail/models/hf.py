@@ -162,6 +162,15 @@ class HFBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def enable_grad_checkpoint(self) -> None:
+        # Non-reentrant: the reentrant form drops gradients of parameters whose inputs need none (a frozen
+        # patch embedding under LoRA) and does not work with DDP's two-pass methods.
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.net, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+            self.net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def spec_overrides(self) -> dict:
         """model.yaml records the architecture config, so eval rebuilds without the checkpoint directory."""
         return {"hf_config": self.net.config.to_dict()}
