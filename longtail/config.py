@@ -63,6 +63,9 @@ class ModelConfig:
     # resnets: a torchvision-format state dict file; hf_clip / hf_vit: a checkpoint directory or hub id
     pretrained: Optional[str] = None
     hf_config: Optional[dict[str, Any]] = None  # hf_clip / hf_vit: the architecture config (model.yaml records it)
+    # hf_clip: text initialises the cosine head with CLIP's text embeddings of the class names in `prompts`
+    head_init: Literal["random", "text"] = "random"
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # several: their normalised mean
     width: int = 1024  # mlp hidden width
     etf_seed: int = 0
 
@@ -95,7 +98,7 @@ class LossConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "erm"  # erm | wb_stage2 | ewb | crt | lws | tau_norm | a name given to longtail.methods.register_method
+    name: str = "erm"  # erm | wb_stage2 | ewb | crt | lws | tau_norm | zero_shot | a name given to longtail.methods.register_method
     init_from: Optional[str] = None  # stage-1 run directory (or model.pt) that two-stage methods start from
     freeze_bn: bool = True  # two-stage methods: BN statistics frozen (eval mode) while the head trains
     maxnorm_thresh: float = 0.1
@@ -352,6 +355,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("posthoc.kind: a cosine head normalises its weights, so a logit adjustment cannot be folded "
                           "into it; use model.head linear or etf, or posthoc.kind none")
     _check_finetune(cfg)
+    _check_text_head(cfg)
     if cfg.train.grad_checkpoint and cfg.more.enabled:
         # Backward recomputes a layer's forward after MORE's general-only block has switched the parts back
         # on, so the gradient of L_MORE through the general pass would silently use the full weights.
@@ -385,6 +389,18 @@ def _check_finetune(cfg: Config) -> None:
                 f"more.{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part, shaped by "
                 f"finetune.lora_rank, lora_alpha and targets; remove more.{key}={getattr(cfg.more, key)!r} "
                 "or use finetune.mode=full")
+
+
+def _check_text_head(cfg: Config) -> None:
+    m = cfg.model
+    if m.head_init == "text" and (m.name != "hf_clip" or m.pretrained is None or m.head != "cosine"):
+        raise ConfigError("model.head_init: text needs model.name hf_clip with model.pretrained (a whole CLIP "
+                          "checkpoint: its text tower and tokenizer embed the class names) and model.head cosine")
+    if not m.prompts or any("{}" not in p for p in m.prompts):
+        raise ConfigError(f"model.prompts: every template needs a {{}} for the class name, got {m.prompts}")
+    if cfg.method.name == "zero_shot" and (m.head_init != "text" or cfg.more.enabled):
+        raise ConfigError("method.name: zero_shot evaluates the text-initialised head untrained; it needs "
+                          "model.head_init text and more.enabled false")
 
 
 def _parse_scalar(text: str) -> Any:

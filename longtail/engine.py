@@ -40,7 +40,7 @@ from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import flip_tta, format_table, gather_unique
 from longtail.models import build_model, load_exported, model_spec, scale_head
-from longtail.models.hf import HF_MODELS
+from longtail.models.hf import HF_MODELS, init_text_head
 from longtail.models.hf import normalisation as hf_normalisation
 from longtail.priors import logit_prior, logit_prior_vector
 from longtail.task import get_task, task_of
@@ -415,7 +415,10 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     # Resolve dataset defaults into the config so the saved config.yaml shows what was used.
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
     place_splits(data, device, cfg.data.on_device)
-    model = apply_finetune(build_model(cfg.model, data.num_classes, data.in_channels, data.image_size), cfg)
+    model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size)
+    if cfg.model.head_init == "text":
+        init_text_head(model, cfg.model, list(data.class_names))
+    model = apply_finetune(model, cfg)
     if cfg.train.grad_checkpoint:
         if not hasattr(model, "enable_grad_checkpoint"):
             raise ConfigError(f"train.grad_checkpoint: model {cfg.model.name} does not support it; hf_clip and hf_vit do")

@@ -79,6 +79,7 @@ def model_spec(model_cfg: ModelConfig, model: nn.Module, num_classes: int, in_ch
     """
     spec = dataclasses.asdict(model_cfg)
     del spec["pretrained"]  # the trained weights are in model.pt
+    spec["head_init"] = "random"  # a text-initialised head's rows are in model.pt too
     if hasattr(model, "spec_overrides"):  # what the backbone read from its checkpoint (an HF architecture config)
         spec.update(model.spec_overrides())
     head = model.head

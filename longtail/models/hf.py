@@ -139,6 +139,50 @@ def normalisation(model_cfg: ModelConfig) -> tuple[list[float], list[float]]:
     return list(CLIP_MEAN), list(CLIP_STD)
 
 
+def text_head(pretrained: str, class_names: list[str], prompts: list[str]) -> tuple[torch.Tensor, float]:
+    """(K x d unit rows, logit_scale.exp()): each class's CLIP text embedding, normalised, averaged over the
+    prompt templates and normalised again; from the checkpoint's text tower and tokenizer."""
+    t = _transformers()
+    directory = checkpoint_dir(pretrained)
+    raw = _read_json(directory / "config.json")
+    if raw.get("model_type") != "clip":
+        raise ConfigError(f"model.head_init: text needs a whole CLIP checkpoint with its text tower; "
+                          f"{directory / 'config.json'} describes a {raw.get('model_type')!r} model")
+    try:
+        tokenizer = t.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.head_init: text: no tokenizer in {directory} "
+                          f"(tokenizer.json, or vocab.json + merges.txt): {exc}") from None
+    verbosity = t.logging.get_verbosity()
+    t.logging.set_verbosity_error()
+    try:
+        clip, info = t.CLIPModel.from_pretrained(directory, output_loading_info=True, local_files_only=True)
+    finally:
+        t.logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ConfigError(f"model.head_init: text: {directory} lacks {sorted(info['missing_keys'])[0]}")
+    clip = clip.float().eval()
+    rows = []
+    with torch.no_grad():
+        for template in prompts:
+            texts = [template.format(name.replace("_", " ")) for name in class_names]
+            enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                            max_length=clip.config.text_config.max_position_embeddings)
+            pooled = clip.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+            rows.append(nn.functional.normalize(clip.text_projection(pooled), dim=1))
+    weight = nn.functional.normalize(torch.stack(rows).mean(0), dim=1)
+    return weight, clip.logit_scale.exp().item()
+
+
+def init_text_head(model: nn.Module, model_cfg: ModelConfig, class_names: list[str]) -> None:
+    """model.head_init: text. head_scale 1.0 (the default) becomes the checkpoint's logit scale (100 for OpenAI's)."""
+    weight, scale = text_head(model_cfg.pretrained, class_names, model_cfg.prompts)
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+    if model_cfg.head_scale == 1.0:
+        model.head.scale = scale
+
+
 class HFBackbone(nn.Module):
     """A transformers image tower behind the longtail model contract."""
 
