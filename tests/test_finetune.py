@@ -1,6 +1,9 @@
 """finetune.mode: which parameters train, LoRA's merge, LoRA + MORE sharing one low-rank part per layer."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +14,8 @@ from longtail.config import load_config
 from longtail.errors import ConfigError
 from longtail.finetune import apply_finetune, parameter_counts
 from longtail.lowrank import general_only, lowrank_parts, merge
+from longtail.methods import register_method
+from longtail.methods.base import Method
 from longtail.models import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -172,3 +177,38 @@ def test_grad_checkpoint_is_refused_with_more_and_for_other_models(tmp_path):
     write_cifar10(root, train_per_class=2, test_per_class=1)
     with pytest.raises(ConfigError, match="model resnet32 does not support it"):
         setup(load_config(None, ["train.grad_checkpoint=true", "data.imbalance=1"]), data_root=str(root))
+
+
+class StopAfter(Method):
+    """Sends this process SIGTERM after its `stop_at`-th optimiser step (as a scheduler would)."""
+
+    steps = 0
+    stop_at = 0
+
+    def after_step(self, model):
+        StopAfter.steps += 1
+        if StopAfter.steps == StopAfter.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+register_method("stop_after_test", f"{__name__}:StopAfter")
+
+
+def test_lora_and_more_resume_bit_for_bit_after_a_stop_signal(tmp_path):
+    from longtail.engine import Preempted, fit
+
+    root, ckpt = tmp_path / "data", tmp_path / "clip"
+    write_cifar10(root, train_per_class=8, test_per_class=1)
+    write_clip(ckpt)
+    args = ["model.name=hf_clip", f"model.pretrained={ckpt}", "finetune.mode=lora", "finetune.lora_rank=2",
+            "more.enabled=true", "method.name=stop_after_test", "data.imbalance=2", "data.batch_size=8",
+            "train.epochs=2", "optim.name=adamw", "optim.lr=1e-2", "eval.batch_size=64"]
+    StopAfter.steps, StopAfter.stop_at = 0, 0
+    fit(load_config(None, args), tmp_path / "reference", data_root=str(root))
+    StopAfter.steps, StopAfter.stop_at = 0, 7  # mid-epoch 2 (6 steps an epoch)
+    with pytest.raises(Preempted):
+        fit(load_config(None, args), tmp_path / "run", data_root=str(root))
+    StopAfter.stop_at = 0
+    fit(load_config(None, args), tmp_path / "run", resume=True, data_root=str(root))
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("run", "reference"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
