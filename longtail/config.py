@@ -376,6 +376,9 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.lora_rank / lora_alpha: must be >= 1 / > 0, got {ft.lora_rank} / {ft.lora_alpha}")
     if ft.targets is not None and not ft.targets:
         raise ConfigError("finetune.targets: an empty list selects no layer; give patterns or null for the defaults")
+    if ft.mode != "full" and cfg.method.name in ("wb_stage2", "crt", "lws", "tau_norm"):
+        raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its backbone "
+                          "and retrains the classifier itself; set finetune.mode in the stage-1 run and leave it full here")
     if not cfg.more.enabled or ft.mode == "full":
         return
     if ft.mode in ("linear", "bias"):

@@ -212,3 +212,8 @@ def test_lora_and_more_resume_bit_for_bit_after_a_stop_signal(tmp_path):
     fit(load_config(None, args), tmp_path / "run", resume=True, data_root=str(root))
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("run", "reference"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_stages_refuse_a_finetune_mode():
+    with pytest.raises(ConfigError, match="finetune.mode: method.name=crt loads a stage-1 model.pt"):
+        load_config(None, ["method.name=crt", "finetune.mode=lora"])
