@@ -114,10 +114,10 @@ def _load_net(name: str, directory: Path, config: Any) -> nn.Module:
     finally:
         t.logging.set_verbosity(verbosity)
     where = files[0] if len(files) == 1 else directory
-    if info["mismatched_keys"]:
-        key = sorted(info["mismatched_keys"])[0]
-        key = key[0] if isinstance(key, tuple) else key
-        raise ConfigError(f"model.pretrained: {where}: {key} has another shape than config.json's architecture needs")
+    if info["mismatched_keys"]:  # (key, shape in the file, shape the architecture needs)
+        key, got, need = min(info["mismatched_keys"], key=lambda m: m[0])
+        raise ConfigError(f"model.pretrained: {where}: {key} has shape {tuple(got)}, config.json's architecture "
+                          f"needs {tuple(need)}")
     if info["missing_keys"]:
         raise ConfigError(f"model.pretrained: {where} lacks {sorted(info['missing_keys'])[0]} "
                           f"({len(info['missing_keys'])} keys missing)")
