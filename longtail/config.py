@@ -98,7 +98,8 @@ class LossConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "erm"  # erm | wb_stage2 | ewb | crt | lws | tau_norm | zero_shot | a name given to longtail.methods.register_method
+    # erm | wb_stage2 | ewb | crt | lws | tau_norm | zero_shot | a name given to longtail.methods.register_method
+    name: str = "erm"
     init_from: Optional[str] = None  # stage-1 run directory (or model.pt) that two-stage methods start from
     freeze_bn: bool = True  # two-stage methods: BN statistics frozen (eval mode) while the head trains
     maxnorm_thresh: float = 0.1
@@ -377,8 +378,9 @@ def _check_finetune(cfg: Config) -> None:
     if ft.targets is not None and not ft.targets:
         raise ConfigError("finetune.targets: an empty list selects no layer; give patterns or null for the defaults")
     if ft.mode != "full" and cfg.method.name in ("wb_stage2", "crt", "lws", "tau_norm"):
-        raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its backbone "
-                          "and retrains the classifier itself; set finetune.mode in the stage-1 run and leave it full here")
+        raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its "
+                          "backbone and retrains the classifier itself; set finetune.mode in the stage-1 run and "
+                          "leave it full here")
     if not cfg.more.enabled or ft.mode == "full":
         return
     if ft.mode in ("linear", "bias"):
