@@ -129,10 +129,12 @@ class MoreConfig:
 class FinetuneConfig:
     """Which parameters of the backbone train (docs/foundation_models.md); the head always trains."""
 
-    mode: Literal["full", "linear", "bias", "lora"] = "full"
+    mode: Literal["full", "linear", "bias", "lora", "adaptformer"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0  # the low-rank part's scale is lora_alpha / lora_rank
     targets: Optional[list[str]] = None  # module-name suffixes or fnmatch patterns; null: the model's defaults
+    adapter_dim: int = 64  # adaptformer: the bottleneck width
+    adapter_scale: float = 0.1  # adaptformer: s in mlp(x) + s up(relu(down(x)))
 
 
 @dataclass
@@ -375,6 +377,8 @@ def _check_finetune(cfg: Config) -> None:
     ft = cfg.finetune
     if ft.lora_rank < 1 or ft.lora_alpha <= 0:
         raise ConfigError(f"finetune.lora_rank / lora_alpha: must be >= 1 / > 0, got {ft.lora_rank} / {ft.lora_alpha}")
+    if ft.adapter_dim < 1:
+        raise ConfigError(f"finetune.adapter_dim: must be >= 1, got {ft.adapter_dim}")
     if ft.targets is not None and not ft.targets:
         raise ConfigError("finetune.targets: an empty list selects no layer; give patterns or null for the defaults")
     if ft.mode != "full" and cfg.method.name in ("wb_stage2", "crt", "lws", "tau_norm"):
@@ -383,8 +387,9 @@ def _check_finetune(cfg: Config) -> None:
                           "leave it full here")
     if not cfg.more.enabled or ft.mode == "full":
         return
-    if ft.mode in ("linear", "bias"):
-        what = "trains only the head" if ft.mode == "linear" else "trains only biases and the head"
+    if ft.mode in ("linear", "bias", "adaptformer"):
+        what = {"linear": "trains only the head", "bias": "trains only biases and the head",
+                "adaptformer": "trains only the adapters and the head"}[ft.mode]
         raise ConfigError(f"more.enabled: finetune.mode={ft.mode} {what}, so no trained weight matrix is left for "
                           "MORE's low-rank part; use finetune.mode=full or lora with MORE, or more.enabled=false")
     default = MoreConfig()

@@ -33,7 +33,7 @@ from longtail.data import LTData, build_data
 from longtail.data.image_transforms import eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
-from longtail.finetune import apply_finetune, parameter_counts
+from longtail.finetune import adapter_spec, apply_finetune, parameter_counts
 from longtail.lowrank import merge
 from longtail.losses import logit_scale
 from longtail.methods import build_method
@@ -421,7 +421,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     model = apply_finetune(model, cfg)
     if cfg.train.grad_checkpoint:
         if not hasattr(model, "enable_grad_checkpoint"):
-            raise ConfigError(f"train.grad_checkpoint: model {cfg.model.name} does not support it; hf_clip and hf_vit do")
+            raise ConfigError(f"train.grad_checkpoint: model {cfg.model.name} does not support it; "
+                              "hf_clip and hf_vit do")
         model.enable_grad_checkpoint()
     batches = data.train.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
     steps = math.ceil(batches / cfg.train.accum_steps)  # optimiser steps: what schedules and progress count
@@ -767,7 +768,8 @@ def export_model(model: nn.Module, cfg: Config, data: LTData, out: Path, folds: 
     spec.update(task=data.task,
                 data={"name": data.name, "class_names": list(data.class_names),
                       "class_counts": list(data.class_counts)},
-                transform=eval_transform(data, cfg.eval.tta), folds=folds, logit_prior=prior, logit_prior_note=note)
+                transform=eval_transform(data, cfg.eval.tta), folds=folds, logit_prior=prior, logit_prior_note=note,
+                adapters=adapter_spec(model))
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     atomic_write_text(out / "model.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
 

@@ -217,3 +217,40 @@ def test_lora_and_more_resume_bit_for_bit_after_a_stop_signal(tmp_path):
 def test_second_stages_refuse_a_finetune_mode():
     with pytest.raises(ConfigError, match="finetune.mode: method.name=crt loads a stage-1 model.pt"):
         load_config(None, ["method.name=crt", "finetune.mode=lora"])
+
+
+@pytest.mark.parametrize("name", ["hf_clip", "hf_vit"])
+def test_adaptformer_trains_the_adapters_and_the_head_and_starts_as_the_plain_model(name):
+    torch.manual_seed(0)
+    plain, _ = build(name)
+    torch.manual_seed(0)
+    adapted, _ = build(name, "finetune.mode=adaptformer", "finetune.adapter_dim=4")
+    names = trainable(adapted)
+    assert names - {"head.weight", "head.bias"} and all(".adapter." in n for n in names - {"head.weight", "head.bias"})
+    assert parameter_counts(adapted)[0] == 10 * adapted.feature_dim + 10 + 2 * (32 * 4 + 4 + 4 * 32 + 32)
+    with torch.no_grad():
+        assert torch.allclose(adapted.eval()(X), plain.eval()(X), atol=1e-6)  # up = 0 at start
+
+
+def test_adaptformer_exports_its_adapters_and_reloads(tmp_path):
+    from longtail.engine import fit, load_model
+
+    root = tmp_path / "data"
+    write_cifar10(root, train_per_class=4, test_per_class=1)
+    cfg = load_config(None, ["model.name=hf_vit", "finetune.mode=adaptformer", "finetune.adapter_dim=4",
+                             "data.imbalance=2", "data.batch_size=16", "data.augment=none", "train.epochs=1",
+                             "optim.name=adamw", "optim.lr=1e-2", "eval.batch_size=64"])
+    cfg.model.hf_config = vit_config()
+    fit(cfg, tmp_path / "run", data_root=str(root))
+    model, spec, model_pt = load_model(tmp_path / "run")
+    assert spec["adapters"] == {"blocks": ["net.layers.0.mlp", "net.layers.1.mlp"], "dim": 4, "scale": 0.1}
+    state, key = torch.load(model_pt, weights_only=True), "net.layers.0.mlp.adapter.up.weight"
+    assert state[key].abs().sum() > 0  # trained away from zero
+    assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_adaptformer_refuses_more_and_non_mlp_targets():
+    with pytest.raises(ConfigError, match="finetune.mode=adaptformer trains only the adapters"):
+        load_config(None, ["more.enabled=true", "finetune.mode=adaptformer"])
+    with pytest.raises(ConfigError, match="adaptformer needs MLP blocks"):
+        build("hf_vit", "finetune.mode=adaptformer", "finetune.targets=[nope]")

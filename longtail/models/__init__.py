@@ -101,6 +101,11 @@ def load_exported(spec: dict, state_dict: dict) -> nn.Module:
         raise ConfigError(f"model.yaml: expected a mapping with keys {', '.join(keys)} ('model' a mapping)")
     model_cfg = from_dict({"model": {**spec["model"], "pretrained": None}}).model
     model = build_model(model_cfg, spec["num_classes"], spec["in_channels"], spec["image_size"])
+    adapters = spec.get("adapters")
+    if adapters:  # AdaptFormer's adapters do not merge: model.pt holds them as modules
+        from longtail.finetune import add_adapters
+
+        add_adapters(model, adapters["blocks"], adapters["dim"], adapters["scale"])
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:

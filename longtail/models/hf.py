@@ -28,6 +28,8 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LORA_TARGETS = {"hf_clip": ["q_proj", "v_proj"],
                 "hf_vit": ["attention.attention.query", "attention.attention.value", "attention.q_proj",
                            "attention.v_proj"]}
+# AdaptFormer's default finetune.targets: each encoder layer's MLP block (transformers 5's names).
+ADAPTER_TARGETS = {"hf_clip": ["*.layers.*.mlp"], "hf_vit": ["*.layers.*.mlp"]}
 # Checkpoint keys the image tower does not use: CLIP's text tower, ViT's tanh pooler and task heads.
 UNUSED_PREFIXES = {"hf_clip": ("text_model.", "text_projection.", "logit_scale"),
                    "hf_vit": ("pooler.", "classifier.", "vit.pooler.")}
@@ -194,6 +196,7 @@ class HFBackbone(nn.Module):
         self.feature_dim = config.projection_dim if name == "hf_clip" else config.hidden_size
         self.image_size = config.image_size
         self.lora_targets = LORA_TARGETS[name]
+        self.adapter_targets = ADAPTER_TARGETS[name]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # Images of another size than the checkpoint's run through interpolated position embeddings.
