@@ -138,3 +138,22 @@ def test_eval_rebuilds_from_model_yaml_without_the_checkpoint(vit_dir, tmp_path)
     shutil.rmtree(ckpt)
     again = evaluate_run(moved, data_root=str(root))
     assert again["top1"] == pytest.approx(results["top1"])
+
+
+def test_full_size_vit_b16_builds_from_its_config_and_takes_a_training_step():
+    from longtail.finetune import apply_finetune, parameter_counts
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.name=hf_vit", "finetune.mode=lora"])
+    cfg.model.hf_config = {"model_type": "vit"}  # transformers' ViTConfig defaults: ViT-B/16 at 224 pixels
+    model = apply_finetune(build_model(cfg.model, num_classes=1000, image_size=224), cfg)
+    trainable, total = parameter_counts(model)
+    assert model.feature_dim == 768 and total > 86_000_000
+    assert trainable == 768 * 1000 + 1000 + 12 * 2 * 8 * (768 + 768)  # head + rank-8 q and v parts of 12 layers
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    before = [p.detach().clone() for p in params]
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 224, 224)), torch.tensor([3, 7]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, params))
