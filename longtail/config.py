@@ -361,7 +361,7 @@ def _check_values(cfg: Config) -> None:
     _check_text_head(cfg)
     if cfg.train.grad_checkpoint and cfg.more.enabled:
         # Backward recomputes a layer's forward after MORE's general-only block has switched the parts back
-        # on, so the gradient of L_MORE through the general pass would silently use the full weights.
+        # on, so the gradient of L_MORE through the general pass may use the full weights.
         raise ConfigError("train.grad_checkpoint: not yet with more.enabled (the recomputed general-only pass "
                           "would run with the low-rank parts on); set one of them to false")
     if len(cfg.optim.betas) != 2:
