@@ -29,7 +29,7 @@ class LowRank(nn.Module):
         # Kaiming-uniform with a = sqrt(5), nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         # Drawn by hand because nn.init takes a generator only from torch 2.2 on.
         a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan_in)
-        self.A = nn.Parameter(a.to(weight.detach()))
+        self.A = nn.Parameter(a.to(weight))
         # B = 0: the decomposed model starts as exactly the plain model.
         self.B = nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype, device=weight.device))
         self.scale = scale

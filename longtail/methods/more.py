@@ -1,9 +1,9 @@
 """MORE (model rebalancing, SPEC §3): the discrepancy loss and its schedule on top of `longtail.lowrank`.
 
-Each selected weight becomes W = W_g + s * B A (`longtail.lowrank`, the same part LoRA uses). Every step runs the model twice: with the low-rank part (full)
-and without it (general only). L_MORE, the class-prior-weighted discrepancy between the two outputs,
-penalises head-class samples most, which pushes the low-rank part toward the tail classes. Its
-weight alpha(t) follows a schedule over training. After training the parts merge into plain
+Each selected weight becomes W = W_g + s * B A (`longtail.lowrank`, the same part LoRA uses). Every step
+runs the model twice: with the low-rank part (full) and without it (general only). L_MORE, the
+class-prior-weighted discrepancy between the two outputs, penalises head-class samples most, which pushes
+the low-rank part toward the tail classes. Its weight alpha(t) follows a schedule over training. After training the parts merge into plain
 weights, so the exported model is the base architecture and costs nothing extra at inference.
 """
 from __future__ import annotations
