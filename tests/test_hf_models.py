@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,20 @@ def test_full_size_vit_b16_builds_from_its_config_and_takes_a_training_step():
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_cli_train_with_download_weights_and_a_local_directory_fetches_nothing(vit_dir, tmp_path, monkeypatch):
+    from longtail import cli
+    from longtail.models import hf
+
+    fetched = []
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: fetched.append(a))
+    root = tmp_path / "data"
+    write_cifar10(root, train_per_class=4, test_per_class=1)
+    config = Path(__file__).parents[1] / "configs" / "cifar10_lt" / "ce.yaml"
+    code = cli.main(["train", str(config), "model.name=hf_vit", f"model.pretrained={vit_dir[0]}",
+                     "train.epochs=1", "data.imbalance=2", "data.augment=none", "eval.batch_size=64",
+                     "--download-weights", "--data-root", str(root), "--out", str(tmp_path / "run")])
+    assert code == 0 and not fetched and (tmp_path / "run" / "model.pt").exists()
+    hf.download_weights("someone/some-clip")  # a hub id goes to the hub client, into its cache
+    assert fetched == [("someone/some-clip",)]
