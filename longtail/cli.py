@@ -16,6 +16,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).parent.name / Path(args.config).stem)
+    if args.download_weights and cfg.model.pretrained is not None:
+        from longtail.models.hf import HF_MODELS, download_weights
+
+        if cfg.model.name in HF_MODELS:  # into the hub cache, where model.pretrained then resolves offline
+            download_weights(cfg.model.pretrained)
     fit(cfg, out, resume=args.resume, data_root=args.data_root, download=args.download)
 
 
@@ -131,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.05")
     p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--download-weights", action="store_true",
+                   help="hf_clip / hf_vit: fetch model.pretrained (a hub id) into the Hugging Face cache first")
     data_options(p)
     p.set_defaults(func=cmd_train)
 

@@ -60,7 +60,12 @@ class ModelConfig:
     head: Literal["linear", "cosine", "etf"] = "linear"
     head_scale: float = 1.0
     head_bias: bool = True
-    pretrained: Optional[str] = None  # torchvision-format state dict file
+    # resnets: a torchvision-format state dict file; hf_clip / hf_vit: a checkpoint directory or hub id
+    pretrained: Optional[str] = None
+    hf_config: Optional[dict[str, Any]] = None  # hf_clip / hf_vit: the architecture config (model.yaml records it)
+    # hf_clip: text initialises the cosine head with CLIP's text embeddings of the class names in `prompts`
+    head_init: Literal["random", "text"] = "random"
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # several: their normalised mean
     width: int = 1024  # mlp hidden width
     etf_seed: int = 0
 
@@ -93,7 +98,8 @@ class LossConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "erm"  # erm | wb_stage2 | ewb | crt | lws | tau_norm | a name given to longtail.methods.register_method
+    # erm | wb_stage2 | ewb | crt | lws | tau_norm | zero_shot | a name given to longtail.methods.register_method
+    name: str = "erm"
     init_from: Optional[str] = None  # stage-1 run directory (or model.pt) that two-stage methods start from
     freeze_bn: bool = True  # two-stage methods: BN statistics frozen (eval mode) while the head trains
     maxnorm_thresh: float = 0.1
@@ -117,6 +123,18 @@ class MoreConfig:
     scale: float = 1.0  # s in W = W_g + s * B A
     lowrank_lr: Optional[float] = None  # null: optim.lr
     lowrank_weight_decay: Optional[float] = None  # null: optim.weight_decay
+
+
+@dataclass
+class FinetuneConfig:
+    """Which parameters of the backbone train (docs/foundation_models.md); the head always trains."""
+
+    mode: Literal["full", "linear", "bias", "lora", "adaptformer"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the low-rank part's scale is lora_alpha / lora_rank
+    targets: Optional[list[str]] = None  # module-name suffixes or fnmatch patterns; null: the model's defaults
+    adapter_dim: int = 64  # adaptformer: the bottleneck width
+    adapter_scale: float = 0.1  # adaptformer: s in mlp(x) + s up(relu(down(x)))
 
 
 @dataclass
@@ -168,6 +186,7 @@ class TrainConfig:
     track_every: int = 0  # epochs between FDR / BN-gamma tracking; 0: off
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in some steps
+    grad_checkpoint: bool = False  # hf_clip / hf_vit: recompute each layer's activations in backward (less memory)
 
 
 @dataclass
@@ -189,6 +208,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     more: MoreConfig = field(default_factory=MoreConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     posthoc: PosthocConfig = field(default_factory=PosthocConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -223,6 +243,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if typing.get_args(tp)[1] is Any:  # an opaque mapping (model.hf_config), kept as it is
+            return dict(value)
         return {str(k): str(v) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
@@ -335,12 +357,60 @@ def _check_values(cfg: Config) -> None:
     if cfg.posthoc.kind != "none" and cfg.model.head == "cosine":
         raise ConfigError("posthoc.kind: a cosine head normalises its weights, so a logit adjustment cannot be folded "
                           "into it; use model.head linear or etf, or posthoc.kind none")
+    _check_finetune(cfg)
+    _check_text_head(cfg)
+    if cfg.train.grad_checkpoint and cfg.more.enabled:
+        # Backward recomputes a layer's forward after MORE's general-only block has switched the parts back
+        # on, so the gradient of L_MORE through the general pass may use the full weights.
+        raise ConfigError("train.grad_checkpoint: not yet with more.enabled (the recomputed general-only pass "
+                          "would run with the low-rank parts on); set one of them to false")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("data.mean and data.std: must have the same number of channels")
     if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
         raise ConfigError(f"data.std: every entry must be > 0, got {cfg.data.std}")
+
+
+def _check_finetune(cfg: Config) -> None:
+    """finetune.* against itself and against MORE: one low-rank part per layer."""
+    ft = cfg.finetune
+    if ft.lora_rank < 1 or ft.lora_alpha <= 0:
+        raise ConfigError(f"finetune.lora_rank / lora_alpha: must be >= 1 / > 0, got {ft.lora_rank} / {ft.lora_alpha}")
+    if ft.adapter_dim < 1:
+        raise ConfigError(f"finetune.adapter_dim: must be >= 1, got {ft.adapter_dim}")
+    if ft.targets is not None and not ft.targets:
+        raise ConfigError("finetune.targets: an empty list selects no layer; give patterns or null for the defaults")
+    if ft.mode != "full" and cfg.method.name in ("wb_stage2", "crt", "lws", "tau_norm"):
+        raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its "
+                          "backbone and retrains the classifier itself; set finetune.mode in the stage-1 run and "
+                          "leave it full here")
+    if not cfg.more.enabled or ft.mode == "full":
+        return
+    if ft.mode in ("linear", "bias", "adaptformer"):
+        what = {"linear": "trains only the head", "bias": "trains only biases and the head",
+                "adaptformer": "trains only the adapters and the head"}[ft.mode]
+        raise ConfigError(f"more.enabled: finetune.mode={ft.mode} {what}, so no trained weight matrix is left for "
+                          "MORE's low-rank part; use finetune.mode=full or lora with MORE, or more.enabled=false")
+    default = MoreConfig()
+    for key in ("rank_ratio", "scale", "layers", "exclude"):
+        if getattr(cfg.more, key) != getattr(default, key):
+            raise ConfigError(
+                f"more.{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part, shaped by "
+                f"finetune.lora_rank, lora_alpha and targets; remove more.{key}={getattr(cfg.more, key)!r} "
+                "or use finetune.mode=full")
+
+
+def _check_text_head(cfg: Config) -> None:
+    m = cfg.model
+    if m.head_init == "text" and (m.name != "hf_clip" or m.pretrained is None or m.head != "cosine"):
+        raise ConfigError("model.head_init: text needs model.name hf_clip with model.pretrained (a whole CLIP "
+                          "checkpoint: its text tower and tokenizer embed the class names) and model.head cosine")
+    if not m.prompts or any("{}" not in p for p in m.prompts):
+        raise ConfigError(f"model.prompts: every template needs a {{}} for the class name, got {m.prompts}")
+    if cfg.method.name == "zero_shot" and (m.head_init != "text" or cfg.more.enabled):
+        raise ConfigError("method.name: zero_shot evaluates the text-initialised head untrained; it needs "
+                          "model.head_init text and more.enabled false")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -400,10 +470,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; a mapping-valued key (data.path_remap) stays whole."""
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; a mapping-valued key (data.path_remap, model.hf_config)
+    stays whole."""
     out = {}
     for key, value in config.items():
-        if isinstance(value, dict) and key != "path_remap":
+        if isinstance(value, dict) and key not in ("path_remap", "hf_config"):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

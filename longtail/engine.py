@@ -33,11 +33,15 @@ from longtail.data import LTData, build_data
 from longtail.data.image_transforms import eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
+from longtail.finetune import adapter_spec, apply_finetune, parameter_counts
+from longtail.lowrank import merge
 from longtail.losses import logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import flip_tta, format_table, gather_unique
 from longtail.models import build_model, load_exported, model_spec, scale_head
+from longtail.models.hf import HF_MODELS, init_text_head
+from longtail.models.hf import normalisation as hf_normalisation
 from longtail.priors import logit_prior, logit_prior_vector
 from longtail.task import get_task, task_of
 from longtail.provenance import environment
@@ -394,6 +398,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     device = select_device(cfg.train.device)
     device = dist.init_from_env(device.type) or device
     seed_everything(cfg.train.seed)
+    if cfg.model.name in HF_MODELS and cfg.data.mean is None and cfg.data.std is None:
+        cfg.data.mean, cfg.data.std = hf_normalisation(cfg.model)  # the checkpoint's, not the dataset's
     data = build_data(cfg.data, data_root, download)
     task = task_of(data)
     task.check(cfg)
@@ -410,6 +416,14 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     cfg.data.mean, cfg.data.std = list(data.mean), list(data.std)
     place_splits(data, device, cfg.data.on_device)
     model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size)
+    if cfg.model.head_init == "text":
+        init_text_head(model, cfg.model, list(data.class_names))
+    model = apply_finetune(model, cfg)
+    if cfg.train.grad_checkpoint:
+        if not hasattr(model, "enable_grad_checkpoint"):
+            raise ConfigError(f"train.grad_checkpoint: model {cfg.model.name} does not support it; "
+                              "hf_clip and hf_vit do")
+        model.enable_grad_checkpoint()
     batches = data.train.num_batches(cfg.data.batch_size, world=dist.world_size(), drop_last=False)
     steps = math.ceil(batches / cfg.train.accum_steps)  # optimiser steps: what schedules and progress count
     info = RunInfo(cfg=cfg, num_classes=data.num_classes, class_counts=list(data.class_counts),
@@ -610,6 +624,8 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
               f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
               f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {loop.steps_per_epoch} steps on {device} "
               f"(schedule resolved to {resolved_schedule(cfg)})", flush=True)
+        trainable, total = parameter_counts(model)
+        print(f"parameters: {trainable:,} trainable of {total:,} (finetune.mode {cfg.finetune.mode})", flush=True)
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
     with loop.stop:
         try:
@@ -654,7 +670,8 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         state = load_checkpoint(out / "best.pt", map_location=device)
         model.load_state_dict(state["model"])
         epoch = state["epoch"]
-    model = run.method.finalize(model)
+    # LoRA's low-rank parts fold into plain weights first (MORE's too), so methods fold into a plain model.
+    model = run.method.finalize(merge(model))
     scale_head(model.head, logit_scale(cfg.loss))  # the logits the loss saw (LDAM: x ldam_scale), margins aside
     folds = training_folds(cfg, run.info.extra)
     posthoc, temperature = None, None
@@ -711,6 +728,9 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
 def training_folds(cfg: Config, method_record: dict) -> list[dict]:
     """What `finish` has folded into the model before the post-hoc steps, in order, as model.yaml records it."""
     folds = [{"kind": "more_merge"}] if cfg.more.enabled else []
+    if cfg.finetune.mode == "lora":  # with MORE the same parts: more_merge then names them too
+        folds.append({"kind": "lora_merge", "rank": cfg.finetune.lora_rank,
+                      "scale": cfg.finetune.lora_alpha / cfg.finetune.lora_rank})
     if cfg.method.name == "lws":
         folds.append({"kind": "lws_scales"})
     if cfg.method.name == "tau_norm":
@@ -748,7 +768,8 @@ def export_model(model: nn.Module, cfg: Config, data: LTData, out: Path, folds: 
     spec.update(task=data.task,
                 data={"name": data.name, "class_names": list(data.class_names),
                       "class_counts": list(data.class_counts)},
-                transform=eval_transform(data, cfg.eval.tta), folds=folds, logit_prior=prior, logit_prior_note=note)
+                transform=eval_transform(data, cfg.eval.tta), folds=folds, logit_prior=prior, logit_prior_note=note,
+                adapters=adapter_spec(model))
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     atomic_write_text(out / "model.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
 

@@ -55,7 +55,7 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["loss.name=la", "more.enabled=true"])
     save_config(cfg, tmp_path / "config.yaml")
     raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert set(raw) == {"data", "model", "loss", "method", "more", "posthoc", "optim", "schedule", "train", "eval"}
+    assert set(raw) == {"data", "model", "loss", "method", "more", "finetune", "posthoc", "optim", "schedule", "train", "eval"}
     assert from_dict(raw) == cfg
 
 

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 import yaml
@@ -164,3 +166,10 @@ def test_export_records_a_swapped_head():
     model.head = nn.Identity()
     with pytest.raises(TypeError, match="Identity"):
         model_spec(cfg("mlp"), model, 10, 1, 28)
+
+
+def test_hf_models_without_transformers_say_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the hf extra were not installed
+    cfg = ModelConfig(name="hf_vit", hf_config={"model_type": "vit"})
+    with pytest.raises(ConfigError, match=r"pip install 'longtail\[hf\]'"):
+        build_model(cfg, num_classes=10)

@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "crt": "longtail.methods.decoupled:CRT",
     "lws": "longtail.methods.decoupled:LWS",
     "tau_norm": "longtail.methods.decoupled:TauNorm",
+    "zero_shot": "longtail.methods.base:ZeroShot",
 }
 
 

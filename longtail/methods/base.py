@@ -100,3 +100,10 @@ class Method:
     def finalize(self, model: nn.Module) -> nn.Module:
         """Turn the trained model into the one that is exported (merge, fold)."""
         return model
+
+
+class ZeroShot(Method):
+    """CLIP zero-shot: the text-initialised head (model.head_init: text) evaluated as it is, nothing trained."""
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return []

@@ -1,28 +1,24 @@
-"""MORE (model rebalancing, SPEC §3): all of it in one file.
+"""MORE (model rebalancing, SPEC §3): the discrepancy loss and its schedule on top of `longtail.lowrank`.
 
-Each selected weight becomes W = W_g + s * B A (a `torch.nn.utils.parametrize` parametrization, so
-W_g stays the layer's own parameter; a Linear layer adds s (x A^T) B^T to its output instead of building
-B A when that is cheaper). Every step runs the model twice: with the low-rank part (full)
-and without it (general only). L_MORE, the class-prior-weighted discrepancy between the two outputs,
-penalises head-class samples most, which pushes the low-rank part toward the tail classes. Its
-weight alpha(t) follows a schedule over training. After training the parts merge into plain
+Each selected weight becomes W = W_g + s * B A (`longtail.lowrank`, the same part LoRA uses). Every step
+runs the model twice: with the low-rank part (full) and without it (general only). L_MORE, the
+class-prior-weighted discrepancy between the two outputs, penalises head-class samples most, which pushes
+the low-rank part toward the tail classes. Its weight alpha(t) follows a schedule over training. After training the parts merge into plain
 weights, so the exported model is the base architecture and costs nothing extra at inference.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
-import types
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from longtail.config import Config, MoreConfig
 from longtail.errors import ConfigError
+from longtail.lowrank import add_lowrank, general_only, lowrank_parameters, lowrank_parts, merge
 from longtail.methods.base import Method, RunInfo
 from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task
 
@@ -30,44 +26,6 @@ SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": n
 # Second stages retrain the classifier of a finished run (WB's MaxNorm even edits `head.weight` in place,
 # which a decomposed head only computes): MORE belongs in the stage-1 run, whose model.pt is merged.
 SECOND_STAGES = ("wb_stage2", "crt", "lws", "tau_norm")
-
-
-class LowRank(nn.Module):
-    """The parametrization W_g -> W_g + s * B A (B: out x r, A: r x fan_in), switchable off."""
-
-    def __init__(self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator, order: list[str]):
-        super().__init__()
-        self.order = order  # the owner's parameter names in registration order, restored by `merge`
-        out, fan_in = weight.shape[0], weight[0].numel()
-        # Kaiming-uniform with a = sqrt(5), nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        # Drawn by hand because nn.init takes a generator only from torch 2.2 on.
-        a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan_in)
-        self.A = nn.Parameter(a.to(weight))
-        # B = 0: the decomposed model starts as exactly the plain model.
-        self.B = nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype, device=weight.device))
-        self.scale = scale
-        self.enabled = True
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
-        return weight + self.scale * (self.B @ self.A).view_as(weight)
-
-
-def _factored_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The decomposed Linear's output, computed as x W_g^T + s (x A^T) B^T when that is cheaper.
-
-    Building B A costs out * r * in multiply-adds per forward (and again in backward), the factored form
-    rows * r * (in + out). On an MLP with a batch of 128 the product alone cost as much as the layer;
-    a large batch through a small layer favours building the weight, so the cheaper form is chosen per call.
-    """
-    part = module.parametrizations.weight[0]
-    fan_in, out = module.in_features, module.out_features
-    rows = x.numel() // fan_in
-    if not part.enabled or rows * (fan_in + out) >= fan_in * out:
-        return F.linear(x, module.weight, module.bias)
-    weight_g = module.parametrizations.weight.original
-    return F.linear(x, weight_g, module.bias) + part.scale * F.linear(F.linear(x, part.A), part.B)
 
 
 def lowrank_rank(weight_shape: torch.Size | tuple[int, ...], rank_ratio: float) -> int:
@@ -105,36 +63,8 @@ def decompose(model: nn.Module, more: MoreConfig, seed: int = 0) -> list[str]:
             "loosen more.exclude or set more.enabled=false"
         )
     for _, module in chosen:
-        rank = lowrank_rank(module.weight.shape, more.rank_ratio)
-        part = LowRank(module.weight, rank, more.scale, generator, order=list(module._parameters))
-        # Only a plain nn.Linear: a subclass may compute differently, another parametrization changes W_g.
-        factored = type(module).forward is nn.Linear.forward and not parametrize.is_parametrized(module, "weight")
-        parametrize.register_parametrization(module, "weight", part)
-        if factored:
-            module.forward = types.MethodType(_factored_linear_forward, module)
+        add_lowrank(module, lowrank_rank(module.weight.shape, more.rank_ratio), more.scale, generator)
     return [name for name, _ in chosen]
-
-
-def _lowrank_parts(model: nn.Module) -> list[LowRank]:
-    return [m for m in model.modules() if isinstance(m, LowRank)]
-
-
-def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The A and B matrices of every decomposed layer."""
-    return [p for part in _lowrank_parts(model) for p in (part.A, part.B)]
-
-
-@contextmanager
-def general_only(model: nn.Module) -> Iterator[None]:
-    """Inside the block every layer computes with W_g alone."""
-    parts = _lowrank_parts(model)
-    for part in parts:
-        part.enabled = False
-    try:
-        yield
-    finally:
-        for part in parts:
-            part.enabled = True
 
 
 @contextmanager
@@ -158,26 +88,6 @@ def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for m, name, buf in saved:
             setattr(m, name, buf)
-
-
-def merge(model: nn.Module) -> nn.Module:
-    """Fold W_g + s B A into plain weights: the base architecture and state-dict keys, same outputs.
-
-    A weight that carries other parametrizations besides MORE's has them folded in too.
-    """
-    for module in list(model.modules()):
-        if not parametrize.is_parametrized(module, "weight"):
-            continue
-        parts = [p for p in module.parametrizations["weight"] if isinstance(p, LowRank)]
-        if not parts:
-            continue
-        for part in parts:
-            part.enabled = True
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        module.__dict__.pop("forward", None)  # the factored Linear forward, back to the class's own
-        # Re-registering moved `weight` last; restore the order so model.pt lists keys as the base model does.
-        module._parameters = {k: module._parameters[k] for k in parts[0].order}
-    return model
 
 
 def alpha(schedule: str, amplitude: float, progress: float) -> float:
@@ -254,6 +164,11 @@ class More(Method):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = self.inner.prepare(model)
+        if self.cfg.finetune.mode == "lora":
+            # One low-rank part per layer: LoRA's parts (added with the model, W_g frozen) are MORE's.
+            if not lowrank_parts(model):
+                raise ConfigError("more.enabled with finetune.mode=lora: the model carries no LoRA part to rebalance")
+            return model
         decompose(model, self.more, seed=self.cfg.train.seed)
         return model
 

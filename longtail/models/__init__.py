@@ -4,7 +4,8 @@ Contract for every model (built-in or a user's): `features(x) -> (N, d)` (penult
 last ReLU and pooling), `feature_dim = d`, attribute `head` (features -> logits), and
 `forward(x) = head(features(x))`. A factory `f(num_classes, in_channels, image_size, model_cfg)`
 returns the backbone; `build_model` attaches the head (replacing any the factory made). A backbone
-may define `init_head(head)` to initialise or load the new head its own way.
+may define `init_head(head)` to initialise or load the new head its own way, `spec_overrides()` for the
+model.* keys model.yaml records instead of the config's, and `lora_targets`, the default finetune.targets.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from longtail.config import ModelConfig, from_dict
 from longtail.errors import ConfigError
-from longtail.models import mlp, resnet, resnet_cifar  # noqa: F401  (they register their models)
+from longtail.models import hf, mlp, resnet, resnet_cifar  # noqa: F401  (they register their models)
 from longtail.models.heads import CosineHead, ETFHead, LinearHead, build_head, scale_head
 from longtail.models.registry import MODELS, get_factory, register
 
@@ -78,6 +79,9 @@ def model_spec(model_cfg: ModelConfig, model: nn.Module, num_classes: int, in_ch
     """
     spec = dataclasses.asdict(model_cfg)
     del spec["pretrained"]  # the trained weights are in model.pt
+    spec["head_init"] = "random"  # a text-initialised head's rows are in model.pt too
+    if hasattr(model, "spec_overrides"):  # what the backbone read from its checkpoint (an HF architecture config)
+        spec.update(model.spec_overrides())
     head = model.head
     if isinstance(head, CosineHead):
         spec.update(head="cosine", head_scale=head.scale)
@@ -97,6 +101,11 @@ def load_exported(spec: dict, state_dict: dict) -> nn.Module:
         raise ConfigError(f"model.yaml: expected a mapping with keys {', '.join(keys)} ('model' a mapping)")
     model_cfg = from_dict({"model": {**spec["model"], "pretrained": None}}).model
     model = build_model(model_cfg, spec["num_classes"], spec["in_channels"], spec["image_size"])
+    adapters = spec.get("adapters")
+    if adapters:  # AdaptFormer's adapters do not merge: model.pt holds them as modules
+        from longtail.finetune import add_adapters
+
+        add_adapters(model, adapters["blocks"], adapters["dim"], adapters["scale"])
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
