@@ -67,7 +67,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from longtail.predict import Predictor, format_prediction, image_paths
 
-    predictor = Predictor(args.model, args.prior)
+    predictor = Predictor(args.model, args.prior, args.threshold)
     paths = image_paths(args.inputs)
     print(predictor.note, file=sys.stderr)  # on stderr, so that stdout holds only the predictions
     for record in predictor.predict(paths, args.topk):
@@ -152,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory or a model.pt beside its model.yaml")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, list files (.txt, one path per line)")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
-    p.add_argument("--prior", default="uniform",
+    p.add_argument("--prior", default=None,
                    help="deployment class prior: uniform (default), train, or a file of one probability or count per "
-                        "line in class-id order")
+                        "line in class-id order (single-label models)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="multi-label models: the sigmoid score from which a class is predicted (default 0.5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
     p.set_defaults(func=cmd_predict)
 

@@ -9,7 +9,7 @@ never applied again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -29,16 +29,13 @@ NEEDED = ("task", "data", "transform", "logit_prior", "logit_prior_note")
 
 def check_spec(spec: dict, where: Path) -> None:
     """Refuse a model.yaml that predict cannot use, saying why."""
-    if spec.get("task") == "multi_label":
-        raise ConfigError(f"{where}: task multi_label: predict gives top-k softmax probabilities, which are wrong for a "
-                          "multi-label model (each class has its own sigmoid); evaluate it with longtail eval")
     missing = [key for key in NEEDED if key not in spec]
     if missing:
         raise ConfigError(f"{where}: no {', '.join(missing)}: written by an older longtail, before model.yaml recorded "
                           "class names, the evaluation transform and the logit prior; predict needs a model exported "
                           "since (`longtail eval` still takes this one)")
-    if spec["task"] != "single_label":
-        raise ConfigError(f"{where}: task {spec['task']!r} is unknown; predict takes single_label models")
+    if spec["task"] not in ("single_label", "multi_label"):
+        raise ConfigError(f"{where}: task {spec['task']!r} is unknown; predict takes single_label and multi_label models")
     if spec["transform"]["kind"] not in ("as_is", "resize_center_crop"):
         raise ConfigError(f"{where}: transform kind {spec['transform']['kind']!r} is unknown; "
                           "expected as_is or resize_center_crop")
@@ -112,24 +109,40 @@ def prior_note(spec: dict, prior: str) -> str:
 class Predictor:
     """An exported model ready to predict: on the best device, with its prior correction computed once."""
 
-    def __init__(self, model_path: str | Path, prior: str = "uniform"):
+    def __init__(self, model_path: str | Path, prior: Optional[str] = None, threshold: float = 0.5):
         self.model, self.spec, model_pt = load_model(model_path)
         check_spec(self.spec, model_pt.parent / "model.yaml")
         self.device = select_device("auto")
         self.model.to(self.device)
+        self.multilabel = self.spec["task"] == "multi_label"
+        if self.multilabel:
+            # Each class is its own yes/no: there is no softmax whose class prior could be exchanged.
+            if prior is not None:
+                raise ConfigError(f"--prior {prior}: a multi-label model scores each class with its own sigmoid, so a "
+                                  "class prior does not apply; leave --prior out (use --threshold)")
+            if not 0 < threshold < 1:
+                raise ConfigError(f"--threshold {threshold}: give a probability in (0, 1)")
+            self.threshold = threshold
+            self.note = f"model.yaml: task multi_label: per-class sigmoid scores, positive at >= {threshold:g}"
+            return
+        prior = prior or "uniform"
         counts = self.spec["data"]["class_counts"]
         self.shift = prior_shift(prior_vector(prior, counts), logit_prior_vector(self.spec["logit_prior"], counts))
         self.note = prior_note(self.spec, prior)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Model inputs (N x C x H x W) -> class probabilities under the chosen prior (N x K, float64, CPU)."""
+        """Model inputs (N x C x H x W) -> class probabilities under the chosen prior (N x K, float64, CPU);
+        multi-label: each class's sigmoid score."""
         x = x.to(self.device)
         z = flip_tta(self.model, x) if self.spec["transform"]["tta"] == "flip" else self.model(x)
+        if self.multilabel:
+            return torch.sigmoid(z.double().cpu())
         return torch.softmax(z.double().cpu() + self.shift, dim=1)
 
     def predict(self, paths: Sequence[Path], topk: int = 5) -> Iterator[dict]:
-        """{"input": path, "predictions": [{"class", "id", "probability"}, ...]} per image, most probable first."""
+        """{"input": path, "predictions": [{"class", "id", "probability"}, ...]} per image, most probable first;
+        multi-label: the classes scored at or above the threshold (at most `topk`), possibly none."""
         names = self.spec["data"]["class_names"]
         if not 1 <= topk <= len(names):
             raise ConfigError(f"--topk {topk}: the model has {len(names)} classes; give 1..{len(names)}")
@@ -137,10 +150,11 @@ class Predictor:
             batch = paths[start:start + BATCH_SIZE]
             top = self.probabilities(torch.stack([load_input(p, self.spec) for p in batch])).topk(topk, dim=1)
             for path, probs, ids in zip(batch, top.values.tolist(), top.indices.tolist()):
+                kept = [(k, p) for k, p in zip(ids, probs) if not self.multilabel or p >= self.threshold]
                 yield {"input": str(path),
-                       "predictions": [{"class": names[k], "id": k, "probability": p} for k, p in zip(ids, probs)]}
+                       "predictions": [{"class": names[k], "id": k, "probability": p} for k, p in kept]}
 
 
 def format_prediction(record: dict) -> str:
-    return f"{record['input']}: " + ", ".join(f"{p['class']} {100 * p['probability']:.2f}%"
-                                              for p in record["predictions"])
+    shown = ", ".join(f"{p['class']} {100 * p['probability']:.2f}%" for p in record["predictions"])
+    return f"{record['input']}: {shown or '(no class at or above the threshold)'}"

@@ -540,3 +540,23 @@ def test_multilabel_configs_pass_the_task_check_and_are_documented(path):
     MULTI.check(cfg)
     assert (cfg.data.sampler == "class_aware") == cfg.loss.name.startswith("db")  # DB-Loss trains class-aware
     assert f"configs/{path.parent.name}/" in (REPO / "docs" / "multilabel.md").read_text()
+
+
+def test_predict_gives_the_classes_a_multilabel_model_scores_above_the_threshold(cifar_root, tmp_path):
+    from longtail.predict import Predictor
+
+    fit(from_dict(mosaic_cfg("bce")), tmp_path / "run", data_root=str(cifar_root))
+    data = build_data(from_dict(mosaic_cfg("bce")).data, cifar_root)
+    images = []
+    for i in range(3):  # test mosaics as 32 x 32 RGB files
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(data.test.images[i].permute(1, 2, 0).numpy()).save(images[-1])
+    with pytest.raises(ConfigError, match="--prior train: a multi-label model scores each class with its own sigmoid"):
+        Predictor(tmp_path / "run", "train")
+    predictor = Predictor(tmp_path / "run", threshold=0.3)
+    x = torch.stack([data.test.to_input(data.test.images[i:i + 1], "cpu", train=False)[0] for i in range(3)])
+    scores = predictor.probabilities(x)
+    assert torch.allclose(scores, torch.sigmoid(predictor.model(x).double()))  # sigmoids, not a softmax
+    for record, row in zip(predictor.predict(images, topk=10), scores):
+        expected = sorted((k for k in range(10) if row[k] >= 0.3), key=lambda k: -row[k])
+        assert [p["id"] for p in record["predictions"]] == expected
