@@ -38,8 +38,17 @@ def test_the_communication_device_follows_the_backend_map(config, device):
 
 
 def _cuda_only_worker(rank: int, store: str) -> None:
+    # The group has no CPU barrier (that is the point), so the ranks meet through a store of their own: a
+    # rank that raced ahead and left would break its peer's connection set-up.
+    meet = tdist.FileStore(store + ".meet", 2)
+
+    def meet_at(name: str) -> None:
+        meet.set(f"{name}{rank}", "1")
+        meet.wait([f"{name}0", f"{name}1"], timedelta(seconds=60))
+
     tdist.init_process_group("cuda:gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                              timeout=timedelta(seconds=30))
+    meet_at("up")
     try:
         assert tdist.get_backend_config() == "cuda:gloo"
         # The diagnosis: the old gather path handed CPU tensors to the group, which serves none.
@@ -48,6 +57,7 @@ def _cuda_only_worker(rank: int, store: str) -> None:
             tdist.all_gather(lengths, torch.tensor([3]))
         # The helper reads the map and asks for CUDA tensors instead.
         assert distributed.device_for_backend_config(tdist.get_backend_config()) == "cuda"
+        meet_at("done")
     finally:
         tdist.destroy_process_group()
 
