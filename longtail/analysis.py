@@ -19,6 +19,7 @@ from longtail import distributed as dist
 from longtail.checkpoint import atomic_write_json, read_jsonl
 from longtail.metrics import gather_unique
 from longtail.plots import new_figure, save_figure
+from longtail.progress import Progress
 
 # FDR's tolerance for a constant dimension, as a fraction of a mean (`fisher_details` says of which).
 FLAT_DIM_RATIO = 1e-3
@@ -26,17 +27,20 @@ FLAT_DIM_RATIO = 1e-3
 
 @torch.no_grad()
 def collect_features(
-    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512
+    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, desc: str = "features"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (N x d, float32, CPU) and labels of a whole split in split order, eval transform."""
+    """Penultimate features (N x d, float32, CPU) and labels of a whole split in split order, eval transform.
+    `desc` names the pass in its progress."""
     modes = [m.training for m in model.modules()]
     model.eval()
     feats, labels, idxs = [], [], []
     batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
-    for x, y, idx in batches:
-        feats.append(model.features(split.to_input(x, device, train=False, generator=None)).float().cpu())
-        labels.append(y)
-        idxs.append(idx)
+    with Progress(math.ceil(len(split) / dist.world_size()), desc, "img") as progress:  # this rank's share
+        for x, y, idx in batches:
+            feats.append(model.features(split.to_input(x, device, train=False, generator=None)).float().cpu())
+            labels.append(y)
+            idxs.append(idx)
+            progress.update(len(y))
     for m, mode in zip(model.modules(), modes):
         m.training = mode  # restore per module: a stage-2 model keeps its frozen BN layers in eval mode
     features, targets, _ = gather_unique(torch.cat(feats), torch.cat(labels), torch.cat(idxs))
@@ -191,7 +195,7 @@ def feature_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 def track(model: nn.Module, split: Any, device: torch.device, rule: str = "reference") -> dict:
     """Logged during training: FDR (with its solver), cosines and mean feature norm on `split`, BN gamma mean/std."""
-    features, labels = collect_features(model, split, device)
+    features, labels = collect_features(model, split, device, desc="track: train features")
     stats = feature_stats(features, labels, int(labels.max()) + 1, rule)
     gammas = bn_gammas(model)
     return {
@@ -304,7 +308,7 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
         "tracked": tracked_history(run.run_dir),
     }
     for name, split in (("train", run.data.train), ("test", run.data.test)):
-        features, labels = collect_features(model, split, device, run.cfg.eval.batch_size)
+        features, labels = collect_features(model, split, device, run.cfg.eval.batch_size, f"features {name}")
         result["splits"][name] = feature_stats(features, labels, len(counts), rule)
     figures = run.run_dir / "figures"
     result["figures"] = [plot_norms(result, counts, figures / "norms.png")]

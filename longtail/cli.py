@@ -6,8 +6,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from longtail.errors import LongtailError
+from longtail.progress import set_quiet
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -68,48 +70,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition: train, evaluate, analyse.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, summary: str, func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary)
+        p.add_argument("--quiet", action="store_true", help="print only the result: no progress, no per-epoch lines")
+        p.set_defaults(func=func)
+        return p
+
     def data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-root", help="dataset directory (default: data.root, $LONGTAIL_DATA, ~/.cache/longtail-data)")
         p.add_argument("--download", action="store_true", help="fetch the official archive when it is missing")
 
-    p = sub.add_parser("train", help="train a config; writes a run directory")
+    p = command("train", "train a config; writes a run directory", cmd_train)
     p.add_argument("config", help="YAML config, e.g. configs/cifar10_lt/ce.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.05")
     p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     data_options(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="re-evaluate a run's exported model; writes eval-<split>.json")
+    p = command("eval", "re-evaluate a run's exported model; writes eval-<split>.json", cmd_eval)
     p.add_argument("run", help="run directory or a model.pt inside one")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--plots", action="store_true", help="also draw per-class accuracy, confusion matrix, reliability")
     data_options(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("data", help="show a long-tailed subset: per-class counts, groups, index sha256")
+    p = command("data", "show a long-tailed subset: per-class counts, groups, index sha256", cmd_data)
     p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")
     p.add_argument("overrides", nargs="*", help="overrides, e.g. imbalance=50 selection=first")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--indices", help="write the selected original train indices to this file, one per line")
     data_options(p)
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("posthoc", help="post-hoc logit adjustment of a finished run, folded into its head")
+    p = command("posthoc", "post-hoc logit adjustment of a finished run, folded into its head", cmd_posthoc)
     p.add_argument("run", help="run directory")
     p.add_argument("--kind", choices=["multiplicative", "additive"], default=None)
     p.add_argument("--tau", type=float, default=None, help="fixed tau (default: search on the validation split)")
     p.add_argument("--data-root")
-    p.set_defaults(func=cmd_posthoc)
 
-    p = sub.add_parser("analyze", help="FDR, cosine similarities, BN gamma, feature and classifier norms")
+    p = command("analyze", "FDR, cosine similarities, BN gamma, feature and classifier norms", cmd_analyze)
     p.add_argument("run", help="run directory")
     p.add_argument("--data-root")
-    p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("report", help="Markdown table of runs; seeds grouped into mean ± std")
+    p = command("report", "Markdown table of runs; seeds grouped into mean ± std", cmd_report)
     p.add_argument("runs", nargs="+", help="run directories")
-    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    set_quiet(args.quiet)
     try:
         args.func(args)
     except LongtailError as exc:

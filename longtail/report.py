@@ -15,6 +15,7 @@ from typing import Optional
 from longtail.config import flatten_saved
 from longtail.engine import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
+from longtail.progress import track
 
 IGNORED_KEYS = RESUME_FREE_KEYS | {"train.seed"}
 _COLUMNS = [("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few"), ("ECE", "ece")]
@@ -89,7 +90,7 @@ def _row(name: str, group: list[dict]) -> list[str]:
 def report(run_dirs: list[str]) -> str:
     """A Markdown table, one row per recipe (runs differing only in seed merged), in input order."""
     groups: dict[str, tuple[str, list[dict]]] = {}
-    for run_dir in run_dirs:
+    for run_dir in track(run_dirs, "read runs", "runs"):
         results = _read_results(Path(run_dir))
         key = recipe_key(results["config"])
         groups.setdefault(key, (str(run_dir), []))[1].append(results)
