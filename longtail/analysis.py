@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from longtail import distributed as dist
 from longtail.checkpoint import atomic_write_json, read_jsonl
 from longtail.metrics import gather_unique
-from longtail.plots import new_figure, save_figure
+from longtail.plots import by_size, class_ticks, new_figure, save_figure, shade_groups
 from longtail.progress import Progress
 
 # FDR's tolerance for a constant dimension, as a fraction of a mean (`fisher_details` says of which).
@@ -231,15 +231,16 @@ def tracked_history(run_dir: Path) -> list[dict]:
     return [{"epoch": r["epoch"], **r["track"]} for r in records if "track" in r]
 
 
-def _by_frequency(class_counts: list[int]) -> list[int]:
-    return sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
-
-
-def plot_norms(result: dict, class_counts: list[int], path: Path) -> str:
-    """Per-class mean feature norm (train, test) and classifier row norm against class sorted by frequency."""
-    order = _by_frequency(class_counts)
+def plot_norms(result: dict, class_counts: list[int], path: Path, thresholds: Optional[Sequence[int]] = None,
+               class_names: Optional[Sequence[str]] = None) -> str:
+    """Per-class mean feature norm (train, test) and classifier row norm against class sorted by frequency,
+    the Many / Medium / Few spans shaded when `thresholds` are given."""
+    order = by_size(class_counts)
     fig = new_figure(7.0, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True)
+    if thresholds is not None:
+        for ax in (top, bottom):
+            shade_groups(ax, order, class_counts, thresholds)
     for split, style in (("train", "-o"), ("test", "--s")):
         norms = result["splits"][split]["feature_norms"]
         values = [math.nan if norms[c] is None else norms[c] for c in order]
@@ -250,18 +251,22 @@ def plot_norms(result: dict, class_counts: list[int], path: Path) -> str:
     if result["classifier_norms"] is not None:
         bottom.plot(range(len(order)), [result["classifier_norms"][c] for c in order], "-o", ms=3, color="tab:red")
     bottom.set_ylabel("classifier row norm")
-    bottom.set_xlabel("class rank by training images (most frequent first)")
+    bottom.set_xlabel("class (most training images first)")
+    class_ticks(bottom, order, class_names)
     return save_figure(fig, path)
 
 
-def plot_cosine_matrix(matrix: np.ndarray, class_counts: list[int], path: Path, title: str) -> str:
-    order = _by_frequency(class_counts)
+def plot_cosine_matrix(matrix: np.ndarray, class_counts: list[int], path: Path, title: str,
+                       class_names: Optional[Sequence[str]] = None) -> str:
+    order = by_size(class_counts)
     fig = new_figure(6.0, 5.0)
     ax = fig.add_subplot()
     image = ax.imshow(matrix[order][:, order], cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8, label="mean cosine similarity")
-    ax.set_xlabel("class rank (most frequent first)")
-    ax.set_ylabel("class rank (most frequent first)")
+    class_ticks(ax, order, class_names, "x")
+    class_ticks(ax, order, class_names, "y")
+    ax.set_xlabel("class (most training images first)")
+    ax.set_ylabel("class (most training images first)")
     ax.set_title(title)
     return save_figure(fig, path)
 
@@ -289,7 +294,7 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
     dimension handling (`fisher_details`), recorded as `fdr_rule`; each split records `fdr_solver`."""
     if rule not in FDR_RULES:
         raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
-    from longtail.engine import load_run, select_device
+    from longtail.engine import load_run, select_device, thresholds_of
 
     run = load_run(run_dir, data_root)
     device = select_device(run.cfg.train.device)
@@ -311,11 +316,12 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
         features, labels = collect_features(model, split, device, run.cfg.eval.batch_size, f"features {name}")
         result["splits"][name] = feature_stats(features, labels, len(counts), rule)
     figures = run.run_dir / "figures"
-    result["figures"] = [plot_norms(result, counts, figures / "norms.png")]
+    names = run.data.class_names
+    result["figures"] = [plot_norms(result, counts, figures / "norms.png", thresholds_of(run.cfg, run.data), names)]
     for name in ("train", "test"):
         matrix = result["splits"][name]["cos_matrix"]
-        result["figures"].append(
-            plot_cosine_matrix(matrix, counts, figures / f"cosine-{name}.png", f"Class x class cosine ({name})"))
+        result["figures"].append(plot_cosine_matrix(matrix, counts, figures / f"cosine-{name}.png",
+                                                    f"Class x class cosine ({name})", names))
     if result["tracked"]:
         result["figures"].append(plot_tracking(result["tracked"], figures / "tracking.png"))
     result = _jsonable(result)

@@ -61,9 +61,11 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from longtail.report import report
+    from longtail.report import plot_report, report
 
     print(report(args.runs))
+    if args.plot:
+        print(f"wrote {plot_report(args.runs, args.plot)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", "Markdown table of runs; seeds grouped into mean ± std", cmd_report)
     p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--plot", metavar="FILE", help="also draw the per-class accuracy of every row against class "
+                   "size into FILE (a .png; runs on one dataset)")
     return parser
 
 

@@ -659,6 +659,7 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
     metrics = evaluate(model, split, device, cfg, data, f"evaluate {cfg.eval.split}")
     results = {
         **metrics,
+        "class_names": list(data.class_names),
         "thresholds_rule": data.thresholds_rule if cfg.eval.thresholds is None else "eval.thresholds from the config",
         "split": cfg.eval.split,
         "checkpoint": cfg.eval.select,
@@ -789,10 +790,13 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
 
         fig = run.run_dir / "figures"
         fig.mkdir(exist_ok=True)
+        counts, names = run.data.class_counts, run.data.class_names
         metrics["figures"] = [
-            str(plotting.plot_per_class_accuracy(metrics["per_class"], run.data.class_counts, fig / f"per_class-{split_name}.png")),
-            str(plotting.plot_confusion(logits, targets, run.data.num_classes, fig / f"confusion-{split_name}.png", run.data.class_counts)),
-            str(plotting.plot_reliability(logits, targets, fig / f"reliability-{split_name}.png", run.cfg.eval.ece_bins)),
+            plotting.plot_per_class_accuracy({str(run.run_dir): metrics["per_class"]}, counts,
+                                             fig / f"per_class-{split_name}.png", metrics["thresholds"], names),
+            plotting.plot_confusion(logits, targets, run.data.num_classes, fig / f"confusion-{split_name}.png", counts,
+                                    names),
+            plotting.plot_reliability(logits, targets, fig / f"reliability-{split_name}.png", run.cfg.eval.ece_bins),
         ]
     atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)
     return metrics

@@ -87,15 +87,44 @@ def _row(name: str, group: list[dict]) -> list[str]:
     return cells + [_mean_std([r.get(key) for r in group]) for _, key in _COLUMNS]
 
 
-def report(run_dirs: list[str]) -> str:
-    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order."""
+def _groups(run_dirs: list[str]) -> list[tuple[str, list[dict]]]:
+    """(name of the first run, results of its seeds) per recipe, in input order."""
     groups: dict[str, tuple[str, list[dict]]] = {}
     for run_dir in track(run_dirs, "read runs", "runs"):
         results = _read_results(Path(run_dir))
         key = recipe_key(results["config"])
         groups.setdefault(key, (str(run_dir), []))[1].append(results)
+    return list(groups.values())
+
+
+def report(run_dirs: list[str]) -> str:
+    """A Markdown table, one row per recipe (runs differing only in seed merged), in input order."""
     header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [title for title, _ in _COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name, group in groups.values():
+    for name, group in _groups(run_dirs):
         lines.append("| " + " | ".join(_row(name, group)) + " |")
     return "\n".join(lines)
+
+
+def _mean_per_class(group: list[dict]) -> list[Optional[float]]:
+    """Per-class accuracy averaged over a row's seeds (None where no seed has the class)."""
+    columns = zip(*(r["per_class"] for r in group))
+    return [statistics.mean(present) if (present := [v for v in column if v is not None]) else None
+            for column in columns]
+
+
+def plot_report(run_dirs: list[str], path: str | Path) -> str:
+    """`report --plot`: the per-class accuracy of every row (mean over its seeds) against class size, one
+    figure; the runs must share the training class counts (one dataset, one subset)."""
+    from longtail.plots import plot_per_class_accuracy
+
+    groups = _groups(run_dirs)
+    first_name, (first, *_) = groups[0]
+    for name, group in groups:
+        for results in group:
+            if results["class_counts"] != first["class_counts"]:
+                raise ConfigError(f"report --plot: {name} was trained on other class counts than {first_name}; the "
+                                  "per-class figure compares runs on one dataset and subset")
+    rows = {name + (f" (mean of {len(group)} seeds)" if len(group) > 1 else ""): _mean_per_class(group)
+            for name, group in groups}
+    return plot_per_class_accuracy(rows, first["class_counts"], path, first["thresholds"], first.get("class_names"))

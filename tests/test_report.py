@@ -7,7 +7,7 @@ import pytest
 
 from longtail.config import load_config
 from longtail.errors import ConfigError
-from longtail.report import report
+from longtail.report import _mean_per_class, plot_report, report
 
 
 def _run(tmp_path, name, overrides, top1, few=None, posthoc=None):
@@ -98,3 +98,33 @@ def test_data_column_shows_the_measured_imbalance_under_profile_none(tmp_path):
     old["imbalance"] = 256.0  # as written now: measured
     path.write_text(json.dumps(old))
     assert _rows(report([natural]))[0]["Data"] == "imagenet_lt IF 256 (natural)"
+
+
+def _with_per_class(run, per_class, class_counts, class_names=None):
+    """Add what `report --plot` reads to a fake run's results.json (class_names: absent, as in older runs)."""
+    path = Path(run) / "results.json"
+    results = json.loads(path.read_text())
+    results.update(per_class=per_class, class_counts=class_counts, thresholds=[1000, 200])
+    if class_names is not None:
+        results["class_names"] = class_names
+    path.write_text(json.dumps(results))
+    return run
+
+
+def test_plot_draws_every_row_and_averages_seeds(tmp_path):
+    counts = [5000, 1500, 600, 100]
+    ce = [_with_per_class(_run(tmp_path, f"ce-s{seed}", [f"train.seed={seed}"], 50.0), [90.0, 70.0, 10.0 * seed, None],
+                          counts, ["plane", "car", "bird", "cat"]) for seed in (0, 1)]
+    la = _with_per_class(_run(tmp_path, "la", ["loss.name=la"], 60.0), [80.0, 60.0, 50.0, 40.0], counts)
+    out = plot_report([*ce, la], tmp_path / "per_class.png")
+    assert out == str(tmp_path / "per_class.png")
+    assert (tmp_path / "per_class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _mean_per_class([json.loads((Path(r) / "results.json").read_text()) for r in ce]) == [90.0, 70.0, 5.0, None]
+
+
+def test_plot_refuses_runs_on_other_class_counts(tmp_path):
+    a = _with_per_class(_run(tmp_path, "a", [], 50.0), [90.0, 10.0], [500, 50])
+    b = _with_per_class(_run(tmp_path, "b", ["data.imbalance=50"], 50.0), [90.0, 10.0], [500, 10])
+    with pytest.raises(ConfigError, match="b was trained on other class counts than .*a; the per-class figure"):
+        plot_report([a, b], tmp_path / "per_class.png")
+    assert not (tmp_path / "per_class.png").exists()
