@@ -239,15 +239,16 @@ def plot_norms(result: dict, class_counts: list[int], path: Path, thresholds: Op
     fig = new_figure(7.0, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True)
     if thresholds is not None:
-        for ax in (top, bottom):
-            shade_groups(ax, order, class_counts, thresholds)
+        shade_groups(top, order, class_counts, thresholds)
+        shade_groups(bottom, order, class_counts, thresholds, named=False)
     for split, style in (("train", "-o"), ("test", "--s")):
         norms = result["splits"][split]["feature_norms"]
         values = [math.nan if norms[c] is None else norms[c] for c in order]
         top.plot(range(len(order)), values, style, ms=3, label=split)
+    top.set_xlim(-0.5, len(order) - 0.5)
     top.set_ylabel("mean feature norm")
     top.legend(fontsize=8)
-    top.set_title("Feature and classifier norms per class")
+    fig.suptitle("Feature and classifier norms per class", fontsize=11)
     if result["classifier_norms"] is not None:
         bottom.plot(range(len(order)), [result["classifier_norms"][c] for c in order], "-o", ms=3, color="tab:red")
     bottom.set_ylabel("classifier row norm")

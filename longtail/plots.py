@@ -46,15 +46,21 @@ def class_ticks(ax, order: list[int], class_names: Optional[Sequence[str]] = Non
         getattr(ax, f"set_{axis}ticks")([])
         return
     labels = [str(class_names[c]) if class_names is not None else str(c) for c in order]
-    long = max(map(len, labels)) > 3
-    rotation = (45 if len(order) <= 20 else 90) if long and axis == "x" else 0
-    getattr(ax, f"set_{axis}ticks")(range(len(order)), labels, fontsize=7 if len(order) <= 40 else 5,
-                                    rotation=rotation, ha="right" if rotation == 45 else "center",
-                                    rotation_mode="anchor" if rotation == 45 else "default")
+    fontsize = 7 if len(order) <= 40 else 5
+    if axis == "y":
+        ax.set_yticks(range(len(order)), labels, fontsize=fontsize)
+    elif max(map(len, labels)) <= 3:  # ids: upright
+        ax.set_xticks(range(len(order)), labels, fontsize=fontsize)
+    elif len(order) <= 20:  # names: slanted, each ending under its class
+        ax.set_xticks(range(len(order)), labels, fontsize=fontsize, rotation=45, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(len(order)), labels, fontsize=fontsize, rotation=90)
 
 
-def shade_groups(ax, order: list[int], class_counts: Sequence[int], thresholds: Sequence[int]) -> None:
-    """Shade the Many / Medium / Few spans of a class axis sorted by size, each named at the top."""
+def shade_groups(ax, order: list[int], class_counts: Sequence[int], thresholds: Sequence[int],
+                 named: bool = True) -> None:
+    """Shade the Many / Medium / Few spans of a class axis sorted by size, each named above the axes
+    unless `named` is false (a lower panel of a figure that names them once)."""
     many, medium, few = group_of_classes(class_counts, thresholds)
     position = {c: i for i, c in enumerate(order)}
     for (name, alpha), ids in zip(GROUP_SHADES.items(), (many, medium, few)):
@@ -62,8 +68,9 @@ def shade_groups(ax, order: list[int], class_counts: Sequence[int], thresholds: 
             continue
         span = [position[c] for c in ids]  # contiguous: the order is by size, the groups are size ranges
         ax.axvspan(min(span) - 0.5, max(span) + 0.5, color="grey", alpha=alpha, lw=0)
-        ax.text((min(span) + max(span)) / 2, 1.0, f"{name.capitalize()} ({len(ids)})",
-                transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+        if named:
+            ax.text((min(span) + max(span)) / 2, 1.0, f"{name.capitalize()} ({len(ids)})",
+                    transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
 
 
 def plot_per_class_accuracy(

@@ -60,6 +60,9 @@ def test_groups_are_shaded_over_their_span_and_named():
     ax = new_figure(4, 3).add_subplot()
     shade_groups(ax, by_size(counts), counts, (1000, 200))  # no Many class: two spans
     assert [t.get_text() for t in ax.texts] == ["Medium (2)", "Few (6)"]
+    ax = new_figure(4, 3).add_subplot()
+    shade_groups(ax, by_size(counts), counts, (100, 20), named=False)  # a lower panel: shaded, not named
+    assert len(ax.patches) == 3 and not ax.texts
 
 
 def test_confusion_plot_accepts_logits_or_predictions(tmp_path, predictions):
