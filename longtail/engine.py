@@ -378,7 +378,8 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
             bar.update()
             window_steps += 1
             step_in_epoch = i // accum
-            due = bool(cfg.train.checkpoint_every) and (epoch * steps + step_in_epoch + 1) % cfg.train.checkpoint_every == 0
+            due = (bool(cfg.train.checkpoint_every)
+                   and (epoch * steps + step_in_epoch + 1) % cfg.train.checkpoint_every == 0)
             if step_in_epoch % cfg.train.log_every == 0 or due or (world == 1 and loop.stop.signum is not None):
                 check(i, due)
         check(usable - 1)  # always before the epoch's checkpoint: a NaN never reaches checkpoint.pt

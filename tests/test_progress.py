@@ -13,6 +13,7 @@ from longtail.analysis import collect_features
 from longtail.config import load_config
 from longtail.data import build_data
 from longtail.engine import collect_logits
+from longtail.methods.posthoc import search_tau
 from longtail.models import build_model
 from longtail.progress import Progress, duration, mode, say, track
 
@@ -104,6 +105,15 @@ def test_track_counts_each_item_once_it_is_done(monkeypatch, capsys):
     written.append(capsys.readouterr().err)
     counts = [[line.split(",")[0] for line in err.splitlines()] for err in written]
     assert counts == [[], ["read runs: 1/2 runs"], ["read runs: 2/2 runs", "read runs: 2 runs in 0s"]]
+
+
+def test_the_tau_searches_report_each_tau(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
+    logits, targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    search_tau(logits, targets, torch.tensor([0.9, 0.1], dtype=torch.float64), "additive", [0.0, 1.0, 0.5])
+    assert [line.split(",")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "posthoc: search tau: 1/3 tau", "posthoc: search tau: 2/3 tau", "posthoc: search tau: 3/3 tau",
+        "posthoc: search tau: 3 tau in 0s"]
 
 
 def test_durations_read_as_hours_minutes_seconds():
