@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torch import nn
 from longtail import distributed as dist
 from longtail.checkpoint import atomic_write_json, read_jsonl
 from longtail.metrics import gather_unique
-from longtail.plots import new_figure, save_figure
+from longtail.plots import by_size, class_ticks, new_figure, save_figure, shade_groups
+from longtail.progress import Progress
 
 # FDR's tolerance for a constant dimension, as a fraction of a mean (`fisher_details` says of which).
 FLAT_DIM_RATIO = 1e-3
@@ -26,17 +27,20 @@ FLAT_DIM_RATIO = 1e-3
 
 @torch.no_grad()
 def collect_features(
-    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512
+    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, desc: str = "features"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (N x d, float32, CPU) and labels of a whole split in split order, eval transform."""
+    """Penultimate features (N x d, float32, CPU) and labels of a whole split in split order, eval transform.
+    `desc` names the pass in its progress."""
     modes = [m.training for m in model.modules()]
     model.eval()
     feats, labels, idxs = [], [], []
     batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
-    for x, y, idx in batches:
-        feats.append(model.features(split.to_input(x, device, train=False, generator=None)).float().cpu())
-        labels.append(y)
-        idxs.append(idx)
+    with Progress(math.ceil(len(split) / dist.world_size()), desc, "img") as progress:  # this rank's share
+        for x, y, idx in batches:
+            feats.append(model.features(split.to_input(x, device, train=False, generator=None)).float().cpu())
+            labels.append(y)
+            idxs.append(idx)
+            progress.update(len(y))
     for m, mode in zip(model.modules(), modes):
         m.training = mode  # restore per module: a stage-2 model keeps its frozen BN layers in eval mode
     features, targets, _ = gather_unique(torch.cat(feats), torch.cat(labels), torch.cat(idxs))
@@ -191,7 +195,7 @@ def feature_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 def track(model: nn.Module, split: Any, device: torch.device, rule: str = "reference") -> dict:
     """Logged during training: FDR (with its solver), cosines and mean feature norm on `split`, BN gamma mean/std."""
-    features, labels = collect_features(model, split, device)
+    features, labels = collect_features(model, split, device, desc="track: train features")
     stats = feature_stats(features, labels, int(labels.max()) + 1, rule)
     gammas = bn_gammas(model)
     return {
@@ -227,37 +231,43 @@ def tracked_history(run_dir: Path) -> list[dict]:
     return [{"epoch": r["epoch"], **r["track"]} for r in records if "track" in r]
 
 
-def _by_frequency(class_counts: list[int]) -> list[int]:
-    return sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
-
-
-def plot_norms(result: dict, class_counts: list[int], path: Path) -> str:
-    """Per-class mean feature norm (train, test) and classifier row norm against class sorted by frequency."""
-    order = _by_frequency(class_counts)
+def plot_norms(result: dict, class_counts: list[int], path: Path, thresholds: Optional[Sequence[int]] = None,
+               class_names: Optional[Sequence[str]] = None) -> str:
+    """Per-class mean feature norm (train, test) and classifier row norm against class sorted by frequency,
+    the Many / Medium / Few spans shaded when `thresholds` are given."""
+    order = by_size(class_counts)
     fig = new_figure(7.0, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True)
+    if thresholds is not None:
+        shade_groups(top, order, class_counts, thresholds)
+        shade_groups(bottom, order, class_counts, thresholds, named=False)
     for split, style in (("train", "-o"), ("test", "--s")):
         norms = result["splits"][split]["feature_norms"]
         values = [math.nan if norms[c] is None else norms[c] for c in order]
         top.plot(range(len(order)), values, style, ms=3, label=split)
+    top.set_xlim(-0.5, len(order) - 0.5)
     top.set_ylabel("mean feature norm")
     top.legend(fontsize=8)
-    top.set_title("Feature and classifier norms per class")
+    fig.suptitle("Feature and classifier norms per class", fontsize=11)
     if result["classifier_norms"] is not None:
         bottom.plot(range(len(order)), [result["classifier_norms"][c] for c in order], "-o", ms=3, color="tab:red")
     bottom.set_ylabel("classifier row norm")
-    bottom.set_xlabel("class rank by training images (most frequent first)")
+    bottom.set_xlabel("class (most training images first)")
+    class_ticks(bottom, order, class_names)
     return save_figure(fig, path)
 
 
-def plot_cosine_matrix(matrix: np.ndarray, class_counts: list[int], path: Path, title: str) -> str:
-    order = _by_frequency(class_counts)
+def plot_cosine_matrix(matrix: np.ndarray, class_counts: list[int], path: Path, title: str,
+                       class_names: Optional[Sequence[str]] = None) -> str:
+    order = by_size(class_counts)
     fig = new_figure(6.0, 5.0)
     ax = fig.add_subplot()
     image = ax.imshow(matrix[order][:, order], cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8, label="mean cosine similarity")
-    ax.set_xlabel("class rank (most frequent first)")
-    ax.set_ylabel("class rank (most frequent first)")
+    class_ticks(ax, order, class_names, "x")
+    class_ticks(ax, order, class_names, "y")
+    ax.set_xlabel("class (most training images first)")
+    ax.set_ylabel("class (most training images first)")
     ax.set_title(title)
     return save_figure(fig, path)
 
@@ -286,7 +296,6 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
     if rule not in FDR_RULES:
         raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
     from longtail.engine import load_run, select_device
-
     from longtail.task import refuse_analysis
 
     run = load_run(run_dir, data_root)
@@ -307,14 +316,15 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
         "tracked": tracked_history(run.run_dir),
     }
     for name, split in (("train", run.data.train), ("test", run.data.test)):
-        features, labels = collect_features(model, split, device, run.cfg.eval.batch_size)
+        features, labels = collect_features(model, split, device, run.cfg.eval.batch_size, f"features {name}")
         result["splits"][name] = feature_stats(features, labels, len(counts), rule)
     figures = run.run_dir / "figures"
-    result["figures"] = [plot_norms(result, counts, figures / "norms.png")]
+    names = run.data.class_names
+    result["figures"] = [plot_norms(result, counts, figures / "norms.png", run.cfg.eval.thresholds or run.data.default_thresholds, names)]
     for name in ("train", "test"):
         matrix = result["splits"][name]["cos_matrix"]
-        result["figures"].append(
-            plot_cosine_matrix(matrix, counts, figures / f"cosine-{name}.png", f"Class x class cosine ({name})"))
+        result["figures"].append(plot_cosine_matrix(matrix, counts, figures / f"cosine-{name}.png",
+                                                    f"Class x class cosine ({name})", names))
     if result["tracked"]:
         result["figures"].append(plot_tracking(result["tracked"], figures / "tracking.png"))
     result = _jsonable(result)

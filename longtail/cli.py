@@ -6,8 +6,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from longtail.errors import LongtailError
+from longtail.progress import set_quiet
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -81,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from longtail.report import report, report_csv
+    from longtail.report import plot_report, report, report_csv
 
     if args.html:
         from longtail.checkpoint import atomic_write_text
@@ -94,6 +96,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(report(args.runs, baseline=args.baseline, show_env=args.show_env))
     if args.html:
         print(f"wrote {args.html}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot_report(args.runs, args.plot)}", file=sys.stderr if args.csv else sys.stdout)
 
 
 def slurm_options(args: argparse.Namespace) -> dict | None:
@@ -127,11 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition: train, evaluate, analyse.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, summary: str, func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary)
+        p.add_argument("--quiet", action="store_true", help="print only the result: no progress, no per-epoch lines")
+        p.set_defaults(func=func)
+        return p
+
     def data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-root", help="dataset directory (default: data.root, $LONGTAIL_DATA, ~/.cache/longtail-data)")
         p.add_argument("--download", action="store_true", help="fetch the official archive when it is missing")
 
-    p = sub.add_parser("train", help="train a config; writes a run directory")
+    p = command("train", "train a config; writes a run directory", cmd_train)
     p.add_argument("config", help="YAML config, e.g. configs/cifar10_lt/ce.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.05")
     p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>)")
@@ -139,16 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download-weights", action="store_true",
                    help="hf_clip / hf_vit: fetch model.pretrained (a hub id) into the Hugging Face cache first")
     data_options(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="re-evaluate a run's exported model; writes eval-<split>.json")
+    p = command("eval", "re-evaluate a run's exported model; writes eval-<split>.json", cmd_eval)
     p.add_argument("run", help="run directory or a model.pt inside one")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--plots", action="store_true", help="also draw per-class accuracy, confusion matrix, reliability")
     data_options(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k class names with probabilities for image files, from an exported model")
+    p = command("predict", "top-k class names with probabilities for image files, from an exported model", cmd_predict)
     p.add_argument("model", help="run directory or a model.pt beside its model.yaml")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, list files (.txt, one path per line)")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
@@ -158,32 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multi-label models: the sigmoid score from which a class is predicted (default 0.5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="write a run's exported model as safetensors, ONNX or a torch.export program")
+    p = command("export", "write a run's exported model as safetensors, ONNX or a torch.export program", cmd_export)
     p.add_argument("run", help="run directory or a model.pt beside its model.yaml")
     p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torch_export"])
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("data", help="show a long-tailed subset: per-class counts, groups, index sha256")
+    p = command("data", "show a long-tailed subset: per-class counts, groups, index sha256", cmd_data)
     p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")
     p.add_argument("overrides", nargs="*", help="overrides, e.g. imbalance=50 selection=first")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--indices", help="write the selected original train indices to this file, one per line")
     data_options(p)
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("posthoc", help="post-hoc logit adjustment of a finished run, folded into its head")
+    p = command("posthoc", "post-hoc logit adjustment of a finished run, folded into its head", cmd_posthoc)
     p.add_argument("run", help="run directory")
     p.add_argument("--kind", choices=["multiplicative", "additive"], default=None)
     p.add_argument("--tau", type=float, default=None, help="fixed tau (default: search on the validation split)")
     p.add_argument("--data-root")
-    p.set_defaults(func=cmd_posthoc)
 
-    p = sub.add_parser("analyze", help="FDR, cosine similarities, BN gamma, feature and classifier norms")
+    p = command("analyze", "FDR, cosine similarities, BN gamma, feature and classifier norms", cmd_analyze)
     p.add_argument("run", help="run directory")
     p.add_argument("--data-root")
-    p.set_defaults(func=cmd_analyze)
 
     def run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine; the cores (and GPUs) "
@@ -194,16 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gpus", type=int, default=0, help="--slurm: GPUs per job, one process each (default 0)")
         p.add_argument("--cpus", type=int, default=4, help="--slurm: CPU cores per process (default 4)")
 
-    p = sub.add_parser("report", help="Markdown table of runs; seeds grouped into mean ± std")
+    p = command("report", "Markdown table of runs; seeds grouped into mean ± std", cmd_report)
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--baseline", help="a run directory or sweep point name (loss.name=ce): paired differences "
                    "against its row over shared seeds")
     p.add_argument("--csv", action="store_true", help="print CSV instead of Markdown")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with per-class plots")
     p.add_argument("--show-env", action="store_true", help="add commit, torch version, device, world size")
-    p.set_defaults(func=cmd_report)
+    p.add_argument("--plot", metavar="FILE", help="also draw the per-class accuracy of every row against class "
+                   "size into FILE (a .png; runs on one dataset)")
 
-    p = sub.add_parser("sweep", help="a config over a grid of settings and seeds, one run directory each")
+    p = command("sweep", "a config over a grid of settings and seeds, one run directory each", cmd_sweep)
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=50")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
@@ -213,9 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="the report's baseline: a point name without its seed, e.g. loss.name=ce")
     run_options(p)
     data_options(p)
-    p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("reproduce", help="run a paper table (configs/tables/) and show it beside the paper's numbers")
+    p = command("reproduce", "run a paper table (configs/tables/) and show it beside the paper's numbers", cmd_reproduce)
     p.add_argument("table", nargs="?", help="a table name (longtail reproduce --list) or a table YAML file")
     p.add_argument("--list", action="store_true", help="list the tables")
     p.add_argument("--budget", choices=["smoke", "short", "full"], default="full",
@@ -224,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
     run_options(p)
     data_options(p)
-    p.set_defaults(func=cmd_reproduce)
     return parser
 
 
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    set_quiet(args.quiet)
     try:
         args.func(args)
     except LongtailError as exc:

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from longtail import distributed as dist
 from longtail.calibration import calibration_record, fit_temperature
@@ -43,8 +42,9 @@ from longtail.models import build_model, load_exported, model_spec, scale_head
 from longtail.models.hf import HF_MODELS, init_text_head
 from longtail.models.hf import normalisation as hf_normalisation
 from longtail.priors import logit_prior, logit_prior_vector
-from longtail.task import get_task, task_of
+from longtail.progress import Progress, duration, say
 from longtail.provenance import environment
+from longtail.task import get_task, task_of
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
@@ -131,24 +131,30 @@ def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
 
 @torch.no_grad()
 def collect_logits(
-    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, tta: str = "none"
+    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, tta: str = "none",
+    desc: str = "evaluate",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets of a whole split, in split order, each sample exactly once across processes."""
+    """Logits and targets of a whole split, in split order, each sample exactly once across processes.
+    `desc` names the pass in its progress."""
     was_training = model.training
     model.eval()
     logits, targets, idxs = [], [], []
-    for x, y, idx in split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size()):
-        x = split.to_input(x, device, train=False, generator=None)
-        z = flip_tta(model, x) if tta == "flip" else model(x)
-        logits.append(z.float().cpu())
-        targets.append(y)
-        idxs.append(idx)
+    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
+    with Progress(math.ceil(len(split) / dist.world_size()), desc, "img") as progress:  # this rank's share
+        for x, y, idx in batches:
+            x = split.to_input(x, device, train=False, generator=None)
+            z = flip_tta(model, x) if tta == "flip" else model(x)
+            logits.append(z.float().cpu())
+            targets.append(y)
+            idxs.append(idx)
+            progress.update(len(y))
     model.train(was_training)
     return gather_unique(torch.cat(logits), torch.cat(targets), torch.cat(idxs))[:2]
 
 
-def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, data: LTData) -> dict:
-    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta)
+def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, data: LTData,
+             desc: str = "evaluate") -> dict:
+    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, desc)
     if not torch.isfinite(logits).all():
         # Weights can explode while the training loss stays finite; such a model must not be recorded or exported.
         raise DivergedError("the model's logits are not finite (its weights exploded though the training loss stayed "
@@ -218,6 +224,16 @@ class Loop:
     writer: Any
     stop: StopFlag
     best: dict
+    started: tuple[float, int] = (0.0, 0)  # (time.perf_counter(), optimiser steps done) when this process began training
+
+
+def run_eta(loop: Loop) -> str:
+    """Time left in the run at this process's pace since it began training, evaluations included."""
+    began, steps_then = loop.started
+    done, total = loop.scheduler.last_epoch, loop.cfg.train.epochs * loop.steps_per_epoch
+    if done <= steps_then:
+        return "?"
+    return duration((time.perf_counter() - began) / (done - steps_then) * (total - done))
 
 
 def needs_two_samples(model: nn.Module) -> bool:
@@ -297,8 +313,8 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
     start = time.perf_counter()
     batches = split.batches(batch, sampler=cfg.data.sampler, seed=cfg.train.seed, epoch=epoch, rank=dist.rank(),
                             world=world, start=first)
-    bar = tqdm(batches, total=usable - first, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-               disable=not dist.is_main(), leave=False, mininterval=1.0, dynamic_ncols=True)
+    # In a file the bar writes nothing: `check` writes a plain line at each check point instead.
+    bar = Progress(steps, f"epoch {epoch + 1}/{cfg.train.epochs}", "step", initial=first // accum, lines=False)
 
     def check(i: int, due: bool = False) -> None:
         """After the step ending with batch `i`, read the flags (the one wait for the device): stop on a
@@ -316,7 +332,10 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
             means = {k: float(v) / window_steps for k, v in window.items()}
             rate = seen * world / max(elapsed_before + time.perf_counter() - start, 1e-9)
             lr = loop.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            bar.note(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            if bar.mode == "lines" and i + 1 < usable:  # after the last step the epoch's own line follows
+                say(f"epoch {epoch + 1}/{cfg.train.epochs} | step {i // accum + 1}/{steps} | loss {means['loss']:.4f} "
+                    f"| lr {lr:.2e} | {rate:.0f} img/s | ETA {run_eta(loop)}")
             if loop.writer is not None:
                 step = epoch * steps + i // accum
                 loop.writer.add_scalar("train/loss", means.pop("loss"), step)
@@ -334,44 +353,47 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
             raise Preempted(f"stopped by signal {loop.stop.signum} after step {i // accum + 1} of epoch {epoch + 1}; "
                             f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume")
 
-    for i, (x, y, _) in enumerate(bar, start=first):
-        if i >= usable:
-            if i % accum == 0:
-                loop.scheduler.step()
-            break
-        group_start = i - i % accum
-        group = min(accum, usable - group_start)  # a partial last group is stepped with its own mean
-        last_of_group = i - group_start == group - 1
-        x = split.to_input(x, device, train=True, generator=aug_gen)
-        y = y.to(device, non_blocking=True)
-        if cfg.train.channels_last and device.type == "cuda" and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if i == group_start:
-            loop.optimizer.zero_grad(set_to_none=True)
-        # Under DDP only the last micro-batch of a group all-reduces the summed gradients.
-        sync = contextlib.nullcontext() if last_of_group or world == 1 else loop.step_fn.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss, logs = loop.compiled_step(x, y, (epoch * steps + i // accum) / total_steps)
-            loop.scaler.scale(loss / group if group > 1 else loss).backward()
-        nonfinite |= ~torch.isfinite(loss.detach())
-        seen += len(y)
-        for key, value in {"loss": loss, **logs}.items():
-            # Tensors stay on the device (float64, as the epoch means always were); plain numbers stay numbers.
-            value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
-            window[key] = window.get(key, 0) + (value / group if group > 1 else value)
-        if not last_of_group:
-            continue
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
-        loop.scheduler.step()
-        loop.method.after_step(model)
-        window_steps += 1
-        step_in_epoch = i // accum
-        due = bool(cfg.train.checkpoint_every) and (epoch * steps + step_in_epoch + 1) % cfg.train.checkpoint_every == 0
-        if step_in_epoch % cfg.train.log_every == 0 or due or (world == 1 and loop.stop.signum is not None):
-            check(i, due)
-    check(usable - 1)  # always before the epoch's checkpoint: a NaN never reaches checkpoint.pt
+    with bar:
+        for i, (x, y, _) in enumerate(batches, start=first):
+            if i >= usable:
+                if i % accum == 0:
+                    loop.scheduler.step()
+                break
+            group_start = i - i % accum
+            group = min(accum, usable - group_start)  # a partial last group is stepped with its own mean
+            last_of_group = i - group_start == group - 1
+            x = split.to_input(x, device, train=True, generator=aug_gen)
+            y = y.to(device, non_blocking=True)
+            if cfg.train.channels_last and device.type == "cuda" and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if i == group_start:
+                loop.optimizer.zero_grad(set_to_none=True)
+            # Under DDP only the last micro-batch of a group all-reduces the summed gradients.
+            sync = contextlib.nullcontext() if last_of_group or world == 1 else loop.step_fn.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                    loss, logs = loop.compiled_step(x, y, (epoch * steps + i // accum) / total_steps)
+                loop.scaler.scale(loss / group if group > 1 else loss).backward()
+            nonfinite |= ~torch.isfinite(loss.detach())
+            seen += len(y)
+            for key, value in {"loss": loss, **logs}.items():
+                # Tensors stay on the device (float64, as the epoch means always were); plain numbers stay numbers.
+                value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+                window[key] = window.get(key, 0) + (value / group if group > 1 else value)
+            if not last_of_group:
+                continue
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+            loop.scheduler.step()
+            loop.method.after_step(model)
+            bar.update()
+            window_steps += 1
+            step_in_epoch = i // accum
+            due = (bool(cfg.train.checkpoint_every)
+                   and (epoch * steps + step_in_epoch + 1) % cfg.train.checkpoint_every == 0)
+            if step_in_epoch % cfg.train.log_every == 0 or due or (world == 1 and loop.stop.signum is not None):
+                check(i, due)
+        check(usable - 1)  # always before the epoch's checkpoint: a NaN never reaches checkpoint.pt
     dist.average_bn_stats(model)  # before evaluation and checkpointing, so every rank holds the same model
     loop.method.after_epoch(model, epoch)
     elapsed = elapsed_before + time.perf_counter() - start
@@ -577,8 +599,8 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         _check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
     if resume and results_path.exists():
         results = json.loads(results_path.read_text())
+        say(f"{out}: already finished; nothing was rewritten")
         if dist.is_main():
-            print(f"{out}: already finished; nothing was rewritten")
             print(format_table([(f"{results['method']}/{results['loss']} ({results['split']}, {results['checkpoint']})",
                                  results)], get_task(results.get("task")).columns))
         return results
@@ -593,8 +615,8 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
     if resume and dist.is_main() and out.exists():
         remove_stale_temporaries(out)
     fresh = not ckpt_path.exists()
-    if resume and fresh and dist.is_main():
-        print(f"--resume: {out} holds no checkpoint yet; starting the run", flush=True)
+    if resume and fresh:
+        say(f"--resume: {out} holds no checkpoint yet; starting the run")
     groups = method.param_groups(model)
     if not any(group["params"] for group in groups):
         # Nothing trains (tau-normalisation): the method's finalize does all the work.
@@ -619,13 +641,13 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
         _start_fresh(cfg, out)
 
     writer = loop.writer = _tensorboard(out) if dist.is_main() else None
-    if dist.is_main():
-        print(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
-              f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
-              f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {loop.steps_per_epoch} steps on {device} "
-              f"(schedule resolved to {resolved_schedule(cfg)})", flush=True)
-        trainable, total = parameter_counts(model)
-        print(f"parameters: {trainable:,} trainable of {total:,} (finetune.mode {cfg.finetune.mode})", flush=True)
+    loop.started = (time.perf_counter(), loop.scheduler.last_epoch)
+    say(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
+        f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
+        f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {loop.steps_per_epoch} steps on {device} "
+        f"(schedule resolved to {resolved_schedule(cfg)})")
+    trainable, total = parameter_counts(model)
+    say(f"parameters: {trainable:,} trainable of {total:,} (finetune.mode {cfg.finetune.mode})")
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
     with loop.stop:
         try:
@@ -638,7 +660,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                 for name, split in (("val", data.val), ("test", data.test)):
                     # The selection split is evaluated every epoch; the other only every `eval.every` epochs.
                     if split is not None and (scheduled or split is select_split):
-                        m = evaluate(model, split, device, cfg, data)
+                        m = evaluate(model, split, device, cfg, data, f"evaluate {name}")
                         record[name] = task_of(data).epoch_record(m)
                 if cfg.train.track_every and (epoch + 1) % cfg.train.track_every == 0:
                     from longtail.analysis import track
@@ -649,7 +671,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                     if score > loop.best["metric"]:
                         loop.best = {"metric": score, "epoch": epoch + 1}
                 if dist.is_main():
-                    _log_epoch(out, writer, record)
+                    _log_epoch(out, writer, record, cfg.train.epochs, run_eta(loop))
                 save_checkpoint(loop, epoch + 1)
         except Preempted:
             dist.cleanup()
@@ -684,11 +706,12 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None) -> dict
         temperature = calibrate(model, cfg, data, device, logit_prior(cfg, folds)[0])
         folds.append({"kind": "temperature", "temperature": temperature})
     split = data.val if cfg.eval.split == "val" else data.test
-    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta)
+    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, f"evaluate {cfg.eval.split}")
     results = {
         **task_of(data).summarize(logits, targets, data, cfg),
         **calibration_record(logits, targets, temperature, cfg.eval.ece_bins),
         "task": data.task,
+        "class_names": list(data.class_names),
         "thresholds_rule": data.thresholds_rule if cfg.eval.thresholds is None else "eval.thresholds from the config",
         "split": cfg.eval.split,
         "checkpoint": cfg.eval.select,
@@ -780,7 +803,7 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(str(out))
 
 
-def _log_epoch(out: Path, writer: Any, record: dict) -> None:
+def _log_epoch(out: Path, writer: Any, record: dict, epochs: int, eta: str) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if writer is not None:
@@ -791,13 +814,13 @@ def _log_epoch(out: Path, writer: Any, record: dict) -> None:
         for key, value in record.get("track", {}).items():
             if isinstance(value, (int, float)):
                 writer.add_scalar(f"track/{key}", value, record["epoch"])
-    parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.2e}",
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.2e}",
              f"{record['images_per_sec']:.0f} img/s"]
     for split in ("val", "test"):
         if split in record:  # the task's headline number: top1, or map
             key, value = next(iter(record[split].items()))
             parts.append(f"{split} {key} {value:.2f}")
-    print(" | ".join(parts), flush=True)
+    say(" | ".join([*parts, f"ETA {eta}"]))
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -870,7 +893,8 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
         raise ConfigError(f"--split val: the run {run.run_dir} has no validation split (data.val_per_class / data.val_list)")
     device = select_device(run.cfg.train.device)
     model = run.model.to(device)
-    logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta)
+    logits, targets = collect_logits(model, split, device, run.cfg.eval.batch_size, run.cfg.eval.tta,
+                                     f"evaluate {split_name}")
     task = task_of(run.data)
     metrics = task.summarize(logits, targets, run.data, run.cfg)
     temperature = folded_temperature(run.spec)

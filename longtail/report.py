@@ -22,6 +22,7 @@ from typing import Optional
 from longtail.config import flatten_saved
 from longtail.engine import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
+from longtail.progress import track
 from longtail.task import get_task
 
 IGNORED_KEYS = RESUME_FREE_KEYS | {"train.seed"}
@@ -114,7 +115,7 @@ def _row(name: str, group: list[dict], columns: list) -> list[str]:
 def group_runs(run_dirs: list[str]) -> list[Group]:
     """Runs grouped by recipe (runs differing only in seed together), in input order."""
     groups: dict[str, Group] = {}
-    for run_dir in run_dirs:
+    for run_dir in track(run_dirs, "read runs", "runs"):
         results = _read_results(Path(run_dir))
         key = recipe_key(results["config"])
         group = groups.setdefault(key, Group(str(run_dir), [], []))
@@ -255,3 +256,30 @@ def report_csv(run_dirs: list[str], baseline: Optional[str] = None) -> str:
                     "" if p.p is None else f"{p.p:.4g}"]
         writer.writerow(line)
     return buf.getvalue()
+
+
+def _mean_per_class(group: list[dict]) -> list[Optional[float]]:
+    """Per-class accuracy averaged over a row's seeds (None where no seed has the class)."""
+    columns = zip(*(r["per_class"] for r in group))
+    return [statistics.mean(present) if (present := [v for v in column if v is not None]) else None
+            for column in columns]
+
+
+def plot_report(run_dirs: list[str], path: str | Path) -> str:
+    """`report --plot`: the per-class accuracy of every row (mean over its seeds) against class size, one
+    figure; the runs must share the training class counts (one dataset, one subset)."""
+    from longtail.plots import plot_per_class_accuracy
+
+    groups = group_runs(run_dirs)
+    first_name, first = groups[0].name, groups[0].results[0]
+    for group in groups:
+        if get_task(group.results[0].get("task")).multilabel:
+            raise ConfigError(f"report --plot: {group.name} is a multi-label run; the figure shows per-class accuracy "
+                              "(use longtail eval --plots for AP against class frequency)")
+        for results in group.results:
+            if results["class_counts"] != first["class_counts"]:
+                raise ConfigError(f"report --plot: {group.name} was trained on other class counts than {first_name}; "
+                                  "the per-class figure compares runs on one dataset and subset")
+    rows = {g.name + (f" (mean of {len(g.results)} seeds)" if len(g.results) > 1 else ""): _mean_per_class(g.results)
+            for g in groups}
+    return plot_per_class_accuracy(rows, first["class_counts"], path, first["thresholds"], first.get("class_names"))

@@ -152,9 +152,11 @@ class Task:
             return [plots.plot_ap_vs_frequency(metrics["per_class_ap"], data.class_counts,
                                                folder / f"ap_vs_frequency-{split}.png")]
         bins = cfg.eval.ece_bins
+        counts, names = data.class_counts, data.class_names
         figures = [
-            plots.plot_per_class_accuracy(metrics["per_class"], data.class_counts, folder / f"per_class-{split}.png"),
-            plots.plot_confusion(logits, targets, data.num_classes, folder / f"confusion-{split}.png", data.class_counts),
+            plots.plot_per_class_accuracy({split: metrics["per_class"]}, counts, folder / f"per_class-{split}.png",
+                                          metrics["thresholds"], names),
+            plots.plot_confusion(logits, targets, data.num_classes, folder / f"confusion-{split}.png", counts, names),
         ]
         if temperature is not None:  # the logits before calibration are the exported ones times T
             figures.append(plots.plot_reliability(logits * temperature, targets,

@@ -48,6 +48,7 @@ def test_run_directory_has_every_file(tmp_path, data_root):
         assert key in saved, key
     assert saved["checkpoint"] == "final" and saved["epoch"] == 3 and saved["thresholds"] == [1000, 200]
     assert saved["class_counts"] == results["class_counts"] and len(saved["per_class"]) == 10
+    assert saved["class_names"][:2] == ["T-shirt/top", "Trouser"]  # what `report --plot` labels classes with
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and "test" in lines[-1]
     state = torch.load(out / "model.pt", weights_only=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from longtail import progress
 from longtail.analysis import collect_features
 from longtail.config import DataConfig, ModelConfig
 from longtail.data import build_data
@@ -272,3 +273,12 @@ def test_color_jitter_zero_strength_is_identity_and_clamps():
     assert torch.allclose(color_jitter(x, torch.Generator().manual_seed(0), strength=0.0), x)
     y = color_jitter(x, torch.Generator().manual_seed(0))
     assert y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
+
+
+def test_reading_a_list_reports_its_lines_and_the_folders_it_checks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)  # stderr is no terminal here: a plain line per item
+    write_tiny(tmp_path)
+    build_listfile(cfg(), tmp_path, TINY)
+    ends = [line.split(",")[0] for line in capsys.readouterr().err.splitlines() if " in " in line]
+    assert "read train.txt: 9 lines in 0s" in ends
+    assert "check images of train.txt: 3 folders in 0s" in ends  # train/c0, c1, c2

@@ -8,7 +8,7 @@ import pytest
 
 from longtail.config import load_config
 from longtail.errors import ConfigError
-from longtail.report import report
+from longtail.report import _mean_per_class, plot_report, report
 
 
 def _run(tmp_path, name, overrides, top1, few=None, posthoc=None):
@@ -213,3 +213,33 @@ def test_show_env_adds_commit_torch_device_and_world_size(tmp_path):
     assert (rows[0]["Commit"], rows[0]["torch"], rows[0]["Device"], rows[0]["World size"]) == \
         ("0123456789", "2.13.0", "cpu", "1")
     assert rows[1]["Commit"] == "—" and rows[1]["World size"] == "—"
+
+
+def _with_per_class(run, per_class, class_counts, class_names=None):
+    """Add what `report --plot` reads to a fake run's results.json (class_names: absent, as in older runs)."""
+    path = Path(run) / "results.json"
+    results = json.loads(path.read_text())
+    results.update(per_class=per_class, class_counts=class_counts, thresholds=[1000, 200])
+    if class_names is not None:
+        results["class_names"] = class_names
+    path.write_text(json.dumps(results))
+    return run
+
+
+def test_plot_draws_every_row_and_averages_seeds(tmp_path):
+    counts = [5000, 1500, 600, 100]
+    ce = [_with_per_class(_run(tmp_path, f"ce-s{seed}", [f"train.seed={seed}"], 50.0), [90.0, 70.0, 10.0 * seed, None],
+                          counts, ["plane", "car", "bird", "cat"]) for seed in (0, 1)]
+    la = _with_per_class(_run(tmp_path, "la", ["loss.name=la"], 60.0), [80.0, 60.0, 50.0, 40.0], counts)
+    out = plot_report([*ce, la], tmp_path / "per_class.png")
+    assert out == str(tmp_path / "per_class.png")
+    assert (tmp_path / "per_class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _mean_per_class([json.loads((Path(r) / "results.json").read_text()) for r in ce]) == [90.0, 70.0, 5.0, None]
+
+
+def test_plot_refuses_runs_on_other_class_counts(tmp_path):
+    a = _with_per_class(_run(tmp_path, "a", [], 50.0), [90.0, 10.0], [500, 50])
+    b = _with_per_class(_run(tmp_path, "b", ["data.imbalance=50"], 50.0), [90.0, 10.0], [500, 10])
+    with pytest.raises(ConfigError, match="b was trained on other class counts than .*a; the per-class figure"):
+        plot_report([a, b], tmp_path / "per_class.png")
+    assert not (tmp_path / "per_class.png").exists()

@@ -15,6 +15,7 @@ from longtail.config import DataConfig
 from longtail.data import LTData, register_dataset
 from longtail.data.listfile import BadSamples, ImageList, make_splits
 from longtail.errors import ConfigError
+from longtail.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def scan(folder: Path, base: Path, classes: list[str], on_bad_sample: str) -> Im
     bad = BadSamples(on_bad_sample, str(folder))
     paths: list[str] = []
     labels: list[int] = []
-    for name in class_names(folder):
+    for name in track(class_names(folder), f"scan {folder}", "folders"):
         if name not in ids:
             bad(f"{folder / name}: class folder not among the training classes ({len(classes)} folders in train/)")
             continue

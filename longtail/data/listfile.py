@@ -26,6 +26,7 @@ from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTra
 from longtail.data.profiles import lt_subset
 from longtail.data.splits import Batch, LabelledSplit
 from longtail.errors import ConfigError
+from longtail.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +121,18 @@ class PathRemap:
         return path
 
 
-def missing_files(base: Path, paths: Sequence[str]) -> list[int]:
+def missing_files(base: Path, paths: Sequence[str], desc: str) -> list[int]:
     """Positions of `paths` (relative to `base`, or absolute) that are not files.
 
     Lists each parent directory once instead of a stat per file: one call per class folder on
-    ImageNet or iNaturalist, which matters on network file systems.
+    ImageNet or iNaturalist, which matters on network file systems. `desc` names the pass in its progress.
     """
     by_dir: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for i, p in enumerate(paths):
         folder, name = os.path.split(os.path.join(base, p))
         by_dir[folder].append((i, name))
     missing = []
-    for folder, members in by_dir.items():
+    for folder, members in track(by_dir.items(), desc, "folders"):
         try:
             present = {e.name for e in os.scandir(folder) if e.is_file()}
         except OSError:
@@ -148,28 +149,29 @@ def read_list(list_path: Path, base: Path, num_classes: int, remap: Optional[Pat
     bad = BadSamples(on_bad_sample, str(list_path))
     paths, labels, origin = [], [], []
     with open(list_path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            where = f"{list_path}:{lineno}"
-            parts = text.rsplit(maxsplit=1)  # the label is the last field; a path may contain spaces
-            if len(parts) != 2:
-                bad(f"{where}: expected 'relative/path label', got {text!r}")
-                continue
-            try:
-                label = int(parts[1])
-            except ValueError:
-                bad(f"{where}: the label {parts[1]!r} is not an integer (expected 'relative/path label')")
-                continue
-            if not 0 <= label < num_classes:
-                bad(f"{where}: label {label} is outside 0..{num_classes - 1}")
-                continue
-            paths.append(remap(parts[0]) if remap is not None else parts[0])
-            labels.append(label)
-            origin.append(lineno - 1)
+        lines = f.readlines()  # read at once (fast), so that parsing can show progress against the total
+    for lineno, line in enumerate(track(lines, f"read {list_path.name}", "lines"), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        where = f"{list_path}:{lineno}"
+        parts = text.rsplit(maxsplit=1)  # the label is the last field; a path may contain spaces
+        if len(parts) != 2:
+            bad(f"{where}: expected 'relative/path label', got {text!r}")
+            continue
+        try:
+            label = int(parts[1])
+        except ValueError:
+            bad(f"{where}: the label {parts[1]!r} is not an integer (expected 'relative/path label')")
+            continue
+        if not 0 <= label < num_classes:
+            bad(f"{where}: label {label} is outside 0..{num_classes - 1}")
+            continue
+        paths.append(remap(parts[0]) if remap is not None else parts[0])
+        labels.append(label)
+        origin.append(lineno - 1)
     items = ImageList(paths, np.asarray(labels, dtype=np.int64), np.asarray(origin, dtype=np.int64), str(list_path))
-    missing = missing_files(base, paths)
+    missing = missing_files(base, paths, f"check images of {list_path.name}")
     for i in missing:
         bad(f"{items.where(i)}image {base / paths[i]} does not exist ({len(missing)} of the {len(paths)} listed "
             "images are missing; data.path_remap rewrites path prefixes)")

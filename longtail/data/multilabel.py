@@ -72,7 +72,7 @@ def count_unlabelled(items: ImageList, what: str, on_unlabelled: str) -> int:
 
 
 def drop_missing(items: ImageList, base: Path, bad: BadSamples) -> ImageList:
-    missing = missing_files(base, items.paths)
+    missing = missing_files(base, items.paths, f"check images of {Path(items.list_file).name}")
     for i in missing:
         bad(f"{items.where(i)}image {base / items.paths[i]} does not exist ({len(missing)} of the {len(items.paths)} "
             "listed images are missing)")

@@ -18,6 +18,7 @@ from longtail.methods.base import Method
 from longtail.methods.posthoc import balanced_accuracy, linear_head, linear_parts, tau_grid
 from longtail.methods.weight_balancing import ClassifierRetraining, load_stage1
 from longtail.models.heads import build_head
+from longtail.progress import track
 
 
 class CRT(ClassifierRetraining):
@@ -101,9 +102,10 @@ class TauNorm(Method):
                 "method.tau_norm_tau: null means searching tau on the validation split, but this run has none; "
                 "set data.val_per_class or give method.tau_norm_tau (Kang et al. use 1)"
             )
-        features, targets = collect_features(model, val, self.info.device, self.cfg.eval.batch_size)
+        features, targets = collect_features(model, val, self.info.device, self.cfg.eval.batch_size,
+                                             "tau-norm: val features")
         w = weight.double().cpu()
         b = None if bias is None else bias.double().cpu()
         curve = [[tau, round(balanced_accuracy(F.linear(features.double(), tau_normalized(w, tau), b), targets), 9)]
-                 for tau in tau_grid(self.cfg.posthoc.grid)]
+                 for tau in track(tau_grid(self.cfg.posthoc.grid), "tau-norm: search tau", "tau")]
         return max(curve, key=lambda point: point[1])[0], curve

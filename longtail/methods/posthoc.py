@@ -21,6 +21,7 @@ from longtail.errors import ConfigError
 from longtail.metrics import format_table
 from longtail.models.heads import ETFHead, LinearHead
 from longtail.priors import class_prior
+from longtail.progress import track
 from longtail.task import task_of
 
 KINDS = ("multiplicative", "additive")
@@ -66,7 +67,7 @@ def search_tau(
     targets = val_targets.detach().to("cpu", torch.int64)
     # rounded so that float noise cannot make a larger tau win a tie
     curve = [[tau, round(balanced_accuracy(adjust_logits(logits, prior, kind, tau), targets), 9)]
-             for tau in tau_grid(grid)]
+             for tau in track(tau_grid(grid), "posthoc: search tau", "tau")]
     best = max(curve, key=lambda point: point[1])  # max keeps the first maximum: the smallest tau
     return best[0], curve
 
@@ -122,7 +123,8 @@ def apply_posthoc(model: nn.Module, cfg: Config, data: Any, device: torch.device
                 "posthoc.tau: null means searching tau on the validation split, but this run has none; set "
                 "data.val_per_class (EWB uses 20) or give posthoc.tau (EWB: 1.6 CIFAR-10-LT, 0.65 CIFAR-100-LT)"
             )
-        logits, targets = collect_logits(model, data.val, device, cfg.eval.batch_size, cfg.eval.tta)
+        logits, targets = collect_logits(model, data.val, device, cfg.eval.batch_size, cfg.eval.tta,
+                                         "posthoc: val logits")
         tau, curve = search_tau(logits, targets, prior, kind, cfg.posthoc.grid)
         record.update(tau=tau, curve=curve)
     model.head = fold_into_head(model.head, prior, kind, tau)
@@ -156,10 +158,10 @@ def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None,
     device = select_device(cfg.train.device)
     model = run.model.to(device)
     split = run.data.val if cfg.eval.split == "val" else run.data.test
-    before = evaluate(model, split, device, cfg, run.data)
+    before = evaluate(model, split, device, cfg, run.data, f"evaluate {cfg.eval.split} (before)")
     model, record = apply_posthoc(model, cfg, run.data, device)
     record["before"] = {k: before[k] for k in _SHOWN}
-    metrics = evaluate(model, split, device, cfg, run.data)
+    metrics = evaluate(model, split, device, cfg, run.data, f"evaluate {cfg.eval.split} (adjusted)")
     out = run.run_dir / f"posthoc-{cfg.posthoc.kind}"
     results = {**(run.results or {}), **metrics, "posthoc": record, "derived_from": str(run.run_dir),
                "config": cfg.to_dict()}

@@ -130,7 +130,8 @@ class ClassifierRetraining(Method):
                 "method.cache_features: needs method.freeze_bn=true (BN layers in training mode make a sample's "
                 "features depend on its batch); set method.freeze_bn=true or method.cache_features=false"
             )
-        features, _ = collect_features(model, split, self.info.device, self.cfg.eval.batch_size)
+        features, _ = collect_features(model, split, self.info.device, self.cfg.eval.batch_size,
+                                       "cache train features")
         self.cached = True
         return CachedFeatures(split, features)
 
