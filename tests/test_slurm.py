@@ -72,7 +72,7 @@ def _children(pid: int) -> list[int]:
 
 def test_local_jobs_run_and_a_preempted_job_is_requeued_and_resumed(setup, tmp_path, this_checkout):
     root, config = setup
-    points = plan(str(config), ["train.epochs=4", "eval.every=4"], parse_grid(["loss.name=[ce]"]), [0], tmp_path / "sw")
+    points = plan(str(config), ["train.epochs=10", "eval.every=10"], parse_grid(["loss.name=[ce]"]), [0], tmp_path / "sw")
     (job,) = submit(points, {"cluster": "local", "time": 5}, str(root / "data"), False,
                     tmp_path / "sw" / "slurm")
     run = points[0].out
@@ -88,8 +88,8 @@ def test_local_jobs_run_and_a_preempted_job_is_requeued_and_resumed(setup, tmp_p
     assert "longtail train: stopped: stopped by signal" in log and log.count(f"run {run}:") == 2
     assert log.count("holds no checkpoint yet") == 1 and "Caught signal SIGUSR2" in job.stderr()
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 5))
-    assert json.loads((run / "results.json").read_text())["epochs"] == 4
+    assert epochs == list(range(1, 11))
+    assert json.loads((run / "results.json").read_text())["epochs"] == 10
 
 
 def test_a_two_process_job_gets_rank_and_world_size_from_submitit(setup, tmp_path, this_checkout):
