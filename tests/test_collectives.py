@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import longtail
 from fake_data import write_fashion_mnist
+from launch import run_forked
 from longtail import distributed
 from longtail.config import load_config
 
@@ -63,7 +64,7 @@ def _cuda_only_worker(rank: int, store: str) -> None:
 
 
 def test_a_cuda_only_group_refuses_cpu_tensors_which_the_old_gather_path_sent(tmp_path):
-    mp.start_processes(_cuda_only_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
+    run_forked(_cuda_only_worker, (str(tmp_path / "store"),))
 
 
 def test_no_module_but_distributed_calls_torch_distributed():

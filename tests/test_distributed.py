@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from torch import nn
 
-from launch import launch
+from launch import launch, run_forked
 from fake_data import write_fashion_mnist, write_idx
 from longtail import distributed
 from longtail.config import load_config
@@ -235,7 +234,7 @@ def _collectives_worker(rank: int, store: str) -> None:
 
 def test_collective_helpers_agree_across_two_ranks(tmp_path):
     # fork, not spawn: the workers need nothing re-imported (two torch imports take ~10 s on a loaded machine).
-    mp.start_processes(_collectives_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
+    run_forked(_collectives_worker, (str(tmp_path / "store"),))
 
 
 # `longtail` with rank 1 sending itself SIGUSR2 (as SLURM via submitit would) before its
