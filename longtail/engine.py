@@ -553,11 +553,18 @@ def resume_loop(loop: Loop, state: dict, path: Path) -> tuple[int, Optional[dict
 RESOLVED_KEYS = {"data.mean", "data.std"}
 
 
-def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+def config_differences(saved: dict, cfg: Config) -> list[str]:
+    """Keys where a saved config.yaml and `cfg` differ in what they compute (`RESUME_FREE_KEYS` aside; a
+    null that `setup` resolves matches the resolved value saved)."""
     old, new = flatten_saved(saved), flatten(cfg.to_dict())
-    differ = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)
-                    and not (k in RESOLVED_KEYS and new.get(k) is None))
+    return sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)
+                  and not (k in RESOLVED_KEYS and new.get(k) is None))
+
+
+def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+    differ = config_differences(saved, cfg)
     if differ:
+        old, new = flatten_saved(saved), flatten(cfg.to_dict())
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
         raise ConfigError(f"--resume: the config differs from the one saved in {path} ({shown}); resume with the "
                           f"same config (only {', '.join(sorted(RESUME_FREE_KEYS))} may differ) or start a new "

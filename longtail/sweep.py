@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
-from longtail.config import flatten, flatten_saved, load_config, read_yaml
+from longtail.config import load_config, read_yaml
 from longtail.errors import ConfigError, LongtailError
 
 
@@ -100,22 +100,15 @@ def plan(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds:
     return points
 
 
-def config_differences(saved: dict, config: str, overrides: list[str]) -> list[str]:
-    """Keys where a run directory's saved config differs from what the point would train."""
-    from longtail.engine import RESOLVED_KEYS, RESUME_FREE_KEYS
-
-    old, new = flatten_saved(saved), flatten(load_config(config, overrides).to_dict())
-    return sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)
-                  and not (k in RESOLVED_KEYS and new.get(k) is None))
-
-
 def check_points(points: list[Point]) -> list[Point]:
     """The points still to run. A directory holding another config stops the sweep, naming the keys."""
+    from longtail.engine import config_differences
+
     todo = []
     for point in points:
         saved = point.out / "config.yaml"
         if saved.exists():
-            differ = config_differences(read_yaml(saved), point.config, point.overrides)
+            differ = config_differences(read_yaml(saved), load_config(point.config, point.overrides))
             if differ:
                 raise ConfigError(f"{point.out} holds a run of another config (differs in {', '.join(differ[:5])}"
                                   f"{', ...' if len(differ) > 5 else ''}); remove it or choose another --out")
