@@ -57,6 +57,28 @@ def test_sets_load_as_db_loss_split_files_hold_them(tmp_path):
     assert load_pickle(path) == {"head": {0, 2}, "middle": {1}, "tail": set()}
 
 
+def test_numpy_scalars_in_sets_load_as_db_loss_real_split_files_hold_them(tmp_path):
+    # DB-Loss's real class_split.pkl holds sets of np.int64 written at protocol 2 by Python 3, whose scalar
+    # bytes go through _codecs.encode(text, "latin1"): a plain-int test file would not exercise that.
+    path = tmp_path / "class_split.pkl"
+    split = {"head": {np.int64(4), np.int64(6)}, "middle": {np.int64(1)}, "tail": {np.int64(0)}}
+    data = pickle.dumps(split, protocol=2)
+    assert b"_codecs" in data
+    path.write_bytes(data)
+    assert load_pickle(path) == {"head": {4, 6}, "middle": {1}, "tail": {0}}
+
+
+def test_codecs_encode_is_allowed_only_for_latin1_text(tmp_path):
+    class Utf16:  # pickles as _codecs.encode(text, "utf-16"), which the unpickler must refuse
+        def __reduce__(self):
+            import _codecs
+            return _codecs.encode, ("x", "utf-16")
+    path = tmp_path / "f"
+    path.write_bytes(pickle.dumps(Utf16(), protocol=2))
+    with pytest.raises(ConfigError, match="only \\(str, 'latin1'\\)"):
+        load_pickle(path)
+
+
 def test_truncated_and_missing_files(tmp_path):
     fake = write_cifar10(tmp_path, train_per_class=5, test_per_class=1)
     good = (fake.path / "test_batch").read_bytes()

@@ -32,6 +32,18 @@ for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_module, "scalar")] = _multiarray.scalar
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """Protocol-2 pickles written by Python 3 rebuild bytes (a numpy scalar's raw value, as in DB-Loss's real
+    class_split.pkl) through `_codecs.encode(text, "latin1")`; only that one call is allowed."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode: only (str, 'latin1') is allowed, got {type(text).__name__}, "
+                                     f"{encoding!r}")
+    return text.encode("latin1")
+
+
+_ALLOWED[("_codecs", "encode")] = _latin1_bytes
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def __init__(self, file, path: Path):
         # latin1: Python 2 str objects (CIFAR keys and the raw pixel bytes) decode byte for byte.
