@@ -26,6 +26,7 @@ import yaml
 
 from longtail.config import load_config, read_yaml
 from longtail.errors import ConfigError, LongtailError
+from longtail.task import get_task
 
 
 @dataclass
@@ -236,6 +237,10 @@ def run_local(points: list[Point], jobs: int, data_root: Optional[str], download
     return outcomes
 
 
+_HEADLINE = {False: (("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few")),
+             True: (("mAP", "map"), ("Head", "map_head"), ("Medium", "map_medium"), ("Tail", "map_tail"))}
+
+
 def progress_line(done: int, total: int, outcome: Outcome) -> str:
     head = f"[{done}/{total}] {outcome.point.name}"
     if outcome.status == "stopped":
@@ -243,9 +248,8 @@ def progress_line(done: int, total: int, outcome: Outcome) -> str:
     if outcome.status == "failed":
         return f"{head}: FAILED (exit {outcome.returncode}) after {outcome.seconds:.0f} s: {outcome.message}"
     r = outcome.results or {}
-    groups = ", ".join(f"{title} {r[key]:.2f}" for title, key in (("All", "top1"), ("Many", "many"),
-                                                                   ("Medium", "medium"), ("Few", "few"))
-                       if r.get(key) is not None)
+    headline = _HEADLINE[get_task(r.get("task")).multilabel]
+    groups = ", ".join(f"{title} {r[key]:.2f}" for title, key in headline if r.get(key) is not None)
     when = "already finished" if outcome.status == "skipped" else f"{outcome.seconds:.0f} s"
     return f"{head}: {when}; {groups}"
 

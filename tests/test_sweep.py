@@ -12,7 +12,7 @@ import yaml
 import longtail
 from fake_data import write_fashion_mnist
 from longtail.errors import ConfigError
-from longtail.sweep import check_points, parse_grid, parse_seeds, plan, slot_environments
+from longtail.sweep import Outcome, Point, check_points, parse_grid, parse_seeds, plan, progress_line, slot_environments
 
 CE = str(Path(longtail.__file__).parents[1] / "configs" / "cifar10_lt" / "ce.yaml")
 TINY = {"data": {"name": "fashion_mnist_lt", "imbalance": 5, "batch_size": 16, "augment": "none"},
@@ -158,3 +158,12 @@ def test_a_stop_signal_checkpoints_the_running_points_and_the_same_command_conti
     epochs = [json.loads(line)["epoch"] for line in
               (root / "stop" / "loss.name=ce,seed=0" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 13))  # continued from the checkpoint, nothing trained twice
+
+
+def test_progress_line_names_the_task_s_headline_metrics(tmp_path):
+    point = Point("loss.name=bce,seed=0", "c.yaml", [], tmp_path)
+    single = Outcome(point, "finished", 12.0, results={"top1": 80.0, "many": 90.0, "medium": 75.5, "few": 60.25})
+    multi = Outcome(point, "finished", 5.0, results={"task": "multi_label", "map": 61.8, "map_head": 69.35,
+                                                     "map_medium": 63.44, "map_tail": 54.94})
+    assert progress_line(1, 2, single).endswith("12 s; All 80.00, Many 90.00, Medium 75.50, Few 60.25")
+    assert progress_line(2, 2, multi).endswith("5 s; mAP 61.80, Head 69.35, Medium 63.44, Tail 54.94")
