@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from fake_data import write_fashion_mnist
 from longtail.config import load_config
 from longtail.engine import fit
 from longtail.errors import ConfigError
@@ -33,13 +32,6 @@ class NoNormNet(nn.Module):
 
 def no_norm_net(num_classes, in_channels, image_size, model_cfg):
     return NoNormNet(in_channels * image_size * image_size)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
-    return str(root)
 
 
 def _weights(run):

@@ -7,7 +7,6 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from fake_data import write_fashion_mnist
 from longtail.analysis import (
     analyze_run, bn_gammas, class_feature_norms, classifier_norms, cosine_stats, fisher_details, fisher_ratio, track,
 )
@@ -163,12 +162,10 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
+def tracked_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("runs") / "tracked"
-    fit(load_config(None, [*TINY, "train.track_every=1", "optim.weight_decay=0.005"]), out, data_root=str(root))
-    return out, str(root)
+    fit(load_config(None, [*TINY, "train.track_every=1", "optim.weight_decay=0.005"]), out, data_root=str(data_root))
+    return out, str(data_root)
 
 
 def test_track_leaves_module_modes_alone():

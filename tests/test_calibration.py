@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from fake_data import write_fashion_mnist
 from longtail.calibration import BOUNDS, calibration_record, fit_temperature
 from longtail.config import load_config
 from longtail.engine import collect_logits, evaluate_run, fit, load_run
@@ -94,15 +93,13 @@ def test_calibration_record():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_root):
     """The same tiny training twice, with and without temperature calibration after additive adjustment."""
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
     out = tmp_path_factory.mktemp("runs")
-    plain = fit(load_config(None, TINY), out / "plain", data_root=str(root))
+    plain = fit(load_config(None, TINY), out / "plain", data_root=str(data_root))
     calibrated = fit(load_config(None, [*TINY, "posthoc.calibrate=temperature"]), out / "calibrated",
-                     data_root=str(root))
-    return root, out, plain, calibrated
+                     data_root=str(data_root))
+    return data_root, out, plain, calibrated
 
 
 def test_calibrated_export_is_the_adjusted_model_divided_by_t(runs):

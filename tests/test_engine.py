@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from fake_data import write_fashion_mnist
 from longtail.checkpoint import load_checkpoint
 from longtail.config import load_config
 from longtail.engine import fit, lr_factor
@@ -22,13 +21,6 @@ TINY = [
     "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
     "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
-    return root
 
 
 def _cli(*args, env_root):

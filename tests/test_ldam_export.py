@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from fake_data import write_fashion_mnist
 from longtail.checkpoint import load_checkpoint
 from longtail.config import load_config
 from longtail.engine import collect_logits, fit, load_run
@@ -26,13 +25,6 @@ LDAM = [
     "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
     "loss.name=ldam", "loss.drw_start=0.6",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
-    return root
 
 
 def _trained_and_exported(out, data_root):

@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-from fake_data import write_fashion_mnist
 from longtail.checkpoint import load_checkpoint
 from longtail.config import load_config
 from longtail.engine import collect_logits, fit, load_run
@@ -86,13 +85,6 @@ TINY = [
     "data.val_per_class=5", "model.name=mlp", "model.width=32", "train.epochs=2", "optim.lr=0.05",
     "eval.batch_size=256",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
-    return str(root)
 
 
 @pytest.fixture(scope="module")

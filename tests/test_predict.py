@@ -29,18 +29,16 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, data_root):
     """A tiny CE run (logits calibrated to the training prior) and its first 12 test images as PNG files."""
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
     out = tmp_path_factory.mktemp("runs") / "ce"
-    results = fit(load_config(None, TINY), out, data_root=str(root))
+    results = fit(load_config(None, TINY), out, data_root=str(data_root))
     images = out.parent / "images"
     images.mkdir()
-    test = load_run(out, str(root)).data.test
+    test = load_run(out, str(data_root)).data.test
     for i in range(12):
         Image.fromarray(test.images[i, 0].numpy()).save(images / f"{i:02d}.png")
-    return root, out, images, results
+    return data_root, out, images, results
 
 
 def _expected_logits(out, root):

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from fake_data import write_fashion_mnist
 from longtail import progress
 from longtail.analysis import collect_features
 from longtail.config import load_config
@@ -35,13 +34,6 @@ def not_quiet():
     progress.set_quiet(False)
     yield
     progress.set_quiet(False)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
-    return root
 
 
 def test_mode_is_decided_by_stderr_quiet_and_rank(monkeypatch):

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from fake_data import write_fashion_mnist
 from longtail import engine
 from longtail.checkpoint import atomic_torch_save, load_checkpoint
 from longtail.config import load_config
@@ -23,13 +22,6 @@ TINY = [
     "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
     "train.log_every=2", "schedule.name=cosine",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
-    return str(root)
 
 
 @pytest.fixture(scope="module")

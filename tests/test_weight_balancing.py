@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fake_data import write_fashion_mnist
 from longtail.checkpoint import load_checkpoint
 from longtail.config import load_config
 from longtail.engine import fit
@@ -93,12 +92,10 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, train_per_class=40, test_per_class=10)
+def stage1(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("runs") / "stage1"
-    fit(load_config(None, [*TINY, "train.epochs=2", "optim.weight_decay=0.005"]), out, data_root=str(root))
-    return out, str(root)
+    fit(load_config(None, [*TINY, "train.epochs=2", "optim.weight_decay=0.005"]), out, data_root=str(data_root))
+    return out, str(data_root)
 
 
 def _stage2(stage1, out, *extra):
