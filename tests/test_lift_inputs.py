@@ -144,6 +144,21 @@ def test_a_48_pixel_clip_gets_cifar_resized_and_eval_reproduces_it(clip48, tmp_p
     assert spec["transform"] == {"kind": "resize_center_crop", "resize": 54, "size": 48, "mean": saved["data"]["mean"],
                                  "std": saved["data"]["std"], "tta": "lift_crops", "tta_resize": 72}
     assert evaluate_run(tmp_path / "run", data_root=str(root))["top1"] == pytest.approx(results["top1"])
+    # predict applies model.yaml's transform to image files: the same five crops, up to Pillow-style uint8 rounding
+    from PIL import Image
+
+    from longtail.engine import load_run
+    from longtail.predict import Predictor, load_input
+
+    test = load_run(tmp_path / "run", data_root=str(root)).data.test
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(files[-1])
+    predictor = Predictor(tmp_path / "run")
+    from_files = predictor.probabilities(torch.stack([load_input(f, predictor.spec) for f in files]))
+    in_memory = predictor.probabilities(test.to_input(test.images[:2], "cpu", train=False, tta="lift_crops"))
+    assert torch.allclose(from_files, in_memory, atol=1e-3)
 
 
 def test_the_preprocessor_crop_size_is_the_input_size(clip48, tmp_path):
