@@ -33,7 +33,8 @@ class DataConfig:
     batch_size: int = 128
     sampler: Literal["instance", "class_balanced", "sqrt", "class_aware"] = "instance"
     num_workers: int = 0
-    augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
+    # resized_crop_flip: random-resized crop + flip, no colour jitter (LIFT's train transform, docs/foundation_models.md)
+    augment: Literal["crop_flip", "resized_crop_flip", "flip", "none"] = "crop_flip"
     mean: Optional[list[float]] = None  # null: the dataset's standard values (resolved in the saved config)
     std: Optional[list[float]] = None
     # list-file / folder datasets (decoded in workers)
@@ -49,6 +50,9 @@ class DataConfig:
     on_unlabelled: Literal["keep", "error"] = "keep"  # an image with no label: an all-negative sample, or an error
     mosaic_train_images: int = 5000  # cifar10_mosaic_mlt, fashion_mnist_mosaic_mlt
     mosaic_test_images: int = 2000
+    # In-memory datasets: the model's input size, reached by a resize per batch on the device (null: hf_clip /
+    # hf_vit's own size when it differs from the images', resolved in the saved config; the images' size: none).
+    resize_to: Optional[int] = None
     # In-memory datasets (CIFAR, Fashion-MNIST) held on the training device, so batches need no host copy.
     # auto: on a GPU when the images take under half its free memory; never for file-decoding datasets.
     on_device: Literal["auto", "true", "false"] = "auto"
@@ -196,7 +200,7 @@ class EvalConfig:
     thresholds: Optional[list[int]] = None  # [many, few]; null: dataset default
     f1_threshold: float = 0.5  # multi-label: a label is predicted when sigmoid(logit) >= this
     ece_bins: int = 15
-    tta: Literal["none", "flip"] = "none"
+    tta: Literal["none", "flip", "lift_crops"] = "none"  # lift_crops: LIFT's five crops, logits averaged
     batch_size: int = 512
     every: int = 1  # epochs between evaluations during training
 
@@ -310,6 +314,8 @@ def _check_values(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.data.resize_to is not None and cfg.data.resize_to < 8:
+        raise ConfigError(f"data.resize_to: must be >= 8 pixels (or null), got {cfg.data.resize_to}")
     if not 0 <= cfg.train.seed < 2**32:
         raise ConfigError(f"train.seed: must be in [0, 2**32) (NumPy's seed range), got {cfg.train.seed}")
     if cfg.data.imbalance < 1:

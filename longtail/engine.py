@@ -28,8 +28,8 @@ from longtail.calibration import calibration_record, fit_temperature
 from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl,
                                  remove_stale_temporaries)
 from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
-from longtail.data import LTData, build_data
-from longtail.data.image_transforms import eval_resize
+from longtail.data import LTData, build_data, resize_inputs
+from longtail.data.image_transforms import LIFT_EXPAND, eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
 from longtail.finetune import adapter_spec, apply_finetune, parameter_counts
@@ -37,9 +37,10 @@ from longtail.lowrank import merge
 from longtail.losses import logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
-from longtail.metrics import flip_tta, format_table, gather_unique
+from longtail.metrics import format_table, gather_unique, tta_logits
 from longtail.models import build_model, load_exported, model_spec, scale_head
 from longtail.models.hf import HF_MODELS, init_text_head
+from longtail.models.hf import input_size as hf_input_size
 from longtail.models.hf import normalisation as hf_normalisation
 from longtail.priors import logit_prior, logit_prior_vector
 from longtail.progress import Progress, duration, say
@@ -139,11 +140,12 @@ def collect_logits(
     was_training = model.training
     model.eval()
     logits, targets, idxs = [], [], []
-    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
+    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size(),
+                            tta=tta)
     with Progress(math.ceil(len(split) / dist.world_size()), desc, "img") as progress:  # this rank's share
         for x, y, idx in batches:
-            x = split.to_input(x, device, train=False, generator=None)
-            z = flip_tta(model, x) if tta == "flip" else model(x)
+            x = split.to_input(x, device, train=False, generator=None, tta=tta)
+            z = tta_logits(model, x, tta)
             logits.append(z.float().cpu())
             targets.append(y)
             idxs.append(idx)
@@ -423,6 +425,12 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     if cfg.model.name in HF_MODELS and cfg.data.mean is None and cfg.data.std is None:
         cfg.data.mean, cfg.data.std = hf_normalisation(cfg.model)  # the checkpoint's, not the dataset's
     data = build_data(cfg.data, data_root, download)
+    if cfg.model.name in HF_MODELS and cfg.data.resize_to is None and isinstance(data.train, InMemorySplit):
+        size = hf_input_size(cfg.model)  # e.g. 224: CIFAR's 32-pixel images are resized to it on the device
+        if size != data.image_size:
+            cfg.data.resize_to = size
+            resize_inputs(data, size)
+    eval_transform(data, cfg.eval.tta)  # refuses a TTA the data cannot give, before any work
     task = task_of(data)
     task.check(cfg)
     if data.val is None and (cfg.eval.select == "best_val" or cfg.eval.split == "val"):
@@ -550,7 +558,7 @@ def resume_loop(loop: Loop, state: dict, path: Path) -> tuple[int, Optional[dict
 
 
 # Keys whose null `setup` resolves to the dataset's values (and saves resolved).
-RESOLVED_KEYS = {"data.mean", "data.std"}
+RESOLVED_KEYS = {"data.mean", "data.std", "data.resize_to"}
 
 
 def config_differences(saved: dict, cfg: Config) -> list[str]:
@@ -780,10 +788,17 @@ def calibrate(model: nn.Module, cfg: Config, data: LTData, device: torch.device,
 
 def eval_transform(data: LTData, tta: str) -> dict:
     """model.yaml's `transform`: how an image becomes the model's input at evaluation. In-memory datasets
-    (CIFAR, Fashion-MNIST) take their images as they are; image files are resized and centre-cropped."""
-    geometry = {"kind": "as_is"} if isinstance(data.test, InMemorySplit) else {
-        "kind": "resize_center_crop", "resize": eval_resize(data.image_size)}
-    return {**geometry, "size": data.image_size, "mean": list(data.mean), "std": list(data.std), "tta": tta}
+    (CIFAR, Fashion-MNIST) take their images as they are unless resized to the model's size; image files, and
+    resized in-memory images, are resized and centre-cropped (`tta_resize`: what lift_crops' five crops are
+    cut from)."""
+    as_is = isinstance(data.test, InMemorySplit) and data.test.resize is None
+    if tta == "lift_crops" and as_is:
+        raise ConfigError(f"eval.tta: lift_crops is LIFT's five {data.image_size}-pixel crops of an image resized to "
+                          f"{data.image_size + LIFT_EXPAND}; {data.name}'s images go into this model as they are "
+                          "(no data.resize_to), so there is nothing to crop from; use eval.tta flip or none")
+    geometry = {"kind": "as_is"} if as_is else {"kind": "resize_center_crop", "resize": eval_resize(data.image_size)}
+    crops = {"tta_resize": data.image_size + LIFT_EXPAND} if tta == "lift_crops" else {}
+    return {**geometry, "size": data.image_size, "mean": list(data.mean), "std": list(data.std), "tta": tta, **crops}
 
 
 def export_model(model: nn.Module, cfg: Config, data: LTData, out: Path, folds: list[dict]) -> None:

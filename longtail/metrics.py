@@ -199,6 +199,17 @@ def flip_tta(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     return (logits_fn(x) + logits_fn(x.flip(3))) / 2
 
 
+def tta_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str) -> torch.Tensor:
+    """`eval.tta`: none; flip (`flip_tta`); lift_crops: x is N x 5 x C x S x S, LIFT's five crops of each image,
+    and the logits are their mean (LIFT's test averages the model's outputs over the crops, no softmax). The
+    crops run one at a time, so memory stays that of one batch."""
+    if tta == "flip":
+        return flip_tta(logits_fn, x)
+    if tta == "lift_crops":
+        return torch.stack([logits_fn(x[:, k]) for k in range(x.shape[1])]).mean(0)
+    return logits_fn(x)
+
+
 _COLUMNS = [("All", "top1"), ("Balanced", "balanced"), ("Many", "many"), ("Medium", "medium"),
             ("Few", "few"), ("ECE", "ece"), ("NLL", "nll")]
 

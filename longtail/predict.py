@@ -14,10 +14,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from longtail.data.folder import IMAGE_EXTENSIONS
-from longtail.data.image_transforms import center_crop, decode_image, resize_shorter
+from longtail.data.image_transforms import center_crop, decode_image, five_crops, resize_shorter
 from longtail.engine import load_model, select_device
 from longtail.errors import ConfigError
-from longtail.metrics import flip_tta
+from longtail.metrics import tta_logits
 from longtail.priors import logit_prior_vector, prior_shift, prior_vector
 
 BATCH_SIZE = 256  # images decoded and run at a time
@@ -76,14 +76,17 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
 
 def load_input(path: Path, spec: dict) -> torch.Tensor:
     """An image file as the model's input, transformed as model.yaml's `transform` says (the run's evaluation
-    transform): the image as it is, or the shorter side resized and a centre crop; then normalised."""
+    transform): the image as it is, or the shorter side resized and a centre crop (with `tta: lift_crops` resized
+    to `tta_resize` and LIFT's five crops, 5 x C x S x S); then normalised."""
     t = spec["transform"]
     try:
         image = decode_image(path, PILLOW_MODES[spec["in_channels"]])
     except Exception as exc:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
         raise ConfigError(f"cannot read image {path}: {exc}") from None
     size = t["size"]
-    if t["kind"] == "resize_center_crop":
+    if t["tta"] == "lift_crops":
+        image = five_crops(resize_shorter(image, t["tta_resize"]), size)
+    elif t["kind"] == "resize_center_crop":
         image = center_crop(resize_shorter(image, t["resize"]), size)
     elif tuple(image.shape[1:]) != (size, size):
         raise ConfigError(f"{path}: {image.shape[2]} x {image.shape[1]} pixels, but this model takes {size} x {size} "
@@ -132,10 +135,10 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Model inputs (N x C x H x W) -> class probabilities under the chosen prior (N x K, float64, CPU);
-        multi-label: each class's sigmoid score."""
+        """Model inputs (N x C x H x W; N x 5 x C x S x S with lift_crops) -> class probabilities under the chosen
+        prior (N x K, float64, CPU); multi-label: each class's sigmoid score."""
         x = x.to(self.device)
-        z = flip_tta(self.model, x) if self.spec["transform"]["tta"] == "flip" else self.model(x)
+        z = tta_logits(self.model, x, self.spec["transform"]["tta"])
         if self.multilabel:
             return torch.sigmoid(z.double().cpu())
         return torch.softmax(z.double().cpu() + self.shift, dim=1)

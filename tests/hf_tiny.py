@@ -27,14 +27,16 @@ def write_tokenizer(directory: Path):
     return tokenizer
 
 
-def write_clip(directory: Path, projection_dim: int = 16, seed: int = 0):
-    """A whole CLIPModel (text tower and tokenizer too, as hub CLIP checkpoints are); returns the model."""
+def write_clip(directory: Path, projection_dim: int = 16, seed: int = 0, image_size: int = 32):
+    """A whole CLIPModel (text tower and tokenizer too, as hub CLIP checkpoints are); returns the model.
+    `image_size` other than CIFAR's 32 makes in-memory images be resized to it."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
                 bos_token_id=60, eos_token_id=61, pad_token_id=61)
-    model = CLIPModel(CLIPConfig(vision_config=TOWER, text_config=text, projection_dim=projection_dim)).eval()
+    vision = {**TOWER, "image_size": image_size}
+    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=projection_dim)).eval()
     model.save_pretrained(directory)
     write_tokenizer(directory)
     return model

@@ -79,7 +79,24 @@ def resolve_root(root: str | os.PathLike | None, data_cfg: DataConfig) -> Path:
 def build_data(data_cfg: DataConfig, root: str | os.PathLike | None = None, download: bool = False) -> LTData:
     if data_cfg.name not in _DATASETS:
         raise ConfigError(f"data.name: unknown dataset {data_cfg.name!r}; known: {', '.join(dataset_names())}")
-    return _DATASETS[data_cfg.name](data_cfg, resolve_root(root, data_cfg), download)
+    data = _DATASETS[data_cfg.name](data_cfg, resolve_root(root, data_cfg), download)
+    if data_cfg.resize_to is not None:
+        resize_inputs(data, data_cfg.resize_to)
+    return data
+
+
+def resize_inputs(data: LTData, size: int) -> None:
+    """`data.resize_to`: in-memory images go into the model at `size` pixels, resized batch-wise on the device
+    (`longtail.data.augment.to_model_size`); their own size leaves them as they are."""
+    splits = [s for s in (data.train, data.val, data.test) if s is not None]
+    if not all(isinstance(s, InMemorySplit) for s in splits):
+        raise ConfigError(f"data.resize_to: resizes in-memory datasets (CIFAR, Fashion-MNIST, the mosaics) on the "
+                          f"device; {data.name} decodes image files, whose input size is data.image_size")
+    if size == data.image_size:
+        return
+    for split in splits:
+        split.resize = size
+    data.image_size = size
 
 
 def indices_sha256(indices) -> str:

@@ -1,8 +1,10 @@
 """Pillow decoding and the standard ImageNet-style transforms, written with torch tensor ops.
 
 Train (`augment: crop_flip`): random-resized crop (scale 0.08-1, ratio 3/4-4/3) to image_size, horizontal
-flip, colour jitter (brightness/contrast/saturation 0.4, random order), normalise. Test: resize the shorter
-side to 256/224 x image_size, centre crop, normalise. `augment: flip` is the test geometry plus a flip.
+flip, colour jitter (brightness/contrast/saturation 0.4, random order), normalise; `resized_crop_flip` is the
+same without the jitter (LIFT's train transform). Test: resize the shorter side to 256/224 x image_size,
+centre crop, normalise. `augment: flip` is the test geometry plus a flip. `eval.tta: lift_crops` tests on
+LIFT's five crops instead: the shorter side resized to image_size + 24, then `five_crops`.
 Each sample's randomness comes from its own generator seeded by (seed, epoch, sample index), so a batch
 is the same whatever the number of workers or processes.
 """
@@ -19,6 +21,10 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# LIFT's test-time ensembling (`tte`, tte_mode fivecrop): Resize(resolution + expand), FiveCrop(resolution),
+# the crops' logits averaged (github.com/shijxcs/LIFT, trainer.py build_data_loader and test; utils/config.py
+# expand = 24).
+LIFT_EXPAND = 24
 
 
 def decode_image(path: str | Path, mode: str = "RGB") -> torch.Tensor:
@@ -87,9 +93,20 @@ def resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size window of a C x H x W image or an N x C x H x W batch."""
     h, w = image.shape[-2:]
     top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
-    return image[:, top:top + size, left:left + size]
+    return image[..., top:top + size, left:left + size]
+
+
+def five_crops(image: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's FiveCrop: the four corner and the centre size x size windows, in that order (top-left,
+    top-right, bottom-left, bottom-right, centre), stacked before the channel axis: C x H x W -> 5 x C x S x S,
+    N x C x H x W -> N x 5 x C x S x S."""
+    h, w = image.shape[-2:]
+    corners = [image[..., :size, :size], image[..., :size, w - size:], image[..., h - size:, :size],
+               image[..., h - size:, w - size:]]
+    return torch.stack([*corners, center_crop(image, size)], dim=-4)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -118,13 +135,16 @@ class ImageTransform:
     image_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    augment: str = "none"  # crop_flip | flip | none
+    augment: str = "none"  # crop_flip | resized_crop_flip | flip | none
+    tta: str = "none"  # lift_crops: the evaluation transform gives LIFT's five crops (5 x 3 x S x S)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         size = self.image_size
-        if self.augment == "crop_flip":
+        if self.augment in ("crop_flip", "resized_crop_flip"):
             top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], generator)
             image = resize(image[:, top:top + h, left:left + w], size, size)
+        elif self.tta == "lift_crops":
+            image = five_crops(resize_shorter(image, size + LIFT_EXPAND), size)
         else:
             image = center_crop(resize_shorter(image, eval_resize(size)), size)
         x = image.float().div_(255)

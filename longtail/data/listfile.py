@@ -262,15 +262,21 @@ class FileSplit(LabelledSplit):
         self.augment = augment
         self.train_transform = ImageTransform(image_size, self.mean, self.std, augment)
         self.eval_transform = ImageTransform(image_size, self.mean, self.std, "none")
+        self.crops_transform = ImageTransform(image_size, self.mean, self.std, "none", tta="lift_crops")
         self.num_workers = num_workers
         self.on_bad_sample = on_bad_sample
 
     def batches(self, batch_size: int, *, sampler: Optional[str] = "instance", seed: int = 0, epoch: int = 0,
-                rank: int = 0, world: int = 1, drop_last: bool = False, start: int = 0) -> Iterator[Batch]:
-        """(float images, labels, positions in this split) on the CPU; bad samples per `on_bad_sample`."""
+                rank: int = 0, world: int = 1, drop_last: bool = False, start: int = 0,
+                tta: str = "none") -> Iterator[Batch]:
+        """(float images, labels, positions in this split) on the CPU; bad samples per `on_bad_sample`. An
+        evaluation pass with `tta: lift_crops` gives each image's five crops (N x 5 x 3 x S x S)."""
         positions = self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last, start)
         groups = [p.tolist() for p in positions]
-        transform = self.eval_transform if sampler is None else self.train_transform
+        if sampler is not None:
+            transform = self.train_transform
+        else:
+            transform = self.crops_transform if tta == "lift_crops" else self.eval_transform
         loader = DataLoader(_Reader(self.base, self.items, transform, seed, epoch), batch_sampler=groups,
                             num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=torch.cuda.is_available())
@@ -290,8 +296,8 @@ class FileSplit(LabelledSplit):
         bad.summary()
 
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """The batch is already transformed in the workers; only move it."""
+                 generator: torch.Generator | None = None, tta: str = "none") -> torch.Tensor:
+        """The batch is already transformed in the workers (the crops too); only move it."""
         return x.to(device, non_blocking=True)
 
 

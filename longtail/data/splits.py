@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
 
-from longtail.data.augment import crop_flip
+from longtail.data.augment import to_model_size
 from longtail.errors import ConfigError
 
 SAMPLERS = ("instance", "class_balanced", "sqrt", "class_aware")
@@ -35,10 +35,12 @@ class Split(Protocol):
     def __len__(self) -> int: ...
     def class_counts(self) -> list[int]: ...
     def batches(self, batch_size: int, *, sampler: Optional[str], seed: int, epoch: int, rank: int = 0,
-                world: int = 1, drop_last: bool = False, start: int = 0) -> Iterator[Batch]: ...
+                world: int = 1, drop_last: bool = False, start: int = 0, tta: str = "none") -> Iterator[Batch]: ...
     def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int: ...
+    # `tta: lift_crops` (evaluation): the input is N x 5 x C x S x S, LIFT's five crops of each image; a split
+    # decoding files cuts them in `batches` (its workers), an in-memory one in `to_input` (on the device).
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
-                 generator: torch.Generator | None = None) -> torch.Tensor: ...
+                 generator: torch.Generator | None = None, tta: str = "none") -> torch.Tensor: ...
 
 
 def epoch_generator(seed: int, epoch: int, purpose: str = "sampler") -> torch.Generator:
@@ -133,7 +135,8 @@ class LabelledSplit:
 
 class InMemorySplit(LabelledSplit):
     """uint8 images N x C x H x W (on the CPU, or on the training device after `to_device`), int64 labels and
-    original file indices (on the CPU, where the samplers run)."""
+    original file indices (on the CPU, where the samplers run). `resize`: the model's input size when it is
+    not the images' own (a 224-pixel CLIP on CIFAR; `data.resize_to`), reached per batch on the device."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                  mean: Sequence[float], std: Sequence[float], augment: str, num_classes: int):
@@ -145,6 +148,7 @@ class InMemorySplit(LabelledSplit):
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
         self.num_classes = num_classes
+        self.resize: Optional[int] = None
         self._normalisers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to_device(self, device: torch.device) -> None:
@@ -152,17 +156,19 @@ class InMemorySplit(LabelledSplit):
         self.images = self.images.to(device)
 
     def batches(self, batch_size: int, *, sampler: Optional[str] = "instance", seed: int = 0, epoch: int = 0,
-                rank: int = 0, world: int = 1, drop_last: bool = False, start: int = 0) -> Iterator[Batch]:
-        """(uint8 images on the images' device, labels and positions in this split on the CPU)."""
+                rank: int = 0, world: int = 1, drop_last: bool = False, start: int = 0,
+                tta: str = "none") -> Iterator[Batch]:
+        """(uint8 images on the images' device, labels and positions in this split on the CPU); `tta` acts in
+        `to_input`."""
         for pos in self.batch_positions(batch_size, sampler, seed, epoch, rank, world, drop_last, start):
             yield self.images[pos.to(self.images.device)], self.labels[pos], pos
 
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 batch -> normalised float on `device`; training adds crop/flip per `augment`."""
+                 generator: torch.Generator | None = None, tta: str = "none") -> torch.Tensor:
+        """uint8 batch -> normalised float on `device`: the model's size and training's crop/flip per `augment`
+        (`to_model_size`), then the normalisation."""
         x = x.to(device, non_blocking=True).float().div_(255)
-        if train and self.augment != "none":
-            x = crop_flip(x, generator, crop=self.augment == "crop_flip")
+        x = to_model_size(x, self.resize, self.augment, train, generator, tta)
         if x.device not in self._normalisers:  # built once per device, not per batch
             self._normalisers[x.device] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1),
                                            torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))

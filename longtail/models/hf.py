@@ -141,6 +141,19 @@ def normalisation(model_cfg: ModelConfig) -> tuple[list[float], list[float]]:
     return list(CLIP_MEAN), list(CLIP_STD)
 
 
+def input_size(model_cfg: ModelConfig) -> int:
+    """The image size the model takes: preprocessor_config.json's crop_size (what the checkpoint's own processor
+    feeds it) when present, else the architecture's image_size (config.json, or model.hf_config)."""
+    if model_cfg.pretrained is None:
+        return arch_config(model_cfg.name, model_cfg.hf_config).image_size
+    directory = checkpoint_dir(model_cfg.pretrained)
+    path = directory / "preprocessor_config.json"
+    crop = json.loads(path.read_text()).get("crop_size") if path.is_file() else None
+    if crop is not None:  # an int in older processors, {"height": h, "width": w} in newer ones
+        return crop if isinstance(crop, int) else crop["height"]
+    return arch_config(model_cfg.name, _read_json(directory / "config.json")).image_size
+
+
 def text_head(pretrained: str, class_names: list[str], prompts: list[str]) -> tuple[torch.Tensor, float]:
     """(K x d unit rows, logit_scale.exp()): each class's CLIP text embedding, normalised, averaged over the
     prompt templates and normalised again; from the checkpoint's text tower and tokenizer."""
