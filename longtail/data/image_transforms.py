@@ -3,6 +3,8 @@
 Train (`augment: crop_flip`): random-resized crop (scale 0.08-1, ratio 3/4-4/3) to image_size, horizontal
 flip, colour jitter (brightness/contrast/saturation 0.4, random order), normalise. Test: resize the shorter
 side to 256/224 x image_size, centre crop, normalise. `augment: flip` is the test geometry plus a flip.
+Then `data.policy` and `data.cutout` (`longtail.data.policies`, the ops the in-memory datasets use), on the
+image in [0, 1] before normalisation.
 Each sample's randomness comes from its own generator seeded by (seed, epoch, sample index), so a batch
 is the same whatever the number of workers or processes.
 """
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from longtail.data.policies import ImagePolicy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,6 +123,12 @@ class ImageTransform:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     augment: str = "none"  # crop_flip | flip | none
+    policy: ImagePolicy = ImagePolicy()
+
+    @property
+    def random(self) -> bool:
+        """Whether the transform draws anything (and needs the sample's generator)."""
+        return self.augment != "none" or self.policy.active
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         size = self.image_size
@@ -132,6 +142,8 @@ class ImageTransform:
             x = x.flip(2)
         if self.augment == "crop_flip":
             x = color_jitter(x, generator)
+        if self.policy.active:
+            x = self.policy(x[None], generator)[0]
         mean = torch.tensor(self.mean).view(-1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1)
         return ((x - mean) / std).contiguous()
