@@ -38,6 +38,7 @@ from longtail.losses import logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import flip_tta, format_table, gather_unique
+from longtail.mixing import Mixer
 from longtail.models import build_model, load_exported, model_spec, scale_head
 from longtail.models.hf import HF_MODELS, init_text_head
 from longtail.models.hf import normalisation as hf_normalisation
@@ -298,6 +299,7 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
         usable -= 1
     # Offset by rank so that the i-th image of every rank's batch does not get the same crop and flip.
     aug_gen = epoch_generator(cfg.train.seed + 7919 * dist.rank(), epoch, purpose=1)
+    mixer = Mixer.from_config(cfg.data)  # draws from aug_gen too, so mid-epoch checkpoints resume it exactly
     sums: dict[str, Any] = {}
     seen, elapsed_before, first = 0, 0.0, 0
     if partial is not None:
@@ -364,6 +366,9 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
             last_of_group = i - group_start == group - 1
             x = split.to_input(x, device, train=True, generator=aug_gen)
             y = y.to(device, non_blocking=True)
+            n = len(y)
+            if mixer.active:  # on the normalised batch, the last step of docs/augmentation.md's order
+                x, y = mixer(x, y, aug_gen)  # y: MixedTargets, which the losses and MORE's weights handle
             if cfg.train.channels_last and device.type == "cuda" and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if i == group_start:
@@ -375,7 +380,7 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
                     loss, logs = loop.compiled_step(x, y, (epoch * steps + i // accum) / total_steps)
                 loop.scaler.scale(loss / group if group > 1 else loss).backward()
             nonfinite |= ~torch.isfinite(loss.detach())
-            seen += len(y)
+            seen += n
             for key, value in {"loss": loss, **logs}.items():
                 # Tensors stay on the device (float64, as the epoch means always were); plain numbers stay numbers.
                 value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
