@@ -272,7 +272,8 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, num_ops: int, magni
 
 def cutout(x: torch.Tensor, generator: torch.Generator, size: int) -> torch.Tensor:
     """DeVries & Taylor (2017): per image one size x size square, its centre uniform over the pixels, clipped at
-    the borders, set to 0 — black, since it runs before normalisation (as PaCo's and BCL's CIFAR recipes do)."""
+    the borders, set to 0: black, since it runs before normalisation (where PaCo / BCL-style CIFAR-LT code cuts;
+    DeVries & Taylor's own code cuts after normalising, where 0 is the mean colour)."""
     n, _, h, w = x.shape
     cy = torch.randint(h, (n,), generator=generator)
     cx = torch.randint(w, (n,), generator=generator)
