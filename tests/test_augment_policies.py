@@ -373,6 +373,17 @@ def test_augmented_runs_are_seeded_and_resume_bit_for_bit(tmp_path, data_root):
     assert not all(torch.equal(ref[k], v) for k, v in _weights(tmp_path / "other").items())
 
 
+def test_multi_label_mosaics_train_with_mixing_policies_and_more(tmp_path):
+    write_cifar10(tmp_path / "data", train_per_class=12, test_per_class=2)
+    cfg = load_config(None, ["data.name=cifar10_mosaic_mlt", "data.mosaic_train_images=64", "data.mosaic_test_images=16",
+                             "loss.name=dbl", "data.sampler=class_aware", "model.name=mlp", "model.width=16",
+                             "train.epochs=1", "data.batch_size=16", "eval.batch_size=64", "more.enabled=true",
+                             "data.policy=autoaugment_cifar", "data.cutout=8", "data.mixup_alpha=1.0",
+                             "data.cutmix_alpha=1.0"])
+    results = fit(cfg, tmp_path / "run", data_root=str(tmp_path / "data"))
+    assert results["task"] == "multi_label" and np.isfinite(results["map"])
+
+
 # ----------------------------------------------------------------------------- the shipped recipe
 
 
