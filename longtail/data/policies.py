@@ -235,36 +235,43 @@ def apply_ops(x: torch.Tensor, ops: torch.Tensor, mags: torch.Tensor, on: torch.
     return x
 
 
+_SIGNED = torch.tensor([name in SIGNED for name in OP_NAMES])
+
+
 def _signed(mags: torch.Tensor, ops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random sign (1/2 each) on the magnitudes of signed ops; drawn for every entry, so the stream
+    does not depend on which ops were chosen."""
     flip = torch.rand(mags.shape, generator=generator) < 0.5
-    signed = torch.tensor([name in SIGNED for name in OP_NAMES])[ops]
-    return torch.where(flip & signed, -mags, mags)
+    return torch.where(flip & _SIGNED[ops], -mags, mags)
 
 
 def _table(bins: int, h: int, w: int) -> torch.Tensor:
     return torch.stack([magnitudes(name, bins, h, w) for name in OP_NAMES])  # ops x bins
 
 
+# CIFAR10_POLICY as 25 x 2 tables: op index, probability, magnitude bin (0 for ops without one).
+_POLICY_OPS = torch.tensor([[OP_NAMES.index(op) for op, _, _ in sub] for sub in CIFAR10_POLICY])
+_POLICY_PROBS = torch.tensor([[p for _, p, _ in sub] for sub in CIFAR10_POLICY])
+_POLICY_BINS = torch.tensor([[b or 0 for _, _, b in sub] for sub in CIFAR10_POLICY])
+_RANDAUGMENT_OPS = torch.tensor([OP_NAMES.index(name) for name in RANDAUGMENT_OPS])
+
+
 def autoaugment_cifar(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per image: one of the 25 sub-policies uniformly; each of its two ops applied with its probability."""
     n, _, h, w = x.shape
-    ops = torch.tensor([[OP_NAMES.index(op) for op, _, _ in sub] for sub in CIFAR10_POLICY])
-    probs = torch.tensor([[p for _, p, _ in sub] for sub in CIFAR10_POLICY])
-    bins = torch.tensor([[b or 0 for _, _, b in sub] for sub in CIFAR10_POLICY])
-    table = _table(AUTOAUGMENT_BINS, h, w)
     sub = torch.randint(len(CIFAR10_POLICY), (n,), generator=generator)
-    on = torch.rand(n, 2, generator=generator) < probs[sub]
-    mags = _signed(table[ops[sub], bins[sub]], ops[sub], generator)
+    on = torch.rand(n, 2, generator=generator) < _POLICY_PROBS[sub]
+    ops = _POLICY_OPS[sub]
+    mags = _signed(_table(AUTOAUGMENT_BINS, h, w)[ops, _POLICY_BINS[sub]], ops, generator)
     for stage in range(2):
-        x = apply_ops(x, ops[sub, stage], mags[:, stage], on[:, stage])
+        x = apply_ops(x, ops[:, stage], mags[:, stage], on[:, stage])
     return x
 
 
 def randaugment(x: torch.Tensor, generator: torch.Generator, num_ops: int, magnitude: int) -> torch.Tensor:
     """Per image: `num_ops` ops drawn uniformly (with replacement) from the 14, each at bin `magnitude` of 31."""
     n, _, h, w = x.shape
-    names = torch.tensor([OP_NAMES.index(name) for name in RANDAUGMENT_OPS])
-    ops = names[torch.randint(len(RANDAUGMENT_OPS), (n, num_ops), generator=generator)]
+    ops = _RANDAUGMENT_OPS[torch.randint(len(RANDAUGMENT_OPS), (n, num_ops), generator=generator)]
     mags = _signed(_table(RANDAUGMENT_BINS, h, w)[ops, magnitude], ops, generator)
     for j in range(num_ops):
         x = apply_ops(x, ops[:, j], mags[:, j], torch.ones(n, dtype=torch.bool))
