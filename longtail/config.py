@@ -409,7 +409,9 @@ def _check_finetune(cfg: Config) -> None:
                 "or use finetune.mode=full")
 
 
-HEAD_ONLY_METHODS = ("wb_stage2", "crt", "lws", "tau_norm")
+# Stages that keep a stage-1 backbone frozen: what each trains instead.
+HEAD_ONLY_METHODS = {"wb_stage2": "retrains only the classifier", "crt": "retrains only the classifier",
+                     "lws": "learns only per-class logit scales", "tau_norm": "trains nothing"}
 
 
 def _check_augmentation(cfg: Config) -> None:
@@ -429,11 +431,11 @@ def _check_augmentation(cfg: Config) -> None:
     if key is None:
         return
     if cfg.method.name in HEAD_ONLY_METHODS:
-        raise ConfigError(f"{key}: {value!r} is refused with method.name={cfg.method.name}, which retrains only the "
-                          "classifier on a frozen stage-1 backbone (with method.cache_features, on features computed "
-                          "once, which cannot be re-augmented): these augmentations are for learning the "
-                          "representation (MiSLAS, Zhong et al. 2021, mixes in stage 1 only); set them in the stage-1 "
-                          f"run and leave {key} at its default here")
+        raise ConfigError(f"{key}: {value!r} is refused with method.name={cfg.method.name}, which "
+                          f"{HEAD_ONLY_METHODS[cfg.method.name]} on a frozen stage-1 backbone (and with "
+                          "method.cache_features sees features computed once, which cannot be re-augmented): these "
+                          "augmentations are for learning the representation (MiSLAS, Zhong et al. 2021, mixes in "
+                          f"stage 1 only); set them in the stage-1 run and leave {key} at its default here")
     if cfg.finetune.mode == "linear":
         raise ConfigError(f"{key}: {value!r} is refused with finetune.mode=linear, which trains only the head on a "
                           "frozen backbone: these augmentations are for learning the representation; use "
