@@ -75,7 +75,8 @@ def test_geometric_ops():
 def test_colour_ops():
     x = torch.tensor([0.0, 10, 100, 255]).div(255).view(1, 1, 2, 2)
     assert (policies.posterize(x, torch.tensor([4.0])) * 255).round().flatten().tolist() == [0, 0, 96, 240]
-    assert torch.allclose(policies.solarize(x, torch.tensor([100 / 255])), torch.tensor([0, 10, 155, 0]).div(255).view(1, 1, 2, 2))
+    solarized = torch.tensor([0.0, 10, 155, 0]).div(255).view(1, 1, 2, 2)
+    assert torch.allclose(policies.solarize(x, torch.tensor([100 / 255])), solarized)
     assert torch.equal(policies.invert(x, None), 1 - x)
     stretched = policies.autocontrast(x * 0.5 + 0.1, None)
     assert stretched.min() == 0 and stretched.max() == pytest.approx(1)
@@ -375,8 +376,8 @@ def test_augmented_runs_are_seeded_and_resume_bit_for_bit(tmp_path, data_root):
 
 def test_multi_label_mosaics_train_with_mixing_policies_and_more(tmp_path):
     write_cifar10(tmp_path / "data", train_per_class=12, test_per_class=2)
-    cfg = load_config(None, ["data.name=cifar10_mosaic_mlt", "data.mosaic_train_images=64", "data.mosaic_test_images=16",
-                             "loss.name=dbl", "data.sampler=class_aware", "model.name=mlp", "model.width=16",
+    cfg = load_config(None, ["data.name=cifar10_mosaic_mlt", "data.mosaic_train_images=64",
+                             "data.mosaic_test_images=16", "loss.name=dbl", "data.sampler=class_aware", "model.name=mlp", "model.width=16",
                              "train.epochs=1", "data.batch_size=16", "eval.batch_size=64", "more.enabled=true",
                              "data.policy=autoaugment_cifar", "data.cutout=8", "data.mixup_alpha=1.0",
                              "data.cutmix_alpha=1.0"])
