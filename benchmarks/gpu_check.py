@@ -8,9 +8,8 @@ Without CUDA (and without --device cpu) it prints one line saying it skipped and
 1. families: one short epoch of CE, LDAM-DRW (two epochs, DRW from the second), WB stage 2 on cached
    features (stage 1 = the CE run), EWB (best val epoch, post-hoc logit adjustment searched on val),
    MiSLAS stage 1 with AutoAugment, Cutout and CutMix added (the batched policy ops and label mixing on
-   the device) and CE + MORE (merged export), each a real `longtail.engine.fit` of a configs/cifar10_lt/*.yaml
-   config,
-   with train.amp=true and train.channels_last=true on CUDA;
+   the device) and CE + MORE (merged export), each a real `longtail.engine.fit` of a
+   configs/cifar10_lt/*.yaml config, with train.amp=true and train.channels_last=true on CUDA;
 2. MORE: the exported (merged) model.pt, loaded with `load_run`, gives the unmerged model's test logits;
 3. resume: with deterministic algorithms, a 2-epoch run equals the same run killed after its epoch-1
    checkpoint and resumed, and the same run stopped by SIGTERM in the middle of epoch 2 and resumed;
