@@ -209,22 +209,35 @@ def test_cutmix_pastes_one_box_and_corrects_lambda_to_its_area():
         assert float(t.lam) == pytest.approx(1 - box.sum().item() / 256)
 
 
-def test_cutmix_box_area_matches_one_minus_lambda_before_clipping():
-    h = w = 100
-    top, bottom, left, right = cutmix_box(h, w, 0.75, torch.Generator().manual_seed(0))
-    assert (bottom - top) <= 50 and (right - left) <= 50
+def test_cutmix_box_has_sides_sqrt_one_minus_lambda_and_a_uniform_centre():
+    g = _gen(0)
+    sides = [(bottom - top, right - left) for top, bottom, left, right in
+             (cutmix_box(100, 100, 0.75, g) for _ in range(3000))]
+    assert all(h <= 50 and w <= 50 for h, w in sides)  # sqrt(1 - 0.75) of each side
+    # unclipped only when the centre's row and column are both in 25..75 (51 of 100 values each)
+    assert np.mean([s == (50, 50) for s in sides]) == pytest.approx(0.51 ** 2, abs=0.03)
 
 
 def test_with_both_alphas_each_batch_picks_one_with_probability_half():
     x, y, g = torch.rand(4, 1, 8, 8), torch.arange(4), _gen(6)
-    cut = 0
+    mixer, kinds = Mixer(mixup_alpha=0.5, cutmix_alpha=1.0), []
     for _ in range(800):
-        mixed, t = Mixer(mixup_alpha=1.0, cutmix_alpha=1.0)(x, y, g)
-        lam = float(t.lam)
-        # mixup blends every pixel; CutMix keeps each pixel from one of the two images
-        blend = lam * x + (1 - lam) * x[t.b]
-        cut += not torch.allclose(mixed, blend) or lam in (0.0, 1.0)
-    assert cut / 800 == pytest.approx(0.5, abs=0.06)
+        replay = torch.Generator()
+        replay.set_state(g.get_state())
+        mixed, t = mixer(x, y, g)
+        cut = bool(torch.rand((), generator=replay) < 0.5)  # the documented draws, in order
+        lam = beta(1.0 if cut else 0.5, replay)
+        perm = torch.randperm(4, generator=replay)
+        if cut:
+            top, bottom, left, right = cutmix_box(8, 8, lam, replay)
+            expected = x.clone()
+            expected[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
+            lam = 1 - (bottom - top) * (right - left) / 64
+        else:
+            expected = lam * x + (1 - lam) * x[perm]
+        assert torch.allclose(mixed, expected) and float(t.lam) == pytest.approx(lam) and torch.equal(t.b, perm)
+        kinds.append(cut)
+    assert np.mean(kinds) == pytest.approx(0.5, abs=0.05)
 
 
 def test_every_draw_is_seeded():
