@@ -4,8 +4,8 @@ Input: N x C x H x W floats in [0, 1] (after crop/flip, before normalisation), o
 draw comes from the passed CPU `torch.Generator` (per-sample parameters, drawn as vectors), and the ops
 run batched on the images' device, one call per op kind over the images that drew it: a seeded run draws
 the same parameters on CPU and GPU (the float ops may differ there in the last bits) and a resumed run
-draws exactly what the original did. No kornia: its ops
-draw from torch's global generator, and the sixteen ops here are a few lines each.
+draws exactly what the original did. No kornia: its ops draw from torch's global generator, and the
+fifteen ops and Cutout here are a few lines each.
 
 The ops and magnitude bins are those of torchvision's `AutoAugment` / `RandAugment` (facts, own code):
 - geometric ops (shear, translate, rotate) map output pixels to input pixels by nearest neighbour and
