@@ -104,8 +104,9 @@ def _affine(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     matrix: n x 2 x 3 on x's device."""
     n, c, h, w = x.shape
     rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-    grid = torch.stack([cols.flatten(), rows.flatten(), torch.ones(h * w, device=x.device, dtype=cols.dtype)])
-    src = torch.round(matrix @ grid.to(matrix))  # n x 2 x HW
+    cols, rows = cols.flatten().to(matrix), rows.flatten().to(matrix)
+    # Elementwise, not a matmul: TF32 matmuls would blur the coordinates that are rounded to pixels.
+    src = torch.round(matrix[..., 0:1] * cols + matrix[..., 1:2] * rows + matrix[..., 2:3])  # n x 2 x HW
     sx, sy = src[:, 0].long(), src[:, 1].long()
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     flat = (sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1))[:, None, :].expand(n, c, h * w)
