@@ -237,6 +237,17 @@ def run_eta(loop: Loop) -> str:
     return duration((time.perf_counter() - began) / (done - steps_then) * (total - done))
 
 
+def augmentation_summary(cfg: Config) -> str:
+    """The training augmentation in its order (docs/augmentation.md), e.g. `crop_flip + autoaugment_cifar +
+    cutout 16 + mixup 1.0`."""
+    d = cfg.data
+    policy = {"none": "", "autoaugment_cifar": d.policy,
+              "randaugment": f"randaugment n={d.randaugment_n} m={d.randaugment_m}"}[d.policy]
+    parts = [d.augment, policy, f"cutout {d.cutout}" if d.cutout else "",
+             f"mixup {d.mixup_alpha:g}" if d.mixup_alpha else "", f"cutmix {d.cutmix_alpha:g}" if d.cutmix_alpha else ""]
+    return " + ".join(p for p in parts if p)
+
+
 def needs_two_samples(model: nn.Module) -> bool:
     """Whether a training batch of one image would fail: a BatchNorm layer in training mode normalises over it."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
@@ -656,8 +667,8 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
     loop.started = (time.perf_counter(), loop.scheduler.last_epoch)
     say(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
         f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
-        f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {loop.steps_per_epoch} steps on {device} "
-        f"(schedule resolved to {resolved_schedule(cfg)})")
+        f"loss {cfg.loss.name}, augmentation {augmentation_summary(cfg)}, {cfg.train.epochs} epochs of "
+        f"{loop.steps_per_epoch} steps on {device} (schedule resolved to {resolved_schedule(cfg)})")
     trainable, total = parameter_counts(model)
     say(f"parameters: {trainable:,} trainable of {total:,} (finetune.mode {cfg.finetune.mode})")
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)

@@ -402,7 +402,7 @@ def test_multi_label_mosaics_train_with_mixing_policies_and_more(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cifar10_lt/mislas_stage1_mixup.yaml", "cifar100_lt/mislas_stage1_mixup.yaml"])
-def test_the_mislas_stage1_recipe_mixes_and_trains_a_step(tmp_path, name):
+def test_the_mislas_stage1_recipe_mixes_and_trains_a_step(tmp_path, name, capsys):
     cfg = load_config(CONFIGS / name)
     assert cfg.data.mixup_alpha == 1.0 and cfg.data.cutmix_alpha == 0 and cfg.method.name == "erm"
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.optim.weight_decay, cfg.train.epochs) == (0.1, 128, 2e-4, 200)
@@ -413,3 +413,4 @@ def test_the_mislas_stage1_recipe_mixes_and_trains_a_step(tmp_path, name):
                                             "data.batch_size=32", "data.imbalance=3", "eval.batch_size=64"])
         results = fit(tiny, tmp_path / "run", data_root=str(tmp_path / "data"))
         assert results["config"]["data"]["mixup_alpha"] == 1.0
+        assert "augmentation crop_flip + mixup 1," in capsys.readouterr().out  # the run's first line says so
