@@ -244,7 +244,8 @@ def augmentation_summary(cfg: Config) -> str:
     policy = {"none": "", "autoaugment_cifar": d.policy,
               "randaugment": f"randaugment n={d.randaugment_n} m={d.randaugment_m}"}[d.policy]
     parts = [d.augment, policy, f"cutout {d.cutout}" if d.cutout else "",
-             f"mixup {d.mixup_alpha:g}" if d.mixup_alpha else "", f"cutmix {d.cutmix_alpha:g}" if d.cutmix_alpha else ""]
+             f"mixup {d.mixup_alpha:g}" if d.mixup_alpha else "",
+             f"cutmix {d.cutmix_alpha:g}" if d.cutmix_alpha else ""]
     return " + ".join(p for p in parts if p)
 
 
