@@ -6,9 +6,10 @@
 Without CUDA (and without --device cpu) it prints one line saying it skipped and exits 0. Otherwise:
 
 1. families: one short epoch of CE, LDAM-DRW (two epochs, DRW from the second), WB stage 2 on cached
-   features (stage 1 = the CE run), EWB (best val epoch, post-hoc logit adjustment searched on val) and
-   CE + MORE (merged export), each a real `longtail.engine.fit` of a configs/cifar10_lt/*.yaml config,
-   with train.amp=true and train.channels_last=true on CUDA;
+   features (stage 1 = the CE run), EWB (best val epoch, post-hoc logit adjustment searched on val),
+   MiSLAS stage 1 with AutoAugment, Cutout and CutMix added (the batched policy ops and label mixing on
+   the device) and CE + MORE (merged export), each a real `longtail.engine.fit` of a
+   configs/cifar10_lt/*.yaml config, with train.amp=true and train.channels_last=true on CUDA;
 2. MORE: the exported (merged) model.pt, loaded with `load_run`, gives the unmerged model's test logits;
 3. resume: with deterministic algorithms, a 2-epoch run equals the same run killed after its epoch-1
    checkpoint and resumed, and the same run stopped by SIGTERM in the middle of epoch 2 and resumed;
@@ -196,6 +197,9 @@ FAMILIES = [
     ("WB", "WB stage 2 (cached features)", "wb_stage2.yaml",
      ["train.epochs=1", "data.augment=none", "method.cache_features=true"]),
     ("EWB", "EWB + post-hoc LA", "ewb.yaml", ["train.epochs=1"]),
+    ("AUG", "mixup + CutMix + AutoAugment + Cutout", "mislas_stage1_mixup.yaml",
+     ["train.epochs=1", "data.policy=autoaugment_cifar", "data.cutout=16", "data.cutmix_alpha=1.0"]),
+    # MORE stays last (check_more_merge reuses its overrides).
     # One epoch squeezes MORE's whole alpha = A sin(pi t / T) into it (the recipe's first epoch sees alpha
     # <= 0.3, this one a peak of A = 2 x 10 classes = 20), and MORE at lr 0.1 diverges in short runs without
     # an epoch of warm-up (docs/methods/more.md): warm up all of it, peak alpha 2.

@@ -35,6 +35,13 @@ class DataConfig:
     num_workers: int = 0
     # resized_crop_flip: random-resized crop + flip, no colour jitter (LIFT's train transform, docs/foundation_models.md)
     augment: Literal["crop_flip", "resized_crop_flip", "flip", "none"] = "crop_flip"
+    # After crop/flip, in this order (docs/augmentation.md): policy -> cutout -> normalise -> mixup / CutMix.
+    policy: Literal["none", "autoaugment_cifar", "randaugment"] = "none"
+    randaugment_n: int = 2  # ops per image
+    randaugment_m: int = 9  # magnitude bin, 0..30
+    cutout: int = 0  # side of the square set to 0 (pixels); 0: off
+    mixup_alpha: float = 0.0  # lam ~ Beta(alpha, alpha); 0: off
+    cutmix_alpha: float = 0.0  # 0: off; both > 0: one of the two per batch, each with probability 1/2
     mean: Optional[list[float]] = None  # null: the dataset's standard values (resolved in the saved config)
     std: Optional[list[float]] = None
     # list-file / folder datasets (decoded in workers)
@@ -365,6 +372,7 @@ def _check_values(cfg: Config) -> None:
                           "into it; use model.head linear or etf, or posthoc.kind none")
     _check_finetune(cfg)
     _check_text_head(cfg)
+    _check_augmentation(cfg)
     if cfg.train.grad_checkpoint and cfg.more.enabled:
         # Backward recomputes a layer's forward after MORE's general-only block has switched the parts back
         # on, so the gradient of L_MORE through the general pass may use the full weights.
@@ -405,6 +413,39 @@ def _check_finetune(cfg: Config) -> None:
                 f"more.{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part, shaped by "
                 f"finetune.lora_rank, lora_alpha and targets; remove more.{key}={getattr(cfg.more, key)!r} "
                 "or use finetune.mode=full")
+
+
+# Stages that keep a stage-1 backbone frozen: what each trains instead.
+HEAD_ONLY_METHODS = {"wb_stage2": "retrains only the classifier", "crt": "retrains only the classifier",
+                     "lws": "learns only per-class logit scales", "tau_norm": "trains nothing"}
+
+
+def _check_augmentation(cfg: Config) -> None:
+    """The policy, Cutout and mixing keys' ranges, and where they are refused."""
+    d = cfg.data
+    if d.randaugment_n < 1:
+        raise ConfigError(f"data.randaugment_n: must be >= 1 (ops per image), got {d.randaugment_n}")
+    if not 0 <= d.randaugment_m <= 30:
+        raise ConfigError(f"data.randaugment_m: must be a magnitude bin in 0..30, got {d.randaugment_m}")
+    for key, value in {"data.cutout": d.cutout, "data.mixup_alpha": d.mixup_alpha,
+                       "data.cutmix_alpha": d.cutmix_alpha}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0 (0: off), got {value}")
+    chosen = {"data.policy": d.policy if d.policy != "none" else None, "data.mixup_alpha": d.mixup_alpha or None,
+              "data.cutmix_alpha": d.cutmix_alpha or None}
+    key, value = next(((k, v) for k, v in chosen.items() if v is not None), (None, None))
+    if key is None:
+        return
+    if cfg.method.name in HEAD_ONLY_METHODS:
+        raise ConfigError(f"{key}: {value!r} is refused with method.name={cfg.method.name}, which "
+                          f"{HEAD_ONLY_METHODS[cfg.method.name]} on a frozen stage-1 backbone (and with "
+                          "method.cache_features sees features computed once, which cannot be re-augmented): these "
+                          "augmentations are for learning the representation (MiSLAS, Zhong et al. 2021, mixes in "
+                          f"stage 1 only); set them in the stage-1 run and leave {key} at its default here")
+    if cfg.finetune.mode == "linear":
+        raise ConfigError(f"{key}: {value!r} is refused with finetune.mode=linear, which trains only the head on a "
+                          "frozen backbone: these augmentations are for learning the representation; use "
+                          "finetune.mode full, lora, bias or adaptformer, or leave the key at its default")
 
 
 def _check_text_head(cfg: Config) -> None:

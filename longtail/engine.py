@@ -38,6 +38,7 @@ from longtail.losses import logit_scale
 from longtail.methods import build_method
 from longtail.methods.base import RunInfo
 from longtail.metrics import format_table, gather_unique, tta_logits
+from longtail.mixing import Mixer
 from longtail.models import build_model, load_exported, model_spec, scale_head
 from longtail.models.hf import HF_MODELS, init_text_head
 from longtail.models.hf import input_size as hf_input_size
@@ -238,6 +239,18 @@ def run_eta(loop: Loop) -> str:
     return duration((time.perf_counter() - began) / (done - steps_then) * (total - done))
 
 
+def augmentation_summary(cfg: Config) -> str:
+    """The training augmentation in its order (docs/augmentation.md), e.g. `crop_flip + autoaugment_cifar +
+    cutout 16 + mixup 1.0`."""
+    d = cfg.data
+    policy = {"none": "", "autoaugment_cifar": d.policy,
+              "randaugment": f"randaugment n={d.randaugment_n} m={d.randaugment_m}"}[d.policy]
+    parts = [d.augment, policy, f"cutout {d.cutout}" if d.cutout else "",
+             f"mixup {d.mixup_alpha:g}" if d.mixup_alpha else "",
+             f"cutmix {d.cutmix_alpha:g}" if d.cutmix_alpha else ""]
+    return " + ".join(p for p in parts if p)
+
+
 def needs_two_samples(model: nn.Module) -> bool:
     """Whether a training batch of one image would fail: a BatchNorm layer in training mode normalises over it."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
@@ -300,6 +313,7 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
         usable -= 1
     # Offset by rank so that the i-th image of every rank's batch does not get the same crop and flip.
     aug_gen = epoch_generator(cfg.train.seed + 7919 * dist.rank(), epoch, purpose=1)
+    mixer = Mixer.from_config(cfg.data)  # draws from aug_gen too, so mid-epoch checkpoints resume it exactly
     sums: dict[str, Any] = {}
     seen, elapsed_before, first = 0, 0.0, 0
     if partial is not None:
@@ -366,6 +380,9 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
             last_of_group = i - group_start == group - 1
             x = split.to_input(x, device, train=True, generator=aug_gen)
             y = y.to(device, non_blocking=True)
+            n = len(y)
+            if mixer.active:  # on the normalised batch, the last step of docs/augmentation.md's order
+                x, y = mixer(x, y, aug_gen)  # y: MixedTargets, which the losses and MORE's weights handle
             if cfg.train.channels_last and device.type == "cuda" and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if i == group_start:
@@ -377,7 +394,7 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
                     loss, logs = loop.compiled_step(x, y, (epoch * steps + i // accum) / total_steps)
                 loop.scaler.scale(loss / group if group > 1 else loss).backward()
             nonfinite |= ~torch.isfinite(loss.detach())
-            seen += len(y)
+            seen += n
             for key, value in {"loss": loss, **logs}.items():
                 # Tensors stay on the device (float64, as the epoch means always were); plain numbers stay numbers.
                 value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
@@ -659,8 +676,8 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
     loop.started = (time.perf_counter(), loop.scheduler.last_epoch)
     say(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
         f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
-        f"loss {cfg.loss.name}, {cfg.train.epochs} epochs of {loop.steps_per_epoch} steps on {device} "
-        f"(schedule resolved to {resolved_schedule(cfg)})")
+        f"loss {cfg.loss.name}, augmentation {augmentation_summary(cfg)}, {cfg.train.epochs} epochs of "
+        f"{loop.steps_per_epoch} steps on {device} (schedule resolved to {resolved_schedule(cfg)})")
     trainable, total = parameter_counts(model)
     say(f"parameters: {trainable:,} trainable of {total:,} (finetune.mode {cfg.finetune.mode})")
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)

@@ -10,6 +10,9 @@ A loss may multiply the model's logits by a constant before its softmax (LDAM's 
 ending in a scale-1 cosine head). `logit_scale(loss_cfg)` names that constant; the engine folds it into
 the head of the exported model (`longtail.models.scale_head`), so `model.pt` gives the logits the loss
 saw (margins aside: they are training-only) and its ECE and NLL are those of the trained softmax.
+
+Both loss classes accept the `MixedTargets` of a mixup / CutMix batch (`longtail.mixing`) and return
+lam L(logits, a) + (1 - lam) L(logits, b): every loss, its margins and class weights, per target.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 from longtail.config import LossConfig, resolve_epochs
 from longtail.errors import ConfigError
+from longtail.mixing import MixedTargets
 
 Counts = Union[torch.Tensor, Sequence[int]]
 
@@ -240,6 +244,8 @@ class ConfiguredLoss:
         return None
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        if isinstance(targets, MixedTargets):
+            return targets.combine(lambda t: self(logits, t, progress))
         if self.counts.device != logits.device:
             self.counts = self.counts.to(logits.device)
             if self.class_weights is not None:
@@ -276,6 +282,8 @@ class MultiLabelLoss:
         self.logit_scale = 1.0
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        if isinstance(targets, MixedTargets):
+            return targets.combine(lambda t: self(logits, t, progress))
         c = self.cfg
         if c.name == "bce":
             return bce_loss(logits, targets)

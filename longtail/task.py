@@ -5,6 +5,10 @@ samplers, metrics, logged and selected numbers, results table, and MORE's per-sa
 discrepancy. This is the one place the two kinds differ: the engine and the methods call the task, and
 `check` refuses, before any work, every option that only makes sense for the other kind
 (docs/multilabel.md lists them with the reasons).
+
+Mixup / CutMix apply to both kinds: a mixed batch's loss is lam L(t_a) + (1 - lam) L(t_b) (`longtail.mixing`),
+which for multi-hot targets is BCE on the mixed multi-hot targets lam t_a + (1 - lam) t_b (BCE is linear in
+its target) and the same convex combination for the other multi-label losses; MORE's weights mix alike.
 """
 from __future__ import annotations
 

@@ -275,3 +275,14 @@ def test_a_signal_to_one_rank_stops_every_rank_mid_epoch_and_the_resume_is_exact
     uninterrupted = torch.load(reference / "model.pt", weights_only=True)
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_mixing_and_policies_run_on_two_processes(env, config, tmp_path):
+    """MixedTargets pass through DistributedDataParallel's forward to the loss and MORE's weights."""
+    out = tmp_path / "run"
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out, "train.epochs=1", "data.policy=randaugment",
+                                                           "data.cutout=8", "data.mixup_alpha=0.4",
+                                                           "data.cutmix_alpha=1.0")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = _metrics(out)[0]
+    assert math.isfinite(record["train_loss"]) and math.isfinite(record["more_loss"])

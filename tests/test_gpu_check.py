@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-FAMILIES = ["CE", "LDAM-DRW", "WB stage 2 (cached features)", "EWB + post-hoc LA", "CE + MORE (merged export)"]
+FAMILIES = ["CE", "LDAM-DRW", "WB stage 2 (cached features)", "EWB + post-hoc LA",
+            "mixup + CutMix + AutoAugment + Cutout", "CE + MORE (merged export)"]
 RESUME = ["resume: kill after the epoch-1 checkpoint", "resume: SIGTERM mid-epoch 2"]
 
 
@@ -47,7 +48,7 @@ def test_tiny_cpu_run_passes_every_check_and_prints_the_tables(tmp_path):
     assert speed["projected 200 epochs, defaults: train + final evaluation"]["seconds"] > 0
     assert "step breakdown" in speed and "dominant cost of the 200-epoch run" in speed
     assert "| check | result | seconds | detail |" in proc.stdout
-    assert "| speed (--tiny" in proc.stdout and "10 of 10 checks passed" in proc.stdout
+    assert "| speed (--tiny" in proc.stdout and "11 of 11 checks passed" in proc.stdout
 
 
 def test_without_cuda_a_plain_run_skips_in_one_line(tmp_path):

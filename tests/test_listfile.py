@@ -282,3 +282,20 @@ def test_reading_a_list_reports_its_lines_and_the_folders_it_checks(tmp_path, mo
     ends = [line.split(",")[0] for line in capsys.readouterr().err.splitlines() if " in " in line]
     assert "read train.txt: 9 lines in 0s" in ends
     assert "check images of train.txt: 3 folders in 0s" in ends  # train/c0, c1, c2
+
+
+def test_the_policy_and_cutout_run_in_the_workers_seeded_per_sample(tmp_path):
+    """data.augment: none with a policy still draws: from each sample's generator, whatever the workers."""
+    write_tiny(tmp_path)
+    data = build_listfile(cfg(augment="none", policy="randaugment", randaugment_m=20, cutout=6), tmp_path, TINY)
+
+    def epoch(workers: int) -> torch.Tensor:
+        data.train.num_workers = workers
+        return torch.cat([x for x, _, _ in data.train.batches(4, sampler="instance", seed=3, epoch=1)])
+
+    first = epoch(0)
+    assert torch.equal(first, epoch(0)) and torch.equal(first, epoch(2))
+    plain = torch.cat([x for x, _, _ in data.train.batches(4, sampler=None)])
+    assert first.shape == plain.shape and not torch.equal(first.sort(0).values, plain.sort(0).values)
+    assert not torch.equal(first, torch.cat([x for x, _, _ in data.train.batches(4, sampler="instance", seed=3,
+                                                                                 epoch=2)]))

@@ -22,6 +22,7 @@ from longtail.config import DataConfig
 from longtail.data.cifar import CIFAR10_DIR, CIFAR100_DIR, RawDataset, read_cifar10, read_cifar100
 from longtail.data.download import CIFAR10, CIFAR100, download_archive, download_fashion_mnist
 from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
+from longtail.data.policies import ImagePolicy
 from longtail.data.profiles import lt_subset
 from longtail.data.splits import InMemorySplit, Split
 from longtail.errors import ConfigError
@@ -141,7 +142,8 @@ def from_raw(name: str, raw: RawDataset, data_cfg: DataConfig, mean: tuple[float
 
     def split(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> InMemorySplit:
         return InMemorySplit(torch.from_numpy(images[indices]), torch.from_numpy(labels[indices]),
-                             torch.from_numpy(indices), mean, std, data_cfg.augment, num_classes)
+                             torch.from_numpy(indices), mean, std, data_cfg.augment, num_classes,
+                             ImagePolicy.from_config(data_cfg))
 
     train = split(raw.train_images, raw.train_labels, subset.train)
     val = split(raw.train_images, raw.train_labels, subset.val) if data_cfg.val_per_class > 0 else None

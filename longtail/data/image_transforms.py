@@ -5,6 +5,8 @@ flip, colour jitter (brightness/contrast/saturation 0.4, random order), normalis
 same without the jitter (LIFT's train transform). Test: resize the shorter side to 256/224 x image_size,
 centre crop, normalise. `augment: flip` is the test geometry plus a flip. `eval.tta: lift_crops` tests on
 LIFT's five crops instead: the shorter side resized to image_size + 24, then `five_crops`.
+Training then applies `data.policy` and `data.cutout` (`longtail.data.policies`, the ops the in-memory
+datasets use), on the image in [0, 1] before normalisation.
 Each sample's randomness comes from its own generator seeded by (seed, epoch, sample index), so a batch
 is the same whatever the number of workers or processes.
 """
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from longtail.data.policies import ImagePolicy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,6 +141,12 @@ class ImageTransform:
     std: tuple[float, ...] = IMAGENET_STD
     augment: str = "none"  # crop_flip | resized_crop_flip | flip | none
     tta: str = "none"  # lift_crops: the evaluation transform gives LIFT's five crops (5 x 3 x S x S)
+    policy: ImagePolicy = ImagePolicy()
+
+    @property
+    def random(self) -> bool:
+        """Whether the transform draws anything (and needs the sample's generator)."""
+        return self.augment != "none" or self.policy.active
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         size = self.image_size
@@ -152,6 +162,8 @@ class ImageTransform:
             x = x.flip(2)
         if self.augment == "crop_flip":
             x = color_jitter(x, generator)
+        if self.policy.active:
+            x = self.policy(x[None], generator)[0]
         mean = torch.tensor(self.mean).view(-1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1)
         return ((x - mean) / std).contiguous()

@@ -23,6 +23,7 @@ from longtail.config import DataConfig
 from longtail.data import LTData, default_thresholds_rule, indices_sha256, recorded_imbalance, register_dataset
 from longtail.metrics import default_thresholds
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, decode_image, sample_generator
+from longtail.data.policies import ImagePolicy
 from longtail.data.profiles import lt_subset
 from longtail.data.splits import Batch, LabelledSplit
 from longtail.errors import ConfigError
@@ -233,7 +234,7 @@ class _Reader(torch.utils.data.Dataset):
             image = decode_image(path)
         except Exception as exc:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
             return None, label, pos, f"{self.items.where(pos)}cannot read image {path}: {exc}"
-        generator = None if self.transform.augment == "none" else sample_generator(self.seed, self.epoch, pos)
+        generator = sample_generator(self.seed, self.epoch, pos) if self.transform.random else None
         return self.transform(image, generator), label, pos, None
 
 
@@ -253,14 +254,15 @@ class FileSplit(LabelledSplit):
     """
 
     def __init__(self, base: Path, items: ImageList, num_classes: int, image_size: int, mean: Sequence[float],
-                 std: Sequence[float], augment: str, num_workers: int, on_bad_sample: str):
+                 std: Sequence[float], augment: str, num_workers: int, on_bad_sample: str,
+                 policy: ImagePolicy = ImagePolicy()):
         self.base, self.items = base, items
         self.labels = torch.as_tensor(items.labels, dtype=torch.int64)
         self.indices = torch.as_tensor(items.origin, dtype=torch.int64)  # lines of the split file (0-based)
         self.num_classes = num_classes
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
-        self.train_transform = ImageTransform(image_size, self.mean, self.std, augment)
+        self.train_transform = ImageTransform(image_size, self.mean, self.std, augment, policy=policy)
         self.eval_transform = ImageTransform(image_size, self.mean, self.std, "none")
         self.crops_transform = ImageTransform(image_size, self.mean, self.std, "none", tta="lift_crops")
         self.num_workers = num_workers
@@ -326,7 +328,7 @@ def make_splits(name: str, cfg: DataConfig, base: Path, num_classes: int, train:
 
     def split(items: ImageList) -> FileSplit:
         return FileSplit(base, items, num_classes, cfg.image_size, mean, std, cfg.augment, cfg.num_workers,
-                         cfg.on_bad_sample)
+                         cfg.on_bad_sample, ImagePolicy.from_config(cfg))
 
     train_split = split(train.subset(subset.train))
     if cfg.val_per_class > 0:

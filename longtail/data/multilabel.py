@@ -31,6 +31,7 @@ from longtail.data.cifar import CIFAR10_DIR, RawDataset, read_cifar10
 from longtail.data.download import CIFAR10, download_archive, download_fashion_mnist
 from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
+from longtail.data.policies import ImagePolicy
 from longtail.data.listfile import BadSamples, FileSplit, ImageList, PathRemap, check_size, missing_files
 from longtail.data.safe_pickle import load_pickle
 from longtail.data.splits import InMemorySplit
@@ -206,7 +207,7 @@ def file_data(name: str, cfg: DataConfig, base: Path, class_names: list[str], tr
 
     def split(items: ImageList) -> FileSplit:
         return FileSplit(base, items, num_classes, cfg.image_size, mean, std, cfg.augment, cfg.num_workers,
-                         cfg.on_bad_sample)
+                         cfg.on_bad_sample, ImagePolicy.from_config(cfg))
 
     train_split = split(train)
     counts = train_split.class_counts()
@@ -401,7 +402,7 @@ def mosaic_data(cfg: DataConfig, raw: RawDataset, mean: tuple[float, ...], std: 
     def split(images: np.ndarray, labels: np.ndarray, tiles: np.ndarray) -> InMemorySplit:
         multi = torch.from_numpy(multi_hot([sorted(set(row)) for row in labels[tiles].tolist()], num_classes))
         return InMemorySplit(torch.from_numpy(mosaic_images(images, tiles)), multi, torch.arange(len(tiles)),
-                             mean, std, cfg.augment, num_classes)
+                             mean, std, cfg.augment, num_classes, ImagePolicy.from_config(cfg))
 
     train = split(raw.train_images, raw.train_labels, train_tiles)
     test = split(raw.test_images, raw.test_labels, test_tiles)

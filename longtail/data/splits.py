@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Protocol, Sequence
 import torch
 
 from longtail.data.augment import to_model_size
+from longtail.data.policies import ImagePolicy
 from longtail.errors import ConfigError
 
 SAMPLERS = ("instance", "class_balanced", "sqrt", "class_aware")
@@ -139,7 +140,8 @@ class InMemorySplit(LabelledSplit):
     not the images' own (a 224-pixel CLIP on CIFAR; `data.resize_to`), reached per batch on the device."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                 mean: Sequence[float], std: Sequence[float], augment: str, num_classes: int):
+                 mean: Sequence[float], std: Sequence[float], augment: str, num_classes: int,
+                 policy: ImagePolicy = ImagePolicy()):
         if not (len(images) == len(labels) == len(indices)):
             raise ValueError("images, labels and indices must have the same length")
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
@@ -147,6 +149,7 @@ class InMemorySplit(LabelledSplit):
         self.images, self.labels, self.indices = images, labels.long(), indices.long()
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
+        self.policy = policy
         self.num_classes = num_classes
         self.resize: Optional[int] = None
         self._normalisers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -166,9 +169,11 @@ class InMemorySplit(LabelledSplit):
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
                  generator: torch.Generator | None = None, tta: str = "none") -> torch.Tensor:
         """uint8 batch -> normalised float on `device`: the model's size and training's crop/flip per `augment`
-        (`to_model_size`), then the normalisation."""
+        (`to_model_size`), then the policy and Cutout (`longtail.data.policies`), then the normalisation."""
         x = x.to(device, non_blocking=True).float().div_(255)
         x = to_model_size(x, self.resize, self.augment, train, generator, tta)
+        if train and self.policy.active:
+            x = self.policy(x, generator)
         if x.device not in self._normalisers:  # built once per device, not per batch
             self._normalisers[x.device] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1),
                                            torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))

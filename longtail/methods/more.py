@@ -20,6 +20,7 @@ from longtail.config import Config, MoreConfig
 from longtail.errors import ConfigError
 from longtail.lowrank import add_lowrank, general_only, lowrank_parameters, lowrank_parts, merge
 from longtail.methods.base import Method, RunInfo
+from longtail.mixing import MixedTargets
 from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task
 
 SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
@@ -113,7 +114,10 @@ def discrepancy(z_full: torch.Tensor, z_gen: torch.Tensor, kind: str, task: str 
 
 
 def sample_weights(targets: torch.Tensor, class_prior: torch.Tensor, task: str = SINGLE_LABEL) -> torch.Tensor:
-    """pi_y per sample; for multi-hot targets the mean prior of its positive labels (none: the smallest prior)."""
+    """pi_y per sample; for multi-hot targets the mean prior of its positive labels (none: the smallest prior);
+    for a mixed batch (`longtail.mixing.MixedTargets`) lam pi_a + (1 - lam) pi_b."""
+    if isinstance(targets, MixedTargets):
+        return targets.combine(lambda t: get_task(task).more_weights(t, class_prior))
     return get_task(task).more_weights(targets, class_prior)
 
 

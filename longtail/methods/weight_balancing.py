@@ -125,6 +125,11 @@ class ClassifierRetraining(Method):
                 f"epoch), but data.augment is {self.cfg.data.augment!r}; set data.augment=none or "
                 "method.cache_features=false"
             )
+        if self.cfg.data.cutout:
+            raise ConfigError(
+                f"method.cache_features: needs data.cutout=0 (cut-out images give new features every epoch), but "
+                f"data.cutout is {self.cfg.data.cutout}; set data.cutout=0 or method.cache_features=false"
+            )
         if not method.freeze_bn:
             raise ConfigError(
                 "method.cache_features: needs method.freeze_bn=true (BN layers in training mode make a sample's "
