@@ -359,11 +359,6 @@ def _check_values(cfg: Config) -> None:
                           "into it; use model.head linear or etf, or posthoc.kind none")
     _check_finetune(cfg)
     _check_text_head(cfg)
-    if cfg.train.grad_checkpoint and cfg.more.enabled:
-        # Backward recomputes a layer's forward after MORE's general-only block has switched the parts back
-        # on, so the gradient of L_MORE through the general pass may use the full weights.
-        raise ConfigError("train.grad_checkpoint: not yet with more.enabled (the recomputed general-only pass "
-                          "would run with the low-rank parts on); set one of them to false")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
