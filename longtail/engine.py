@@ -32,7 +32,7 @@ from longtail.data import LTData, build_data
 from longtail.data.image_transforms import eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
-from longtail.finetune import adapter_spec, apply_finetune, parameter_counts
+from longtail.finetune import adapter_spec, apply_finetune, parameter_counts, part_groups
 from longtail.lowrank import merge
 from longtail.losses import logit_scale
 from longtail.methods import build_method
@@ -505,7 +505,7 @@ def _restore_rng(state: dict) -> None:
 def build_loop(run: Run, out: Path) -> Loop:
     """The optimiser, lr schedule, AMP scaler and training step (DDP-wrapped, optionally compiled) of a run."""
     cfg, model, device = run.cfg, run.model, run.device
-    optimizer = build_optimizer(cfg, run.method.param_groups(model))
+    optimizer = build_optimizer(cfg, part_groups(model, run.method.param_groups(model), cfg))
     steps = run.info.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
     fp16 = cfg.train.amp and device.type == "cuda" and cfg.train.amp_dtype == "float16"

@@ -281,3 +281,47 @@ def test_adaptformer_refuses_more_and_non_mlp_targets():
         load_config(None, ["more.enabled=true", "finetune.mode=adaptformer"])
     with pytest.raises(ConfigError, match="adaptformer needs MLP blocks"):
         build("hf_vit", "finetune.mode=adaptformer", "finetune.targets=[nope]")
+
+
+def lr_of(optimizer):
+    return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("mode, part", [("lora", "lowrank"), ("adaptformer", "adapter")])
+def test_each_part_trains_with_its_own_lr(mode, part, tmp_path):
+    from longtail.engine import build_optimizer, setup
+    from longtail.finetune import Adapter, part_groups
+    from longtail.lowrank import lowrank_parameters
+
+    write_cifar10(tmp_path, train_per_class=2, test_per_class=1)
+    more = ["more.enabled=true", "more.lowrank_weight_decay=0"] if mode == "lora" else []
+    cfg = load_config(None, ["model.name=hf_vit", f"finetune.mode={mode}", "optim.lr=0.1", "optim.weight_decay=0.5",
+                             "finetune.lr_head=0.01", f"finetune.lr_{part}=0.001", "data.imbalance=2", *more])
+    cfg.model.hf_config = vit_config()
+    run = setup(cfg, data_root=str(tmp_path))
+    model = run.model
+    groups = part_groups(model, run.method.param_groups(model), cfg)
+    lrs = lr_of(build_optimizer(cfg, groups))
+    head = {id(p) for p in model.head.parameters()}
+    parts = {id(p) for p in (lowrank_parameters(model) if part == "lowrank" else
+                             [p for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()])}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert sorted(lrs) == sorted(trained) and parts and parts < trained  # every trained parameter exactly once
+    assert {lrs[i] for i in head} == {0.01} and {lrs[i] for i in parts} == {0.001}
+    assert {lrs[i] for i in trained - head - parts} <= {0.1}
+    if mode == "lora":  # MORE's own weight decay of the parts survives the move
+        assert all(g["weight_decay"] == 0 for g in groups if {id(p) for p in g["params"]} & parts)
+    unset = part_groups(model, run.method.param_groups(model), load_config(None, [f"finetune.mode={mode}", *more]))
+    assert set(lr_of(build_optimizer(cfg, unset)).values()) == {0.1}  # null: optim.lr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune.lr_head=0"], r"finetune.lr_head: must be > 0 or null \(optim.lr\), got 0"),
+    (["finetune.lr_lowrank=0.01"], r"finetune.lr_lowrank: 0.01 sets the lr of low-rank parts, and finetune.mode=full"),
+    (["finetune.mode=lora", "more.enabled=true", "finetune.lr_lowrank=0.01", "more.lowrank_lr=0.1"],
+     "both set the lr of the same low-rank parts"),
+    (["finetune.mode=lora", "finetune.lr_adapter=0.01"], "finetune.lr_adapter: 0.01 sets the lr of AdaptFormer's"),
+])
+def test_a_part_lr_without_its_part_is_an_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
