@@ -308,7 +308,8 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
     window: dict[str, Any] = {}
     window_steps = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    amp = cfg.train.amp and device.type == "cuda"
+    # CPU autocast runs bfloat16 only (float16 there is slow and unscaled): amp on CPU means bfloat16.
+    amp = cfg.train.amp and (device.type == "cuda" or cfg.train.amp_dtype == "bfloat16")
     amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
     start = time.perf_counter()
     batches = split.batches(batch, sampler=cfg.data.sampler, seed=cfg.train.seed, epoch=epoch, rank=dist.rank(),
