@@ -386,8 +386,8 @@ def _check_finetune(cfg: Config) -> None:
             raise ConfigError(f"finetune.{key}: must be > 0 or null (optim.lr), got {value}")
     if ft.lr_lowrank is not None and not (ft.mode == "lora" or cfg.more.enabled):
         raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} sets the lr of low-rank parts, and "
-                          f"finetune.mode={ft.mode} without MORE has none; use finetune.mode=lora or more.enabled=true, "
-                          "or leave it null")
+                          f"finetune.mode={ft.mode} without MORE has none; use finetune.mode=lora or "
+                          "more.enabled=true, or leave it null")
     if ft.lr_lowrank is not None and cfg.more.lowrank_lr is not None:
         raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} and more.lowrank_lr: {cfg.more.lowrank_lr} both set "
                           "the lr of the same low-rank parts; set only one")
