@@ -146,6 +146,10 @@ class FinetuneConfig:
     targets: Optional[list[str]] = None  # module-name suffixes or fnmatch patterns; null: the model's defaults
     adapter_dim: int = 64  # adaptformer: the bottleneck width
     adapter_scale: float = 0.1  # adaptformer: s in mlp(x) + s up(relu(down(x)))
+    # Learning rates per part (null: optim.lr, scaled and scheduled); a number is used as given, on the schedule.
+    lr_head: Optional[float] = None
+    lr_lowrank: Optional[float] = None  # LoRA's parts, and MORE's (the same parts under LoRA + MORE)
+    lr_adapter: Optional[float] = None  # adaptformer's adapters
 
 
 @dataclass
@@ -373,11 +377,6 @@ def _check_values(cfg: Config) -> None:
     _check_finetune(cfg)
     _check_text_head(cfg)
     _check_augmentation(cfg)
-    if cfg.train.grad_checkpoint and cfg.more.enabled:
-        # Backward recomputes a layer's forward after MORE's general-only block has switched the parts back
-        # on, so the gradient of L_MORE through the general pass may use the full weights.
-        raise ConfigError("train.grad_checkpoint: not yet with more.enabled (the recomputed general-only pass "
-                          "would run with the low-rank parts on); set one of them to false")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
@@ -395,6 +394,20 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.adapter_dim: must be >= 1, got {ft.adapter_dim}")
     if ft.targets is not None and not ft.targets:
         raise ConfigError("finetune.targets: an empty list selects no layer; give patterns or null for the defaults")
+    for key in ("lr_head", "lr_lowrank", "lr_adapter"):
+        value = getattr(ft, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"finetune.{key}: must be > 0 or null (optim.lr), got {value}")
+    if ft.lr_lowrank is not None and not (ft.mode == "lora" or cfg.more.enabled):
+        raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} sets the lr of low-rank parts, and "
+                          f"finetune.mode={ft.mode} without MORE has none; use finetune.mode=lora or "
+                          "more.enabled=true, or leave it null")
+    if ft.lr_lowrank is not None and cfg.more.lowrank_lr is not None:
+        raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} and more.lowrank_lr: {cfg.more.lowrank_lr} both set "
+                          "the lr of the same low-rank parts; set only one")
+    if ft.lr_adapter is not None and ft.mode != "adaptformer":
+        raise ConfigError(f"finetune.lr_adapter: {ft.lr_adapter} sets the lr of AdaptFormer's adapters, and "
+                          f"finetune.mode={ft.mode} has none; use finetune.mode=adaptformer or leave it null")
     if ft.mode != "full" and cfg.method.name in ("wb_stage2", "crt", "lws", "tau_norm"):
         raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its "
                           "backbone and retrains the classifier itself; set finetune.mode in the stage-1 run and "

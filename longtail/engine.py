@@ -32,7 +32,7 @@ from longtail.data import LTData, build_data, resize_inputs
 from longtail.data.image_transforms import LIFT_EXPAND, eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError, DivergedError, LongtailError
-from longtail.finetune import adapter_spec, apply_finetune, parameter_counts
+from longtail.finetune import adapter_spec, apply_finetune, parameter_counts, part_groups
 from longtail.lowrank import merge
 from longtail.losses import logit_scale
 from longtail.methods import build_method
@@ -324,7 +324,8 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
     window: dict[str, Any] = {}
     window_steps = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    amp = cfg.train.amp and device.type == "cuda"
+    # CPU autocast runs bfloat16 only (float16 there is slow and unscaled): amp on CPU means bfloat16.
+    amp = cfg.train.amp and (device.type == "cuda" or cfg.train.amp_dtype == "bfloat16")
     amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
     start = time.perf_counter()
     batches = split.batches(batch, sampler=cfg.data.sampler, seed=cfg.train.seed, epoch=epoch, rank=dist.rank(),
@@ -530,7 +531,7 @@ def _restore_rng(state: dict) -> None:
 def build_loop(run: Run, out: Path) -> Loop:
     """The optimiser, lr schedule, AMP scaler and training step (DDP-wrapped, optionally compiled) of a run."""
     cfg, model, device = run.cfg, run.model, run.device
-    optimizer = build_optimizer(cfg, run.method.param_groups(model))
+    optimizer = build_optimizer(cfg, part_groups(model, run.method.param_groups(model), cfg))
     steps = run.info.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps))
     fp16 = cfg.train.amp and device.type == "cuda" and cfg.train.amp_dtype == "float16"

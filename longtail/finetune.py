@@ -19,7 +19,7 @@ from torch import nn
 
 from longtail.config import Config
 from longtail.errors import ConfigError
-from longtail.lowrank import add_lowrank
+from longtail.lowrank import add_lowrank, lowrank_parameters
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -104,6 +104,21 @@ def apply_finetune(model: nn.Module, cfg: Config) -> nn.Module:
                               "set finetune.targets to the names of its MLP blocks")
         add_adapters(model, targets, ft.adapter_dim, ft.adapter_scale)
     return model
+
+
+def part_groups(model: nn.Module, groups: list[dict], cfg: Config) -> list[dict]:
+    """The method's parameter groups with each part that has its own lr (`finetune.lr_head`, `lr_lowrank`,
+    `lr_adapter`) moved to groups of its own, which keep the weight decay of the group each came from."""
+    ft = cfg.finetune
+    adapters = [p for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()]
+    for lr, params in ((ft.lr_head, list(model.head.parameters())), (ft.lr_lowrank, lowrank_parameters(model)),
+                       (ft.lr_adapter, adapters)):
+        if lr is None:
+            continue
+        ids = {id(p) for p in params}
+        moved = [{**g, "params": [p for p in g["params"] if id(p) in ids], "lr": lr} for g in groups]
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups] + moved
+    return [g for g in groups if g["params"]]
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import types
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,33 @@ def general_only(model: nn.Module) -> Iterator[None]:
     finally:
         for part in parts:
             part.enabled = True
+
+
+@contextmanager
+def _switched(parts: list[LowRank], states: list[bool]) -> Iterator[None]:
+    saved = [part.enabled for part in parts]
+    for part, state in zip(parts, states):
+        part.enabled = state
+    try:
+        yield
+    finally:
+        for part, state in zip(parts, saved):
+            part.enabled = state
+
+
+def recompute_as_forward(model: nn.Module) -> Callable[[], tuple[ContextManager, ContextManager]]:
+    """torch.utils.checkpoint's `context_fn` for `model`: the recomputation in backward runs with each part
+    switched as it was in the forward.
+
+    Backward recomputes a checkpointed layer after MORE's `general_only` block has switched the parts back
+    on; without this the general pass's saved activations would be recomputed with the parts on. The parts
+    are looked up per call, since MORE adds its own after checkpointing is enabled.
+    """
+    def context_fn() -> tuple[ContextManager, ContextManager]:
+        parts = lowrank_parts(model)
+        return nullcontext(), _switched(parts, [part.enabled for part in parts])
+
+    return context_fn
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -1,6 +1,8 @@
 """finetune.mode: which parameters train, LoRA's merge, LoRA + MORE sharing one low-rank part per layer."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 
@@ -168,11 +170,38 @@ def test_grad_checkpoint_gives_the_same_gradients():
         assert torch.allclose(grads[1][name], grad, atol=1e-6), name
 
 
-def test_grad_checkpoint_is_refused_with_more_and_for_other_models(tmp_path):
+def more_gradients(name, mode, root, checkpointing):
+    """Gradients of MORE's two-pass loss (its weight at the schedule's peak) with B != 0, as run by setup."""
     from longtail.engine import setup
 
-    with pytest.raises(ConfigError, match="train.grad_checkpoint: not yet with more.enabled"):
-        load_config(None, ["train.grad_checkpoint=true", "more.enabled=true"])
+    cfg = load_config(None, [f"model.name={name}", f"finetune.mode={mode}", "finetune.lora_rank=2",
+                             "more.enabled=true", f"train.grad_checkpoint={checkpointing}", "data.imbalance=2"])
+    cfg.model.hf_config = clip_config() if name == "hf_clip" else vit_config()
+    run = setup(cfg, data_root=str(root))
+    g = torch.Generator().manual_seed(0)
+    for part in lowrank_parts(run.model):  # B = 0 would make the full and the general pass compute alike
+        part.B.data = torch.randn(part.B.shape, generator=g) * 0.1
+    assert run.model.net.is_activation_checkpointing == checkpointing
+    run.model.train()
+    loss, _ = run.method.loss(run.model, X, torch.tensor([0, 1, 9]), progress=0.5)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("name", ["hf_clip", "hf_vit"])
+def test_grad_checkpoint_with_more_gives_the_same_gradients(name, mode, tmp_path):
+    # Fails without `lowrank.recompute_as_forward`: backward would recompute the general pass with the parts on.
+    write_cifar10(tmp_path, train_per_class=2, test_per_class=1)
+    plain, checkpointed = (more_gradients(name, mode, tmp_path, on) for on in (False, True))
+    assert set(plain) == set(checkpointed) and any(n.endswith(".B") for n in plain)
+    for key, grad in plain.items():
+        assert torch.allclose(checkpointed[key], grad, rtol=1e-4, atol=1e-6), key
+
+
+def test_grad_checkpoint_is_refused_for_other_models(tmp_path):
+    from longtail.engine import setup
+
     root = tmp_path / "data"
     write_cifar10(root, train_per_class=2, test_per_class=1)
     with pytest.raises(ConfigError, match="model resnet32 does not support it"):
@@ -254,3 +283,67 @@ def test_adaptformer_refuses_more_and_non_mlp_targets():
         load_config(None, ["more.enabled=true", "finetune.mode=adaptformer"])
     with pytest.raises(ConfigError, match="adaptformer needs MLP blocks"):
         build("hf_vit", "finetune.mode=adaptformer", "finetune.targets=[nope]")
+
+
+def lr_of(optimizer):
+    return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("mode, part", [("lora", "lowrank"), ("adaptformer", "adapter")])
+def test_each_part_trains_with_its_own_lr(mode, part, tmp_path):
+    from longtail.engine import build_optimizer, setup
+    from longtail.finetune import Adapter, part_groups
+    from longtail.lowrank import lowrank_parameters
+
+    write_cifar10(tmp_path, train_per_class=2, test_per_class=1)
+    more = ["more.enabled=true", "more.lowrank_weight_decay=0"] if mode == "lora" else []
+    cfg = load_config(None, ["model.name=hf_vit", f"finetune.mode={mode}", "optim.lr=0.1", "optim.weight_decay=0.5",
+                             "finetune.lr_head=0.01", f"finetune.lr_{part}=0.001", "data.imbalance=2", *more])
+    cfg.model.hf_config = vit_config()
+    run = setup(cfg, data_root=str(tmp_path))
+    model = run.model
+    groups = part_groups(model, run.method.param_groups(model), cfg)
+    lrs = lr_of(build_optimizer(cfg, groups))
+    head = {id(p) for p in model.head.parameters()}
+    parts = {id(p) for p in (lowrank_parameters(model) if part == "lowrank" else
+                             [p for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()])}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert sorted(lrs) == sorted(trained) and parts and parts < trained  # every trained parameter exactly once
+    assert {lrs[i] for i in head} == {0.01} and {lrs[i] for i in parts} == {0.001}
+    assert {lrs[i] for i in trained - head - parts} <= {0.1}
+    if mode == "lora":  # MORE's own weight decay of the parts survives the move
+        assert all(g["weight_decay"] == 0 for g in groups if {id(p) for p in g["params"]} & parts)
+    unset = part_groups(model, run.method.param_groups(model), load_config(None, [f"finetune.mode={mode}", *more]))
+    assert set(lr_of(build_optimizer(cfg, unset)).values()) == {0.1}  # null: optim.lr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune.lr_head=0"], r"finetune.lr_head: must be > 0 or null \(optim.lr\), got 0"),
+    (["finetune.lr_lowrank=0.01"], r"finetune.lr_lowrank: 0.01 sets the lr of low-rank parts, and finetune.mode=full"),
+    (["finetune.mode=lora", "more.enabled=true", "finetune.lr_lowrank=0.01", "more.lowrank_lr=0.1"],
+     "both set the lr of the same low-rank parts"),
+    (["finetune.mode=lora", "finetune.lr_adapter=0.01"], "finetune.lr_adapter: 0.01 sets the lr of AdaptFormer's"),
+])
+def test_a_part_lr_without_its_part_is_an_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("name, extra", [("hf_vit", []), ("hf_clip", ["more.enabled=true"])])
+def test_bfloat16_autocast_trains_close_to_float32(name, extra, tmp_path):
+    from longtail.engine import fit
+
+    root = tmp_path / "data"
+    write_cifar10(root, train_per_class=4, test_per_class=1)
+    losses = []
+    for amp in (False, True):
+        cfg = load_config(None, [f"model.name={name}", "finetune.mode=lora", *extra, "train.amp_dtype=bfloat16",
+                                 f"train.amp={amp}", "data.imbalance=2", "data.batch_size=8", "data.augment=none",
+                                 "train.epochs=1", "optim.name=adamw", "optim.lr=1e-2", "eval.batch_size=64"])
+        cfg.model.hf_config = clip_config() if name == "hf_clip" else vit_config()
+        fit(cfg, tmp_path / f"run{amp}", data_root=str(root))
+        record = json.loads((tmp_path / f"run{amp}" / "metrics.jsonl").read_text().splitlines()[0])
+        losses.append(record["train_loss"])
+    fp32, bf16 = losses
+    assert math.isfinite(bf16) and bf16 != fp32  # autocast did run (on the CPU), in bfloat16
+    assert bf16 == pytest.approx(fp32, rel=0.01)  # measured: 4e-4 (ViT, LoRA), 2e-4 (CLIP, LoRA + MORE)

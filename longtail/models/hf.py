@@ -17,6 +17,7 @@ from torch import nn
 
 from longtail.config import ModelConfig
 from longtail.errors import ConfigError
+from longtail.lowrank import recompute_as_forward
 from longtail.models.registry import register
 
 HF_MODELS = ("hf_clip", "hf_vit")
@@ -224,8 +225,9 @@ class HFBackbone(nn.Module):
 
     def enable_grad_checkpoint(self) -> None:
         # Non-reentrant: the reentrant form drops gradients of parameters whose inputs need none (a frozen
-        # patch embedding under LoRA) and does not work with DDP's two-pass methods.
-        kwargs = {"use_reentrant": False}
+        # patch embedding under LoRA) and does not work with DDP's two-pass methods. The context makes the
+        # recomputation see the low-rank parts switched as in the forward (MORE's general-only pass).
+        kwargs = {"use_reentrant": False, "context_fn": recompute_as_forward(self)}
         if hasattr(self.net, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
             self.net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
