@@ -405,5 +405,11 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
               f"mean feature norm {s['feature_norm_mean']:.3f}")
     if result["bn_gamma"]["mean"] is not None:
         print(f"BN gamma: mean {result['bn_gamma']['mean']:.4f}, std {result['bn_gamma']['std']:.4f}")
+    if more:
+        last = more[-1]
+        groups = " / ".join("—" if v is None else f"{v:.3g}" for v in last["more_discrepancy"].values())
+        ratios = last["more_layer_ratio"].values()
+        print(f"MORE at epoch {last['epoch']}: discrepancy many / medium / few {groups}; ||s B A|| / ||W_g|| "
+              f"{min(ratios):.3g} to {max(ratios):.3g} over {len(ratios)} layers")
     print(f"wrote {run.run_dir / 'analysis.json'} and {len(result['figures'])} figures in {figures}")
     return result

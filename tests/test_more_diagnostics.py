@@ -171,9 +171,10 @@ def test_diagnostics_do_not_change_training(runs):
     assert on == off
 
 
-def test_analyze_draws_discrepancy_against_frequency_and_ratios_over_epochs(runs):
+def test_analyze_draws_discrepancy_against_frequency_and_ratios_over_epochs(runs, capsys):
     out, root = runs
     result = analyze_run(out / "on", data_root=root)
+    assert "MORE at epoch 4: discrepancy many / medium / few" in capsys.readouterr().out
     for name in ("more_discrepancy.png", "more_ratios.png"):
         path = out / "on" / "figures" / name
         assert str(path) in result["figures"] and path.read_bytes()[:4] == b"\x89PNG", name
