@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from longtail import distributed as dist
@@ -173,9 +172,13 @@ def class_discrepancy(
         m.training = mode
     # gather_unique drops the samples a distributed split repeats to even out the ranks' shares.
     d, y, _ = gather_unique(torch.cat(values), torch.cat(labels), torch.cat(idxs))
-    member = (y > 0) if y.ndim == 2 else F.one_hot(y.long(), num_classes)
-    member = member.double()
-    sums, counts = member.T @ d.double(), member.sum(dim=0)
+    d = d.double()
+    if y.ndim == 2:  # multi-hot: a few dozen classes, so the N x C membership matrix is small
+        member = (y > 0).double()
+        sums, counts = member.T @ d, member.sum(dim=0)
+    else:  # bincount, not one-hot: N x C would not fit for iNaturalist's 8142 classes
+        sums = torch.bincount(y.long(), weights=d, minlength=num_classes)
+        counts = torch.bincount(y.long(), minlength=num_classes)
     return [float(s / n) if n else None for s, n in zip(sums.tolist(), counts.tolist())]
 
 
