@@ -3,7 +3,7 @@ and classifier vectors are, and what weight decay does to BatchNorm scales.
 
 All statistics are computed in float64 on penultimate features taken with the eval transform.
 `track` is the cheap subset the engine logs every `train.track_every` epochs; `analyze_run` is
-`longtail analyze RUN_DIR` (analysis.json plus figures).
+`longtail analyze RUN_DIR` (analysis.json plus figures, with MORE's logged diagnostics drawn when present).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from torch import nn
 
 from longtail import distributed as dist
@@ -222,13 +223,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _epoch_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return read_jsonl(path) if path.exists() else []  # a run killed mid-write leaves a torn last line
+
+
 def tracked_history(run_dir: Path) -> list[dict]:
     """The `track` records of metrics.jsonl, one per tracked epoch."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = read_jsonl(path)  # a run killed mid-write leaves a torn last line
-    return [{"epoch": r["epoch"], **r["track"]} for r in records if "track" in r]
+    return [{"epoch": r["epoch"], **r["track"]} for r in _epoch_records(run_dir) if "track" in r]
+
+
+MORE_KEYS = ("more_discrepancy_per_class", "more_discrepancy", "more_layer_ratio")
+
+
+def more_history(run_dir: Path) -> list[dict]:
+    """MORE's diagnostics in metrics.jsonl (a MORE run with `train.track_every`), one per tracked epoch."""
+    return [{"epoch": r["epoch"], **{k: r[k] for k in MORE_KEYS}} for r in _epoch_records(run_dir)
+            if "more_layer_ratio" in r]
 
 
 def plot_norms(result: dict, class_counts: list[int], path: Path, thresholds: Optional[Sequence[int]] = None,
@@ -289,6 +300,59 @@ def plot_tracking(history: list[dict], path: Path) -> str:
     return save_figure(fig, path)
 
 
+def plot_more_discrepancy(history: list[dict], class_counts: Sequence[int], path: Path,
+                          thresholds: Optional[Sequence[int]] = None,
+                          class_names: Optional[Sequence[str]] = None) -> str:
+    """Per-class mean ||z_full - z_gen||^2 against training images per class (both axes log), at the first,
+    middle and last tracked epochs: which classes the low-rank part changes, and how that evolves. Dotted
+    lines: the Many / Few thresholds. A class without a positive value (log axis) is left out."""
+    picked = [history[i] for i in sorted({0, len(history) // 2, len(history) - 1})]
+    fig = new_figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    for k, h in enumerate(picked):
+        per_class = h["more_discrepancy_per_class"]
+        points = sorted((n, d) for n, d in zip(class_counts, per_class) if d is not None and d > 0)
+        if points:
+            ax.plot([n for n, _ in points], [d for _, d in points], "-o", ms=4, color=f"C{k}",
+                    label=f"epoch {h['epoch']}")
+    for t in thresholds or ():
+        ax.axvline(t, color="grey", ls=":", lw=1)
+    last = picked[-1]["more_discrepancy_per_class"]
+    if class_names is not None and len(class_counts) <= 20:
+        for n, d, name in zip(class_counts, last, class_names):
+            if d is not None and d > 0:
+                ax.annotate(str(name), (n, d), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training images of the class (log)")
+    ax.set_ylabel("mean ||z_full - z_gen||² (train, eval mode)")
+    ax.set_title("MORE: discrepancy against class frequency", fontsize=11)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_more_ratios(history: list[dict], path: Path) -> str:
+    """||s B A||_F / ||W_g||_F of every decomposed layer over the tracked epochs, coloured by depth."""
+    epochs = [h["epoch"] for h in history]
+    layers = list(history[-1]["more_layer_ratio"])
+    colours = colormaps["viridis"]
+    fig = new_figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    for i, layer in enumerate(layers):
+        ax.plot(epochs, [h["more_layer_ratio"].get(layer, math.nan) for h in history], "-", lw=1.2,
+                color=colours(i / max(1, len(layers) - 1)), label=layer)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("||s B A||_F / ||W_g||_F")
+    if len(layers) <= 12:
+        ax.legend(fontsize=7, ncols=2)
+        ax.set_title("MORE: low-rank share per layer", fontsize=11)
+    else:  # dozens of names would hide the lines
+        ax.set_title(f"MORE: low-rank share of {len(layers)} layers (dark: first {layers[0]}, "
+                     f"yellow: last {layers[-1]})", fontsize=9)
+    return save_figure(fig, path)
+
+
 def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str = "reference") -> dict:
     """`longtail analyze RUN_DIR`: statistics of the exported model on train and test features,
     written to RUN_DIR/analysis.json, with figures under RUN_DIR/figures/. `rule`: the FDR's
@@ -327,6 +391,11 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
                                                     f"Class x class cosine ({name})", names))
     if result["tracked"]:
         result["figures"].append(plot_tracking(result["tracked"], figures / "tracking.png"))
+    more = more_history(run.run_dir)
+    if more:
+        result["figures"] += [plot_more_discrepancy(more, counts, figures / "more_discrepancy.png",
+                                                    run.cfg.eval.thresholds or run.data.default_thresholds, names),
+                              plot_more_ratios(more, figures / "more_ratios.png")]
     result = _jsonable(result)
     atomic_write_json(run.run_dir / "analysis.json", result)
     for name in ("train", "test"):
@@ -336,5 +405,11 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
               f"mean feature norm {s['feature_norm_mean']:.3f}")
     if result["bn_gamma"]["mean"] is not None:
         print(f"BN gamma: mean {result['bn_gamma']['mean']:.4f}, std {result['bn_gamma']['std']:.4f}")
+    if more:
+        last = more[-1]
+        groups = " / ".join("—" if v is None else f"{v:.3g}" for v in last["more_discrepancy"].values())
+        ratios = last["more_layer_ratio"].values()
+        print(f"MORE at epoch {last['epoch']}: discrepancy many / medium / few {groups}; ||s B A|| / ||W_g|| "
+              f"{min(ratios):.3g} to {max(ratios):.3g} over {len(ratios)} layers")
     print(f"wrote {run.run_dir / 'analysis.json'} and {len(result['figures'])} figures in {figures}")
     return result

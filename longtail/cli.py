@@ -251,3 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"longtail {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+if __name__ == "__main__":  # `python -m longtail.cli` as well as `python -m longtail`
+    sys.exit(main())

@@ -198,7 +198,7 @@ class TrainConfig:
     # for only then), progress-bar and TensorBoard updates.
     log_every: int = 50
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: at epoch ends only
-    track_every: int = 0  # epochs between FDR / BN-gamma tracking; 0: off
+    track_every: int = 0  # epochs between FDR / BN-gamma tracking (and MORE diagnostics); 0: off
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in some steps
     grad_checkpoint: bool = False  # hf_clip / hf_vit: recompute each layer's activations in backward (less memory)

@@ -698,7 +698,10 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                 if cfg.train.track_every and (epoch + 1) % cfg.train.track_every == 0:
                     from longtail.analysis import track
 
-                    record["track"] = track(model, data.train, device)
+                    if not task_of(data).multilabel:  # FDR and cosines group features by one class per sample
+                        record["track"] = track(model, data.train, device)
+                    if cfg.more.enabled:
+                        record.update(method.diagnostics(model, data.train, device))
                 if select_split is not None:
                     score = record["val" if cfg.eval.select == "best_val" else "test"][task_of(data).select_key]
                     if score > loop.best["metric"]:
@@ -854,6 +857,11 @@ def _log_epoch(out: Path, writer: Any, record: dict, epochs: int, eta: str) -> N
         for key, value in record.get("track", {}).items():
             if isinstance(value, (int, float)):
                 writer.add_scalar(f"track/{key}", value, record["epoch"])
+        for group, value in record.get("more_discrepancy", {}).items():
+            if value is not None:
+                writer.add_scalar(f"more/discrepancy/{group}", value, record["epoch"])
+        for layer, value in record.get("more_layer_ratio", {}).items():
+            writer.add_scalar(f"more/ratio/{layer}", value, record["epoch"])
     parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.2e}",
              f"{record['images_per_sec']:.0f} img/s"]
     for split in ("val", "test"):

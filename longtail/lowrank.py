@@ -77,6 +77,21 @@ def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for part in lowrank_parts(model) for p in (part.A, part.B)]
 
 
+def lowrank_ratios(model: nn.Module) -> dict[str, float]:
+    """||s B A||_F / ||W_g||_F of every decomposed layer, keyed by module path: how much the part weighs."""
+    ratios = {}
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        for part in module.parametrizations.weight:
+            if isinstance(part, LowRank):
+                b, a = part.B.detach().double(), part.A.detach().double()
+                # ||B A||_F^2 = tr(B^T B A A^T): two r x r products, never the out x fan_in matrix B A.
+                delta = abs(part.scale) * ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt()
+                ratios[name] = float(delta / module.parametrizations.weight.original.detach().double().norm())
+    return ratios
+
+
 @contextmanager
 def general_only(model: nn.Module) -> Iterator[None]:
     """Inside the block every layer computes with W_g alone."""

@@ -120,8 +120,9 @@ class Task:
                                   "temperature scaling is fitted by the softmax NLL of one class per sample; use none"),
             "loss.drw_start": (cfg.loss.drw_start is not None,
                                "deferred re-weighting weights samples by their one class; use cb_bce or dbl"),
-            "train.track_every": (cfg.train.track_every > 0,
-                                  "the Fisher discriminant ratio and class means need one class per sample; use 0"),
+            "train.track_every": (cfg.train.track_every > 0 and not cfg.more.enabled,
+                                  "the Fisher discriminant ratio and class means need one class per sample; use 0 "
+                                  "(with more.enabled it logs MORE's diagnostics alone)"),
         }
         for key, (refused, why) in refusals.items():
             if refused:

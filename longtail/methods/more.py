@@ -11,17 +11,20 @@ from __future__ import annotations
 import fnmatch
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from longtail import distributed as dist
 from longtail.config import Config, MoreConfig
 from longtail.errors import ConfigError
-from longtail.lowrank import add_lowrank, general_only, lowrank_parameters, lowrank_parts, merge
+from longtail.lowrank import add_lowrank, general_only, lowrank_parameters, lowrank_parts, lowrank_ratios, merge
 from longtail.methods.base import Method, RunInfo
+from longtail.metrics import gather_unique
 from longtail.mixing import MixedTargets
-from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task
+from longtail.progress import Progress
+from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task, multilabel_groups
 
 SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 # Second stages retrain the classifier of a finished run (WB's MaxNorm even edits `head.weight` in place,
@@ -143,6 +146,55 @@ def more_loss_multilabel(
     return more_loss(z_full, z_gen, targets_multihot, class_prior, kind, MULTI_LABEL)
 
 
+@torch.no_grad()
+def class_discrepancy(
+    model: nn.Module, split: Any, device: torch.device, num_classes: int,
+    forward: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], batch_size: int = 512,
+) -> list[Optional[float]]:
+    """Mean ||z_full - z_gen||^2 per class over `split`, each sample once across processes; a multi-hot
+    sample counts for each of its positive labels; None for a class with no sample.
+
+    Eval transform and eval mode (BN running statistics, no dropout), so the numbers are a deterministic
+    function of the weights and training's random streams are not touched. `forward` is the method's own
+    (features, logits) pass, so the logits compared are the ones L_MORE compares.
+    """
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    values, labels, idxs = [], [], []
+    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
+    with Progress(math.ceil(len(split) / dist.world_size()), "more diagnostics", "img") as progress:
+        for x, y, idx in batches:
+            x = split.to_input(x, device, train=False, generator=None)
+            z_full = forward(model, x)[1]
+            with general_only(model):
+                z_gen = forward(model, x)[1]
+            values.append((z_full.float() - z_gen.float()).pow(2).sum(dim=1).cpu())
+            labels.append(y)
+            idxs.append(idx)
+            progress.update(len(y))
+    for m, mode in zip(model.modules(), modes):
+        m.training = mode
+    # gather_unique drops the samples a distributed split repeats to even out the ranks' shares.
+    d, y, _ = gather_unique(torch.cat(values), torch.cat(labels), torch.cat(idxs))
+    d = d.double()
+    if y.ndim == 2:  # multi-hot: a few dozen classes, so the N x C membership matrix is small
+        member = (y > 0).double()
+        sums, counts = member.T @ d, member.sum(dim=0)
+    else:  # bincount, not one-hot: N x C would not fit for iNaturalist's 8142 classes
+        sums = torch.bincount(y.long(), weights=d, minlength=num_classes)
+        counts = torch.bincount(y.long(), minlength=num_classes)
+    return [float(s / n) if n else None for s, n in zip(sums.tolist(), counts.tolist())]
+
+
+def group_means(per_class: list[Optional[float]], groups: tuple[list[int], ...]) -> dict[str, Optional[float]]:
+    """The mean of the per-class values in each of many / medium / few (None for an empty group)."""
+    means = {}
+    for name, ids in zip(("many", "medium", "few"), groups):
+        present = [per_class[c] for c in ids if per_class[c] is not None]
+        means[name] = sum(present) / len(present) if present else None
+    return means
+
+
 class More(Method):
     """Wraps another method: its forward and criterion, plus the general-only pass and L_MORE."""
 
@@ -212,6 +264,16 @@ class More(Method):
         l_more = more_loss(z_full, z_gen, y, self.class_prior, self.more.discrepancy, self.info.task)
         logs = {**logs, "more_alpha": a, "more_loss": l_more.detach()}
         return loss + a * l_more, logs
+
+    def diagnostics(self, model: nn.Module, split: Any, device: torch.device) -> dict:
+        """Where the low-rank part acts (logged every `train.track_every` epochs): the per-class discrepancy
+        on `split`, its many / medium / few means, and every decomposed layer's ||s B A||_F / ||W_g||_F."""
+        per_class = class_discrepancy(model, split, device, self.info.num_classes, self.inner.forward,
+                                      self.cfg.eval.batch_size)
+        # The task's groups: eval.thresholds, else a published head / medium / tail split, else the dataset's.
+        groups = multilabel_groups(self.info.data, self.cfg)
+        return {"more_discrepancy_per_class": per_class, "more_discrepancy": group_means(per_class, groups),
+                "more_layer_ratio": lowrank_ratios(model)}
 
     def train_mode(self, model: nn.Module) -> None:
         self.inner.train_mode(model)
