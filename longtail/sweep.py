@@ -292,6 +292,13 @@ def raise_failures(outcomes: list[Outcome]) -> None:
                             "Rerun the same command to retry them: finished runs are skipped")
 
 
+def finished_runs_named(out: str | Path, name: str) -> list[str]:
+    """The finished run directories in `out` of the point `name` (any seed): a recipe that another sweep into
+    the same directory ran, e.g. the CE baseline beside an LDAM-DRW sweep of another config."""
+    runs = [d for d in sorted(Path(out).glob(f"{name},seed=*")) if (d / "results.json").is_file()]
+    return [str(d) for d in runs]
+
+
 def sweep(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds: Optional[list[int]], out: str,
           jobs: int = 1, slurm: Optional[dict] = None, data_root: Optional[str] = None, download: bool = False,
           baseline: Optional[str] = None) -> list[Outcome]:
@@ -301,11 +308,15 @@ def sweep(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds
 
     points = plan(config, overrides, grid, seeds, out)
     names = {p.name.rsplit(",seed=", 1)[0] for p in points}
+    earlier: list[str] = []  # the baseline's runs when an earlier sweep into OUT made them
     if baseline is not None and baseline not in names and not any(Path(baseline).resolve() == p.out.resolve()
                                                                    for p in points):
-        raise ConfigError(f"--baseline {baseline}: not a point of this sweep; points: {', '.join(sorted(names))}")
+        earlier = finished_runs_named(out, baseline)
+        if not earlier:
+            raise ConfigError(f"--baseline {baseline}: not a point of this sweep (points: {', '.join(sorted(names))}) "
+                              f"nor a finished run of an earlier sweep in {out}")
     outcomes = run_points(points, out, jobs, slurm, data_root, download)
-    finished = [str(p.out) for p in points if (p.out / "results.json").exists()]
+    finished = earlier + [str(p.out) for p in points if (p.out / "results.json").exists()]
     if finished:
         print(report(finished, baseline=baseline))
     raise_failures(outcomes)

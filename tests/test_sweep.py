@@ -62,7 +62,7 @@ def test_a_bad_grid_value_stops_the_sweep_before_any_run():
 def test_a_baseline_that_is_no_point_stops_the_sweep_before_any_run(tmp_path):
     from longtail.sweep import sweep
 
-    with pytest.raises(ConfigError, match=r"--baseline loss.name=focal: not a point of this sweep; points: "
+    with pytest.raises(ConfigError, match=r"--baseline loss.name=focal: not a point of this sweep \(points: "
                                           r"loss.name=ce, loss.name=la"):
         sweep(CE, [], parse_grid(["loss.name=[ce,la]"]), [0, 1], str(tmp_path), baseline="loss.name=focal")
     assert not any(tmp_path.iterdir())
@@ -105,6 +105,13 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted_points(setup):
     epochs = [json.loads(line)["epoch"] for line in
               (root / "sw" / "loss.name=la,seed=1" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1]  # the finished epoch was not trained again
+
+    # Another recipe swept into the same directory is compared with the baseline an earlier sweep ran there.
+    other = _sweep(config, root, "--grid", "loss.name=[bs]", "--seeds", "0,1", "--out", "sw", "--baseline",
+                   "loss.name=ce")
+    assert other.returncode == 0, other.stderr
+    assert "Paired differences against sw/loss.name=ce,seed=0" in other.stdout
+    assert "sw/loss.name=bs,seed=0" in other.stdout.split("Paired differences")[1]
 
 
 def test_a_directory_with_another_config_stops_the_sweep_naming_the_keys(setup, tmp_path):
