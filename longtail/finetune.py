@@ -1,6 +1,7 @@
 """`finetune.mode`: which parameters of a (pretrained) backbone train. The head always trains.
 
-full: everything (full_scope all), or the transformer blocks and the head (blocks, LIFT's full_tuning); linear: the head alone (a linear probe); bias: biases and the head (BitFit);
+full: everything (full_scope all), or the transformer blocks and the head (blocks, LIFT's full_tuning);
+linear: the head alone (a linear probe); bias: biases and the head (BitFit);
 lora: the chosen weights frozen, each with a trainable low-rank part W = W_g + s B A, s = alpha / rank
 (`longtail.lowrank`, the part MORE uses, so LoRA + MORE shares one part per layer). The engine merges
 the parts before export, so model.pt is the plain architecture.
@@ -117,11 +118,10 @@ def apply_finetune(model: nn.Module, cfg: Config) -> nn.Module:
     ft = cfg.finetune
     if ft.mode == "full":
         if ft.full_scope == "blocks":  # LIFT's full_tuning: the transformer blocks, not embeddings, norms, projection
-            blocks = model.blocks() if hasattr(model, "blocks") else None
-            if blocks is None:
+            if not hasattr(model, "blocks"):
                 raise ConfigError(f"finetune.full_scope: blocks trains the transformer blocks, and model "
                                   f"{cfg.model.name} names none (hf_clip and hf_vit do); use full_scope all")
-            trained = {id(p) for p in [*blocks.parameters(), *model.head.parameters()]}
+            trained = {id(p) for p in [*model.blocks().parameters(), *model.head.parameters()]}
             for p in model.parameters():
                 p.requires_grad_(id(p) in trained)
         return model

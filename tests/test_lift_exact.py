@@ -165,7 +165,8 @@ def test_full_scope_blocks_trains_the_transformer_blocks_and_the_head(name):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["finetune.full_scope=blocks", "finetune.mode=lora"], "finetune.full_scope: 'blocks' applies to finetune.mode=full"),
+    (["finetune.full_scope=blocks", "finetune.mode=lora"],
+     "finetune.full_scope: 'blocks' applies to finetune.mode=full"),
     (["finetune.adapter_style=lift"], "finetune.adapter_style: 'lift' applies to finetune.mode=adaptformer"),
     (["finetune.mode=adaptformer", "finetune.adapter_dropout=1.0"], r"finetune.adapter_dropout: must be in \[0, 1\)"),
     (["model.name=hf_vit", "model.clip_feature=pre_projection"], "model.clip_feature: pre_projection chooses hf_clip"),
