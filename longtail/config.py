@@ -77,6 +77,9 @@ class ModelConfig:
     # hf_clip: text initialises the cosine head with CLIP's text embeddings of the class names in `prompts`
     head_init: Literal["random", "text"] = "random"
     prompts: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # several: their normalised mean
+    # hf_clip's feature: projected (the image embedding CLIP's text tower shares) or pre_projection (the
+    # post-LayerNorm CLS token before visual_projection, LIFT's; a text head's rows are then text @ W)
+    clip_feature: Literal["projected", "pre_projection"] = "projected"
     width: int = 1024  # mlp hidden width
     etf_seed: int = 0
 
@@ -145,7 +148,12 @@ class FinetuneConfig:
     lora_alpha: float = 16.0  # the low-rank part's scale is lora_alpha / lora_rank
     targets: Optional[list[str]] = None  # module-name suffixes or fnmatch patterns; null: the model's defaults
     adapter_dim: int = 64  # adaptformer: the bottleneck width
-    adapter_scale: float = 0.1  # adaptformer: s in mlp(x) + s up(relu(down(x)))
+    adapter_scale: float = 0.1  # adaptformer: s in mlp(x) + s up(relu(down(x))); lift: s's initial value
+    # adaptformer: longtail's adapter on the MLP's input, s fixed; lift: LIFT's (its own LayerNorm, reading the
+    # residual stream before the block's pre-MLP LayerNorm, s learnt)
+    adapter_style: Literal["adaptformer", "lift"] = "adaptformer"
+    adapter_dropout: float = 0.0  # dropout after the adapter's ReLU (AdaptFormer's code uses 0.1)
+    full_scope: Literal["all", "blocks"] = "all"  # full: every parameter, or the transformer blocks (LIFT's)
     # Learning rates per part (null: optim.lr, scaled and scheduled); a number is used as given, on the schedule.
     lr_head: Optional[float] = None
     lr_lowrank: Optional[float] = None  # LoRA's parts, and MORE's (the same parts under LoRA + MORE)
@@ -181,6 +189,7 @@ class ScheduleConfig:
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions where < 1
     gamma: float = 0.01  # LDAM-DRW: lr x0.01 at 80 %, x0.0001 at 90 %
     min_lr: float = 0.0  # cosine floor
+    step_per: Literal["step", "epoch"] = "step"  # cosine: lr changes every optimiser step, or once an epoch
 
 
 @dataclass
@@ -392,6 +401,13 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.lora_rank / lora_alpha: must be >= 1 / > 0, got {ft.lora_rank} / {ft.lora_alpha}")
     if ft.adapter_dim < 1:
         raise ConfigError(f"finetune.adapter_dim: must be >= 1, got {ft.adapter_dim}")
+    if not 0 <= ft.adapter_dropout < 1:
+        raise ConfigError(f"finetune.adapter_dropout: must be in [0, 1), got {ft.adapter_dropout}")
+    for key, default, mode in (("adapter_style", "adaptformer", "adaptformer"), ("adapter_dropout", 0.0, "adaptformer"),
+                               ("full_scope", "all", "full")):
+        if getattr(ft, key) != default and ft.mode != mode:
+            raise ConfigError(f"finetune.{key}: {getattr(ft, key)!r} applies to finetune.mode={mode} only, and "
+                              f"finetune.mode is {ft.mode}; leave it at {default!r} or use finetune.mode={mode}")
     if ft.targets is not None and not ft.targets:
         raise ConfigError("finetune.targets: an empty list selects no layer; give patterns or null for the defaults")
     for key in ("lr_head", "lr_lowrank", "lr_adapter"):
@@ -466,6 +482,12 @@ def _check_text_head(cfg: Config) -> None:
     if m.head_init == "text" and (m.name != "hf_clip" or m.pretrained is None or m.head != "cosine"):
         raise ConfigError("model.head_init: text needs model.name hf_clip with model.pretrained (a whole CLIP "
                           "checkpoint: its text tower and tokenizer embed the class names) and model.head cosine")
+    if m.clip_feature != "projected" and m.name != "hf_clip":
+        raise ConfigError(f"model.clip_feature: {m.clip_feature} chooses hf_clip's feature, and model.name is "
+                          f"{m.name}; leave it at projected")
+    if m.clip_feature != "projected" and cfg.method.name == "zero_shot":
+        raise ConfigError(f"model.clip_feature: {m.clip_feature} gives logits other than CLIP's zero-shot ones, "
+                          "which method.name zero_shot evaluates; use model.clip_feature projected")
     if not m.prompts or any("{}" not in p for p in m.prompts):
         raise ConfigError(f"model.prompts: every template needs a {{}} for the class name, got {m.prompts}")
     if cfg.method.name == "zero_shot" and (m.head_init != "text" or cfg.more.enabled):

@@ -112,7 +112,8 @@ def resolved_schedule(cfg: Config) -> dict:
 
 
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
-    """Multiplier of the base lr at optimiser step `step`: linear warm-up, then multistep or cosine."""
+    """Multiplier of the base lr at optimiser step `step`: linear warm-up, then multistep or cosine. A function of
+    the step alone, so a resumed run (LambdaLR's step count restored, mid-epoch too) follows the same lrs."""
     total = cfg.train.epochs * steps_per_epoch
     w = cfg.schedule.warmup_epochs
     warmup = int(round(w * total)) if w < 1 else int(w * steps_per_epoch)  # in steps, so short runs keep it
@@ -122,6 +123,8 @@ def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
         epoch = step // steps_per_epoch
         return cfg.schedule.gamma ** sum(epoch >= m for m in resolved_schedule(cfg)["milestones"])
     if cfg.schedule.name == "cosine":
+        if cfg.schedule.step_per == "epoch":  # held at the epoch's first step (after warm-up): LIFT's CosineAnnealingLR
+            step = max(warmup, step - step % steps_per_epoch)
         t = (step - warmup) / max(1, total - warmup)
         floor = cfg.schedule.min_lr / effective_lr(cfg)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))

@@ -1,16 +1,19 @@
 """`finetune.mode`: which parameters of a (pretrained) backbone train. The head always trains.
 
-full: everything; linear: the head alone (a linear probe); bias: biases and the head (BitFit);
+full: everything (full_scope all), or the transformer blocks and the head (blocks, LIFT's full_tuning);
+linear: the head alone (a linear probe); bias: biases and the head (BitFit);
 lora: the chosen weights frozen, each with a trainable low-rank part W = W_g + s B A, s = alpha / rank
 (`longtail.lowrank`, the part MORE uses, so LoRA + MORE shares one part per layer). The engine merges
 the parts before export, so model.pt is the plain architecture.
 adaptformer: everything frozen but a bottleneck adapter beside each chosen MLP block (AdaptFormer,
-Chen et al. 2022: out = mlp(x) + s up(relu(down(x))), up = 0 at start). Adapters cannot merge: they stay
-modules in model.pt, and model.yaml's `adapters` says where, so the model reloads.
+Chen et al. 2022: out = mlp(x) + s up(relu(down(x))), up = 0 at start), or LIFT's (adapter_style lift:
+out = mlp(ln(h)) + s up(relu(down(ln'(h)))) on the residual stream h, ln' its own, s learnt). Adapters cannot
+merge: they stay modules in model.pt, and model.yaml's `adapters` says where and which, so the model reloads.
 """
 from __future__ import annotations
 
 import fnmatch
+import math
 import types
 
 import torch
@@ -38,26 +41,44 @@ def lora_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Modu
 
 
 class Adapter(nn.Module):
-    """AdaptFormer's parallel bottleneck: s * up(relu(down(x)))."""
+    """AdaptFormer's parallel bottleneck: s * up(dropout(relu(down(x)))), up = 0 so training starts from the
+    pretrained model. `lift` is LIFT's (models/peft_modules.py AdaptFormer): a LayerNorm of its own first, down
+    Kaiming-normal with zero bias, and s a parameter (initialised to `scale`)."""
 
-    def __init__(self, d: int, dim: int, scale: float):
+    def __init__(self, d: int, dim: int, scale: float, dropout: float = 0.0, style: str = "adaptformer"):
         super().__init__()
+        self.norm = nn.LayerNorm(d) if style == "lift" else nn.Identity()
         self.down = nn.Linear(d, dim)
         self.up = nn.Linear(dim, d)
-        nn.init.zeros_(self.up.weight)  # zero: the adapted model starts as exactly the pretrained one
+        if style == "lift":
+            nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.scale = scale
+        self.scale = nn.Parameter(torch.tensor([float(scale)])) if style == "lift" else scale
+        self.dropout = dropout
+        self.style = style
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(F.relu(self.down(x)))
+        h = F.dropout(F.relu(self.down(self.norm(x))), self.dropout, self.training)
+        return self.scale * self.up(h)
 
 
 def _adapted_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return type(module).forward(module, x) + module.adapter(x)
 
 
-def add_adapters(model: nn.Module, targets: list[str], dim: int, scale: float) -> list[str]:
-    """An `adapter` submodule beside each matching MLP block (keys `<block>.adapter.*`, the block's own kept)."""
+def _lift_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # The block's pre-MLP LayerNorm moved here (the identity in its place), so x is the residual stream the
+    # adapter reads, beside the whole MLP branch: out = mlp(norm(x)) + adapter(x), as LIFT's models/peft_vit.py.
+    return type(module).forward(module, module.norm(x)) + module.adapter(x)
+
+
+def add_adapters(model: nn.Module, targets: list[str], dim: int, scale: float, dropout: float = 0.0,
+                 style: str = "adaptformer") -> list[str]:
+    """An `adapter` submodule beside each matching MLP block (keys `<block>.adapter.*`, the block's own kept).
+    `lift` also moves the LayerNorm before each block (the backbone's `adapter_norm`, a sibling of the block)
+    into it as `<block>.norm`."""
     head = {id(m) for m in model.head.modules()}
     chosen = [(name, m) for name, m in model.named_modules()
               if name and id(m) not in head and any(matches(name, t) for t in targets)]
@@ -65,25 +86,44 @@ def add_adapters(model: nn.Module, targets: list[str], dim: int, scale: float) -
     if not chosen or any(not ls or ls[0].in_features != ls[-1].out_features for _, ls in linears):
         raise ConfigError(f"finetune.targets: adaptformer needs MLP blocks (Linear layers mapping d back to d) "
                           f"matching {targets}; found {[name for name, _ in chosen] or 'none'}")
-    for (name, module), (_, ls) in zip(chosen, linears):
-        module.adapter = Adapter(ls[0].in_features, dim, scale).to(ls[0].weight)
-        module.forward = types.MethodType(_adapted_forward, module)
+    norm_name = getattr(model, "adapter_norm", None)
+    parents = [model.get_submodule(name.rpartition(".")[0]) for name, _ in chosen]
+    if style == "lift" and (norm_name is None or not all(isinstance(getattr(p, norm_name, None), nn.LayerNorm)
+                                                         for p in parents)):
+        raise ConfigError(f"finetune.adapter_style: lift reads the residual stream before the LayerNorm that feeds "
+                          f"each MLP block; model {type(model).__name__} names no such LayerNorm beside "
+                          f"{[name for name, _ in chosen]} (adapter_norm: {norm_name}); use adapter_style adaptformer")
+    for (name, module), (_, ls), parent in zip(chosen, linears, parents):
+        module.adapter = Adapter(ls[0].in_features, dim, scale, dropout, style).to(ls[0].weight)
+        if style == "lift":
+            module.norm = getattr(parent, norm_name)
+            setattr(parent, norm_name, nn.Identity())
+        module.forward = types.MethodType(_lift_forward if style == "lift" else _adapted_forward, module)
     return [name for name, _ in chosen]
 
 
 def adapter_spec(model: nn.Module) -> dict | None:
-    """model.yaml's `adapters`: which blocks carry one, its width and scale (None without adapters)."""
+    """model.yaml's `adapters`: which blocks carry one, its width, scale and style (None without adapters)."""
     found = [(name, m.adapter) for name, m in model.named_modules() if isinstance(getattr(m, "adapter", None), Adapter)]
     if not found:
         return None
     first = found[0][1]
-    return {"blocks": [name for name, _ in found], "dim": first.down.out_features, "scale": first.scale}
+    # lift's scale is a trained parameter, each block's in model.pt; the first block's is shown
+    scale = float(first.scale.detach()) if first.style == "lift" else first.scale
+    return {"blocks": [name for name, _ in found], "dim": first.down.out_features, "scale": scale, "style": first.style}
 
 
 def apply_finetune(model: nn.Module, cfg: Config) -> nn.Module:
     """Freeze what `finetune.mode` does not train and add LoRA's parts or the adapters, in place."""
     ft = cfg.finetune
     if ft.mode == "full":
+        if ft.full_scope == "blocks":  # LIFT's full_tuning: the transformer blocks, not embeddings, norms, projection
+            if not hasattr(model, "blocks"):
+                raise ConfigError(f"finetune.full_scope: blocks trains the transformer blocks, and model "
+                                  f"{cfg.model.name} names none (hf_clip and hf_vit do); use full_scope all")
+            trained = {id(p) for p in [*model.blocks().parameters(), *model.head.parameters()]}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trained)
         return model
     head = {id(p) for p in model.head.parameters()}
     for name, p in model.named_parameters():
@@ -102,7 +142,7 @@ def apply_finetune(model: nn.Module, cfg: Config) -> nn.Module:
         if targets is None:
             raise ConfigError(f"finetune.targets: model {cfg.model.name} ships no default AdaptFormer targets; "
                               "set finetune.targets to the names of its MLP blocks")
-        add_adapters(model, targets, ft.adapter_dim, ft.adapter_scale)
+        add_adapters(model, targets, ft.adapter_dim, ft.adapter_scale, ft.adapter_dropout, ft.adapter_style)
     return model
 
 

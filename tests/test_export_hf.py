@@ -1,5 +1,5 @@
-"""`longtail export` of hf_vit / hf_clip runs, LoRA (+ MORE) merged and AdaptFormer's adapters kept: safetensors,
-ONNX (run by onnxruntime) and torch.export give model.pt's logits at any batch size."""
+"""`longtail export` of hf_vit / hf_clip runs, LoRA (+ MORE) merged and AdaptFormer's adapters (LIFT's too) kept:
+safetensors, ONNX (run by onnxruntime) and torch.export give model.pt's logits at any batch size."""
 import pytest
 import torch
 
@@ -19,7 +19,10 @@ pytest.importorskip("transformers")
 RUNS = {"vit_lora_more": ("hf_vit", ["finetune.mode=lora", "more.enabled=true"], {}),
         "clip_lora": ("hf_clip", ["finetune.mode=lora", "data.resize_to=32"], {"image_size": 64}),
         "vit_adaptformer": ("hf_vit", ["finetune.mode=adaptformer", "finetune.adapter_dim=4"], {}),
-        "clip_adaptformer": ("hf_clip", ["finetune.mode=adaptformer", "finetune.adapter_dim=4"], {})}
+        "clip_adaptformer": ("hf_clip", ["finetune.mode=adaptformer", "finetune.adapter_dim=4"], {}),
+        # LIFT's: its adapters (the pre-MLP LayerNorms moved into the blocks) on the pre-projection feature
+        "clip_lift": ("hf_clip", ["finetune.mode=adaptformer", "finetune.adapter_style=lift", "finetune.adapter_dim=4",
+                                  "model.clip_feature=pre_projection"], {})}
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
@@ -33,7 +36,7 @@ def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / request.param
     fit(cfg, out, data_root=str(root))
     model, spec, _ = load_model(out)
-    assert (spec.get("adapters") is not None) == ("adaptformer" in request.param)
+    assert (spec.get("adapters") is not None) == ("adaptformer" in request.param or "lift" in request.param)
     assert not any("parametrizations" in k for k in model.state_dict())  # the low-rank parts were merged
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(n, 3, 32, 32, generator=g) for n in (1, 5)]

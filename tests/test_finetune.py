@@ -272,7 +272,8 @@ def test_adaptformer_exports_its_adapters_and_reloads(tmp_path):
     cfg.model.hf_config = vit_config()
     fit(cfg, tmp_path / "run", data_root=str(root))
     model, spec, model_pt = load_model(tmp_path / "run")
-    assert spec["adapters"] == {"blocks": ["net.layers.0.mlp", "net.layers.1.mlp"], "dim": 4, "scale": 0.1}
+    assert spec["adapters"] == {"blocks": ["net.layers.0.mlp", "net.layers.1.mlp"], "dim": 4, "scale": 0.1,
+                                "style": "adaptformer"}
     state, key = torch.load(model_pt, weights_only=True), "net.layers.0.mlp.adapter.up.weight"
     assert state[key].abs().sum() > 0  # trained away from zero
     assert torch.equal(model.state_dict()[key], state[key])

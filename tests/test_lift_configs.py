@@ -40,9 +40,12 @@ def test_lift_config_holds_the_published_values(path):
     assert cfg.data.resize_to == (224 if cfg.data.name == "cifar100_lt" else None)
     if cfg.data.name != "cifar100_lt":
         assert cfg.data.profile == "none" and cfg.data.image_size == 224 and cfg.data.class_names is not None
-    if variant == "zero_shot":
-        assert cfg.method.name == "zero_shot" and m.head_scale == 1.0  # becomes CLIP's logit scale
+    assert "LIFT's sits" not in header and "LIFT's per epoch" not in header  # the closed differences are gone
+    if variant == "zero_shot":  # models/models.py ZeroShotCLIP: CLIP's projected embeddings
+        assert cfg.method.name == "zero_shot" and m.head_scale == 1.0 and m.clip_feature == "projected"
         return
+    # LIFT's head on the feature before the projection (trainer.py init_head_text_feat), its cosine per epoch
+    assert m.clip_feature == "pre_projection" and cfg.schedule.step_per == "epoch"
     assert m.head_scale == 25 and cfg.loss.name == "la" and cfg.loss.tau == 1.0
     o = cfg.optim
     lr = {"full": 0.001 if cfg.data.name == "places_lt" else 0.0005}.get(variant, 0.01)
@@ -52,8 +55,11 @@ def test_lift_config_holds_the_published_values(path):
     assert cfg.train.amp and cfg.train.amp_dtype == "float16"
     mode = {"lora_more": "lora"}.get(variant, variant)
     assert cfg.finetune.mode == mode and cfg.more.enabled == (variant == "lora_more")
-    if mode == "adaptformer":
-        assert cfg.finetune.adapter_dim == WIDTH[cfg.data.name]
+    assert cfg.finetune.full_scope == ("blocks" if mode == "full" else "all")  # models/peft_vit.py block_tuned
+    if mode == "adaptformer":  # models/peft_modules.py AdaptFormer: its own LayerNorm, s learnt from 1, no dropout
+        ft = cfg.finetune
+        assert (ft.adapter_dim, ft.adapter_style, ft.adapter_scale, ft.adapter_dropout) == (
+            WIDTH[cfg.data.name], "lift", 1.0, 0.0)
     if mode == "lora":  # LIFT's LoRA: rank adapter_dim, scale 1 / rank, on q and v
         ft = cfg.finetune
         assert (ft.lora_rank, ft.lora_alpha, ft.targets) == (WIDTH[cfg.data.name], 1.0, ["q_proj", "v_proj"])

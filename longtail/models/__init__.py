@@ -5,7 +5,9 @@ last ReLU and pooling), `feature_dim = d`, attribute `head` (features -> logits)
 `forward(x) = head(features(x))`. A factory `f(num_classes, in_channels, image_size, model_cfg)`
 returns the backbone; `build_model` attaches the head (replacing any the factory made). A backbone
 may define `init_head(head)` to initialise or load the new head its own way, `spec_overrides()` for the
-model.* keys model.yaml records instead of the config's, and `lora_targets`, the default finetune.targets.
+model.* keys model.yaml records instead of the config's, `lora_targets` and `adapter_targets`, the default
+finetune.targets, `adapter_norm`, the name of the LayerNorm beside each MLP block that feeds it
+(finetune.adapter_style lift), and `blocks()`, the transformer blocks (finetune.full_scope blocks).
 """
 from __future__ import annotations
 
@@ -105,7 +107,9 @@ def load_exported(spec: dict, state_dict: dict) -> nn.Module:
     if adapters:  # AdaptFormer's adapters do not merge: model.pt holds them as modules
         from longtail.finetune import add_adapters
 
-        add_adapters(model, adapters["blocks"], adapters["dim"], adapters["scale"])
+        # model.yaml written before adapter styles existed holds longtail's own adapters
+        add_adapters(model, adapters["blocks"], adapters["dim"], adapters["scale"],
+                     style=adapters.get("style", "adaptformer"))
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:

@@ -31,6 +31,8 @@ LORA_TARGETS = {"hf_clip": ["q_proj", "v_proj"],
                            "attention.v_proj"]}
 # AdaptFormer's default finetune.targets: each encoder layer's MLP block (transformers 5's names).
 ADAPTER_TARGETS = {"hf_clip": ["*.layers.*.mlp"], "hf_vit": ["*.layers.*.mlp"]}
+# The LayerNorm each encoder layer applies before its MLP (LIFT's ln_2), which adapter_style lift reads past.
+ADAPTER_NORMS = {"hf_clip": "layer_norm2", "hf_vit": "layernorm_after"}
 # Checkpoint keys the image tower does not use: CLIP's text tower, ViT's tanh pooler and task heads.
 UNUSED_PREFIXES = {"hf_clip": ("text_model.", "text_projection.", "logit_scale"),
                    "hf_vit": ("pooler.", "classifier.", "vit.pooler.")}
@@ -155,9 +157,12 @@ def input_size(model_cfg: ModelConfig) -> int:
     return arch_config(model_cfg.name, _read_json(directory / "config.json")).image_size
 
 
-def text_head(pretrained: str, class_names: list[str], prompts: list[str]) -> tuple[torch.Tensor, float]:
+def text_head(pretrained: str, class_names: list[str], prompts: list[str],
+              clip_feature: str = "projected") -> tuple[torch.Tensor, float]:
     """(K x d unit rows, logit_scale.exp()): each class's CLIP text embedding, normalised, averaged over the
-    prompt templates and normalised again; from the checkpoint's text tower and tokenizer."""
+    prompt templates and normalised again; from the checkpoint's text tower and tokenizer. For the
+    pre-projection feature the rows are mapped back through the image projection W (512 x 768), text @ W, and
+    normalised: LIFT's trainer.py init_head_text_feat (`text_features @ proj.t()`, OpenAI's proj being W^T)."""
     t = _transformers()
     directory = checkpoint_dir(pretrained)
     raw = _read_json(directory / "config.json")
@@ -187,12 +192,14 @@ def text_head(pretrained: str, class_names: list[str], prompts: list[str]) -> tu
             pooled = clip.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
             rows.append(nn.functional.normalize(clip.text_projection(pooled), dim=1))
     weight = nn.functional.normalize(torch.stack(rows).mean(0), dim=1)
+    if clip_feature == "pre_projection":
+        weight = nn.functional.normalize(weight @ clip.visual_projection.weight.detach(), dim=1)
     return weight, clip.logit_scale.exp().item()
 
 
 def init_text_head(model: nn.Module, model_cfg: ModelConfig, class_names: list[str]) -> None:
     """model.head_init: text. head_scale 1.0 (the default) becomes the checkpoint's logit scale (100 for OpenAI's)."""
-    weight, scale = text_head(model_cfg.pretrained, class_names, model_cfg.prompts)
+    weight, scale = text_head(model_cfg.pretrained, class_names, model_cfg.prompts, model_cfg.clip_feature)
     with torch.no_grad():
         model.head.weight.copy_(weight)
     if model_cfg.head_scale == 1.0:
@@ -202,23 +209,35 @@ def init_text_head(model: nn.Module, model_cfg: ModelConfig, class_names: list[s
 class HFBackbone(nn.Module):
     """A transformers image tower behind the longtail model contract."""
 
-    def __init__(self, name: str, net: nn.Module):
+    def __init__(self, name: str, net: nn.Module, clip_feature: str = "projected"):
         super().__init__()
         self.name = name
         self.net = net
         config = net.config
-        self.feature_dim = config.projection_dim if name == "hf_clip" else config.hidden_size
+        self.projected = name == "hf_clip" and clip_feature == "projected"
+        self.feature_dim = config.projection_dim if self.projected else config.hidden_size
         self.image_size = config.image_size
         self.lora_targets = LORA_TARGETS[name]
         self.adapter_targets = ADAPTER_TARGETS[name]
+        self.adapter_norm = ADAPTER_NORMS[name]
+        if name == "hf_clip" and not self.projected:
+            # Unused, so frozen: it stays in model.pt with the checkpoint's keys, and DDP wants a gradient for
+            # every trainable parameter.
+            net.visual_projection.requires_grad_(False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # Images of another size than the checkpoint's run through interpolated position embeddings.
         interpolate = x.shape[-1] != self.image_size or x.shape[-2] != self.image_size
+        if self.name == "hf_clip" and not self.projected:  # the CLS token after post_layernorm, LIFT's feature
+            return self.net.vision_model(pixel_values=x, interpolate_pos_encoding=interpolate).pooler_output
         out = self.net(pixel_values=x, interpolate_pos_encoding=interpolate)
         if self.name == "hf_clip":
             return out.image_embeds  # the projected image embedding, the space CLIP's text tower shares
         return out.last_hidden_state[:, 0]  # CLS after the final LayerNorm
+
+    def blocks(self) -> nn.Module:
+        """The encoder's transformer layers (LIFT's `blocks`, which its full_tuning trains)."""
+        return self.net.vision_model.encoder.layers if self.name == "hf_clip" else self.net.layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -252,7 +271,7 @@ def _factory(name: str):
         if net.config.num_channels != in_channels:
             raise ConfigError(f"model.name: {name} takes {net.config.num_channels}-channel images and the data has "
                               f"{in_channels}; use an RGB dataset")
-        return HFBackbone(name, net)
+        return HFBackbone(name, net, model_cfg.clip_feature)
 
     return build
 
