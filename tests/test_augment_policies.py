@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import longtail.data.policies as policies
+from crash_method import CrashAt
 from fake_data import write_cifar10, write_fashion_mnist
 from longtail.checkpoint import load_checkpoint
 from longtail.config import LossConfig, load_config
@@ -18,8 +19,6 @@ from longtail.data.policies import (CIFAR10_POLICY, OP_NAMES, RANDAUGMENT_OPS, I
 from longtail.engine import fit
 from longtail.errors import ConfigError
 from longtail.losses import ConfiguredLoss, MultiLabelLoss, ldam_loss
-from longtail.methods import register_method
-from longtail.methods.base import Method
 from longtail.methods.more import sample_weights
 from longtail.mixing import Mixer, MixedTargets, beta, cutmix_box
 from longtail.task import MULTI_LABEL
@@ -342,22 +341,6 @@ TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", 
         "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0"]
 
 
-class CrashAt(Method):
-    """Raises (as a killed process stops) at its `crash_at`-th training forward."""
-
-    calls = 0
-    crash_at = 0
-
-    def loss(self, model, x, y, progress):
-        CrashAt.calls += 1
-        if CrashAt.calls == CrashAt.crash_at:
-            raise KeyboardInterrupt("simulated kill")
-        return super().loss(model, x, y, progress)
-
-
-register_method("aug_crash_test", f"{__name__}:CrashAt")
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
@@ -371,7 +354,7 @@ def _weights(run):
 
 def test_augmented_runs_are_seeded_and_resume_bit_for_bit(tmp_path, data_root):
     cfg = load_config(None, [*TINY, "train.checkpoint_every=3"])
-    cfg.method.name = "aug_crash_test"
+    cfg.method.name = "crash_test"
     CrashAt.calls, CrashAt.crash_at = 0, 0
     fit(cfg, tmp_path / "reference", data_root=data_root)
     CrashAt.calls, CrashAt.crash_at = 0, 14  # in epoch 2 (about 8 steps an epoch), after its first checkpoint

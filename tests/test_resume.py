@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from crash_method import CrashAt
 from longtail import engine
 from longtail.checkpoint import atomic_torch_save, load_checkpoint
 from longtail.config import load_config
@@ -121,22 +122,6 @@ def test_stop_signals_are_configurable(monkeypatch):
     monkeypatch.setenv("LONGTAIL_STOP_SIGNALS", "TERM,NOPE")
     with pytest.raises(ConfigError, match="NOPE"):
         engine.stop_signals()
-
-
-class CrashAt(Method):
-    """Raises (as a killed process would stop) at its `crash_at`-th training forward."""
-
-    calls = 0
-    crash_at = 0
-
-    def loss(self, model, x, y, progress):
-        CrashAt.calls += 1
-        if CrashAt.calls == CrashAt.crash_at:
-            raise KeyboardInterrupt("simulated kill")
-        return super().loss(model, x, y, progress)
-
-
-register_method("crash_test", f"{__name__}:CrashAt")
 
 
 def test_mid_epoch_checkpoints_resume_bit_for_bit(tmp_path, data_root, reference):
