@@ -146,6 +146,8 @@ class FinetuneConfig:
     mode: Literal["full", "linear", "bias", "lora", "adaptformer"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0  # the low-rank part's scale is lora_alpha / lora_rank
+    # A's initial bound: default 1/sqrt(fan_in) (nn.Linear's); lift 1/sqrt(lora_rank) (LIFT's LoRA)
+    lora_init: Literal["default", "lift"] = "default"
     targets: Optional[list[str]] = None  # module-name suffixes or fnmatch patterns; null: the model's defaults
     adapter_dim: int = 64  # adaptformer: the bottleneck width
     adapter_scale: float = 0.1  # adaptformer: s in mlp(x) + s up(relu(down(x))); lift: s's initial value
@@ -404,7 +406,7 @@ def _check_finetune(cfg: Config) -> None:
     if not 0 <= ft.adapter_dropout < 1:
         raise ConfigError(f"finetune.adapter_dropout: must be in [0, 1), got {ft.adapter_dropout}")
     for key, default, mode in (("adapter_style", "adaptformer", "adaptformer"), ("adapter_dropout", 0.0, "adaptformer"),
-                               ("full_scope", "all", "full")):
+                               ("full_scope", "all", "full"), ("lora_init", "default", "lora")):
         if getattr(ft, key) != default and ft.mode != mode:
             raise ConfigError(f"finetune.{key}: {getattr(ft, key)!r} applies to finetune.mode={mode} only, and "
                               f"finetune.mode is {ft.mode}; leave it at {default!r} or use finetune.mode={mode}")

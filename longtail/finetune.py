@@ -136,7 +136,7 @@ def apply_finetune(model: nn.Module, cfg: Config) -> nn.Module:
                               "set finetune.targets to module-name patterns")
         generator = torch.Generator().manual_seed(cfg.train.seed)
         for _, module in lora_layers(model, targets):
-            add_lowrank(module, ft.lora_rank, ft.lora_alpha / ft.lora_rank, generator)
+            add_lowrank(module, ft.lora_rank, ft.lora_alpha / ft.lora_rank, generator, ft.lora_init)
     if ft.mode == "adaptformer":
         targets = ft.targets if ft.targets is not None else getattr(model, "adapter_targets", None)
         if targets is None:

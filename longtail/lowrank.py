@@ -20,15 +20,19 @@ from torch.nn.utils import parametrize
 
 
 class LowRank(nn.Module):
-    """The parametrization W_g -> W_g + s * B A (B: out x r, A: r x fan_in), switchable off."""
+    """The parametrization W_g -> W_g + s * B A (B: out x r, A: r x fan_in), switchable off; A's bound is
+    1/sqrt(fan_in), or 1/sqrt(r) for `init="lift"` (finetune.lora_init)."""
 
-    def __init__(self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator, order: list[str]):
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator, order: list[str],
+                 init: str = "default"):
         super().__init__()
         self.order = order  # the owner's parameter names in registration order, restored by `merge`
         out, fan_in = weight.shape[0], weight[0].numel()
-        # Kaiming-uniform with a = sqrt(5), nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        # Drawn by hand because nn.init takes a generator only from torch 2.2 on.
-        a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+        # Kaiming-uniform with a = sqrt(5), nn.Linear's default: U(-1/sqrt(fan), 1/sqrt(fan)), fan = fan_in.
+        # `lift`: LIFT stores A as fan_in x r (models/peft_modules.py LoRA), so kaiming_uniform_ takes its fan
+        # from the second dimension, r. Drawn by hand because nn.init takes a generator only from torch 2.2 on.
+        fan = rank if init == "lift" else fan_in
+        a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan)
         self.A = nn.Parameter(a.to(weight))
         # B = 0: the decomposed model starts as exactly the plain model.
         self.B = nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype, device=weight.device))
@@ -57,9 +61,11 @@ def _factored_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor
     return F.linear(x, weight_g, module.bias) + part.scale * F.linear(F.linear(x, part.A), part.B)
 
 
-def add_lowrank(module: nn.Module, rank: int, scale: float, generator: torch.Generator) -> LowRank:
-    """Give `module.weight` a low-rank part in place (B = 0, so the outputs do not change yet)."""
-    part = LowRank(module.weight, rank, scale, generator, order=list(module._parameters))
+def add_lowrank(module: nn.Module, rank: int, scale: float, generator: torch.Generator,
+                init: str = "default") -> LowRank:
+    """Give `module.weight` a low-rank part in place (B = 0, so the outputs do not change yet); `init` is
+    A's bound (`LowRank`)."""
+    part = LowRank(module.weight, rank, scale, generator, order=list(module._parameters), init=init)
     # Only a plain nn.Linear: a subclass may compute differently, another parametrization changes W_g.
     factored = type(module).forward is nn.Linear.forward and not parametrize.is_parametrized(module, "weight")
     parametrize.register_parametrization(module, "weight", part)

@@ -1,8 +1,9 @@
 """Multi-process training under torchrun: 2 CPU processes (gloo) on tiny fake Fashion-MNIST-LT.
 
-One 2-process MORE run is the reference. A second run, identical but for rank 1 failing in the middle of
-epoch 2, must end the launcher with an error and leave its epoch-1 checkpoint, which then resumes on 2
-processes (to the reference's exact weights) and on 1 process (on that world size's lr schedule).
+One 2-process MORE run, logging MORE's diagnostics of its last epoch, is the reference. A second run,
+identical but for rank 1 failing in the middle of epoch 2 (and not tracking), must end the launcher with an
+error and leave its epoch-1 checkpoint, which then resumes on 2 processes (to the reference's exact weights)
+and on 1 process (on that world size's lr schedule).
 """
 import json
 import math
@@ -86,7 +87,9 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env, config) -> Path:
     out = tmp_path_factory.mktemp("runs") / "reference"
-    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out)], env)
+    # track_every=3: MORE's diagnostics (and the FDR) of the last epoch's model, here alone, as they cost a second
+    # a run; the resumed runs below do not track, so matching these weights also shows tracking changes no training.
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out, "train.track_every=3")], env)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -129,6 +132,27 @@ def test_more_runs_on_two_processes(reference):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     merged = torch.load(reference / "model.pt", weights_only=True)
     assert not any("parametrizations" in k for k in merged)  # the low-rank parts were merged before export
+
+
+def test_two_process_more_diagnostics_equal_one_process_on_the_saved_checkpoint(reference, env, config):
+    """Each rank evaluated its share of the 199 training images (one a padding repeat), gathered by index."""
+    from longtail.engine import setup
+
+    logged = _metrics(reference)[-1]
+    state = torch.load(reference / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2  # the last epoch (0-based), saved right after its diagnostics: the model they measured
+    run = setup(load_config(config, [*TRAIN, "train.device=cpu"]), data_root=env["LONGTAIL_DATA"])
+    run.model.load_state_dict(state["model"])
+    single = run.method.diagnostics(run.model, run.data.train, run.device)
+    assert logged["more_layer_ratio"] == single["more_layer_ratio"]  # the same weights, the same arithmetic
+    assert set(logged["more_layer_ratio"]) == {"body.0", "body.3", "body.6", "head"}
+    # A rank's batches of 16 hold other images than one process's, so a float32 logit may round differently
+    # (measured: one class of ten off by 9e-9 in about 5e-2); rel 1e-5 still fails a wrong count or share.
+    assert logged["more_discrepancy_per_class"] == pytest.approx(single["more_discrepancy_per_class"], rel=1e-5)
+    assert set(logged["more_discrepancy"]) == {"many", "medium", "few"}
+    for group, value in single["more_discrepancy"].items():  # an empty group is None in both
+        assert logged["more_discrepancy"][group] == (None if value is None else pytest.approx(value, rel=1e-5)), group
+    assert all(v is not None and v > 0 for v in logged["more_discrepancy_per_class"])
 
 
 def test_a_failing_rank_ends_the_launch_with_an_error_instead_of_hanging(crashed):

@@ -78,6 +78,31 @@ def test_lora_merge_gives_the_same_logits_and_the_base_keys():
     assert not model.net.vision_model.encoder.layers[0].self_attn.q_proj.weight.requires_grad  # W_g stays frozen
 
 
+def test_lift_lora_init_draws_a_of_bound_one_over_sqrt_rank_and_starts_from_the_plain_model():
+    """LIFT's lora_A is in x r, so kaiming_uniform_ bounds it by 1/sqrt(r) (models/peft_modules.py LoRA)."""
+    models = {}
+    for init in ("default", "lift"):
+        torch.manual_seed(0)  # the same random ViT each time
+        models[init], _ = build("hf_vit", "finetune.mode=lora", "finetune.lora_rank=4", f"finetune.lora_init={init}")
+    torch.manual_seed(0)
+    plain, _ = build("hf_vit")
+    for default, lift in zip(lowrank_parts(models["default"]), lowrank_parts(models["lift"])):
+        rank, fan_in = lift.A.shape  # 4 x 32: the bounds 0.5 and 0.177 are far apart
+        assert default.A.abs().max() <= 1 / math.sqrt(fan_in)
+        assert 1 / math.sqrt(fan_in) < lift.A.abs().max() <= 1 / math.sqrt(rank)
+        # The same uniform draws, only wider: the init changes the bound and nothing else
+        assert torch.allclose(lift.A, default.A * math.sqrt(fan_in / rank))
+        assert not lift.B.any()
+    for model in (plain, *models.values()):
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(models["lift"](X), plain(X))  # B = 0: training starts from the plain model
+    with pytest.raises(ConfigError, match="finetune.lora_init: 'lift' applies to finetune.mode=lora only"):
+        load_config(None, ["finetune.lora_init=lift"])
+    with pytest.raises(ConfigError, match="finetune.lora_init: 'kaiming' is not allowed; choose one of: default, lift"):
+        load_config(None, ["finetune.mode=lora", "finetune.lora_init=kaiming"])
+
+
 def test_targets_that_match_nothing_are_an_error():
     with pytest.raises(ConfigError, match=r"finetune.targets: no Linear or Conv2d layer .* \['nope'\]"):
         build("hf_vit", "finetune.mode=lora", "finetune.targets=[nope]")

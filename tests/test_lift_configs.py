@@ -41,6 +41,7 @@ def test_lift_config_holds_the_published_values(path):
     if cfg.data.name != "cifar100_lt":
         assert cfg.data.profile == "none" and cfg.data.image_size == 224 and cfg.data.class_names is not None
     assert "LIFT's sits" not in header and "LIFT's per epoch" not in header  # the closed differences are gone
+    assert "Differs here" not in header and "another bound" not in header
     if variant == "zero_shot":  # models/models.py ZeroShotCLIP: CLIP's projected embeddings
         assert cfg.method.name == "zero_shot" and m.head_scale == 1.0 and m.clip_feature == "projected"
         return
@@ -63,6 +64,8 @@ def test_lift_config_holds_the_published_values(path):
     if mode == "lora":  # LIFT's LoRA: rank adapter_dim, scale 1 / rank, on q and v
         ft = cfg.finetune
         assert (ft.lora_rank, ft.lora_alpha, ft.targets) == (WIDTH[cfg.data.name], 1.0, ["q_proj", "v_proj"])
+    # models/peft_modules.py LoRA: lora_A is 768 x r, so kaiming_uniform_ bounds it by 1/sqrt(r)
+    assert cfg.finetune.lora_init == ("lift" if mode == "lora" else "default")
     assert cfg.eval.tta == ("none" if mode == "lora" else "lift_crops")
 
 

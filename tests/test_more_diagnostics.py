@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from fake_data import write_cifar10, write_fashion_mnist
+from hf_tiny import vit_config
 from launch import run_forked
 from longtail.analysis import analyze_run
 from longtail.checkpoint import load_checkpoint
@@ -20,8 +22,10 @@ from longtail.config import from_dict, load_config
 from longtail.data.splits import InMemorySplit
 from longtail.engine import fit
 from longtail.errors import ConfigError
+from longtail.finetune import lora_layers
 from longtail.lowrank import add_lowrank, lowrank_ratios
 from longtail.methods.more import class_discrepancy, group_means
+from longtail.models import build_model
 from longtail.task import MULTI
 
 
@@ -194,3 +198,26 @@ def test_multilabel_runs_log_the_diagnostics_without_the_fdr_tracking(tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert "track" not in record and len(record["more_discrepancy_per_class"]) == 10
     assert all(v is not None for v in record["more_discrepancy"].values())  # the published head / medium / tail
+
+
+def test_lora_more_on_a_tiny_hf_vit_logs_the_diagnostics_of_every_lora_target(tmp_path):
+    pytest.importorskip("transformers")
+    write_cifar10(tmp_path / "root", train_per_class=6, test_per_class=2)
+    cfg = load_config(None, ["model.name=hf_vit", "finetune.mode=lora", "finetune.lora_rank=2", "more.enabled=true",
+                             "train.track_every=1", "data.imbalance=2", "data.batch_size=16", "data.augment=none",
+                             "train.epochs=1", "optim.name=adamw", "optim.lr=1e-2", "eval.batch_size=64",
+                             "train.device=cpu"])
+    cfg.model.hf_config = vit_config()
+    fit(cfg, tmp_path / "run", data_root=str(tmp_path / "root"))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    model = build_model(cfg.model, num_classes=10)
+    targets = {name for name, _ in lora_layers(model, model.lora_targets)}
+    assert len(targets) == 4  # query and value of the 2 layers
+    ratios = record["more_layer_ratio"]
+    assert set(ratios) == targets  # one per LoRA part, MORE's own: named by the LoRA target's module path
+    per_class, groups = record["more_discrepancy_per_class"], record["more_discrepancy"]
+    assert len(per_class) == 10 and set(groups) == {"many", "medium", "few"}
+    assert groups["few"] is not None  # 3 to 6 images a class: all few by the 10-class thresholds
+    # B trained away from 0 in the epoch, so every part and every class shows a discrepancy
+    values = [*ratios.values(), *per_class, *(v for v in groups.values() if v is not None)]
+    assert all(math.isfinite(v) and v > 0 for v in values)
