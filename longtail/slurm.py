@@ -64,12 +64,22 @@ class TrainPoint:
     def checkpoint(self) -> Any:
         """Called by submitit on the preemption / time-limit signal: stop `train` at a checkpoint, requeue."""
         proc = self._proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None and not _exited(proc):
             proc.send_signal(signal.SIGUSR2)
             deadline = time.monotonic() + STOP_WAIT_S
-            while proc.poll() is None and time.monotonic() < deadline:
+            while not _exited(proc) and time.monotonic() < deadline:
                 time.sleep(0.2)
         return _submitit().helpers.DelayedSubmission(TrainPoint(self.command, self.log))
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the child has exited, without reaping it. checkpoint() runs in a signal handler that interrupts
+    `__call__`'s proc.wait(), which holds Popen's waitpid lock: proc.poll() there always answers "running", so
+    it waited the whole STOP_WAIT_S after every preemption. waitid(WNOWAIT) only looks."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
 
 
 def make_executor(folder: Path, options: dict) -> Any:

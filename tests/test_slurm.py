@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -105,3 +106,30 @@ def test_a_two_process_job_gets_rank_and_world_size_from_submitit(setup, tmp_pat
     for point in points:
         results = json.loads((point.out / "results.json").read_text())
         assert results["world_size"] == 2 and results["loss"] == point.name.split(",")[0][len("loss.name="):]
+
+
+def test_checkpoint_in_the_signal_handler_sees_train_exit_at_once(tmp_path, monkeypatch):
+    """submitit calls checkpoint() from a signal handler that interrupts TrainPoint's proc.wait(); it must see
+    the child stop instead of waiting out STOP_WAIT_S (proc.poll() cannot answer there)."""
+    import longtail.slurm as slurm
+
+    monkeypatch.setattr(slurm, "STOP_WAIT_S", 30)
+    monkeypatch.setenv("SUBMITIT_DEBUG_JOB_ID", "1")  # a one-task job environment, as inside a job
+    child = "import signal, sys, time; signal.signal(signal.SIGUSR2, lambda *a: sys.exit(143)); time.sleep(60)"
+    point = TrainPoint([sys.executable, "-c", child], str(tmp_path / "log"))
+    waited = {}
+
+    def preempt(*_):
+        start = time.monotonic()
+        point.checkpoint()
+        waited["s"] = time.monotonic() - start
+
+    previous = signal.signal(signal.SIGALRM, preempt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        with pytest.raises(RuntimeError, match="exited 143"):
+            point()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert waited["s"] < slurm.STOP_WAIT_S / 2
+
