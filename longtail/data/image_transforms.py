@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from longtail.data.policies import ImagePolicy
+from longtail.data.policies import ImagePolicy, gray
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,10 +113,6 @@ def five_crops(image: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([*corners, center_crop(image, size)], dim=-4)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-
-
 def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float = 0.4) -> torch.Tensor:
     """Brightness, contrast and saturation, each scaled by a factor in [1-s, 1+s], in random order."""
     factors = [_uniform(generator, max(0.0, 1 - strength), 1 + strength) for _ in range(3)]
@@ -125,9 +121,9 @@ def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float = 
         if op == 0:
             x = x * f
         elif op == 1:
-            x = f * x + (1 - f) * _gray(x).mean()
+            x = f * x + (1 - f) * gray(x[None])[0].mean()
         else:
-            x = f * x + (1 - f) * _gray(x)
+            x = f * x + (1 - f) * gray(x[None])[0]
         x = x.clamp(0, 1)
     return x
 

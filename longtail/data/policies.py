@@ -89,7 +89,8 @@ def magnitudes(op: str, bins: int, height: int, width: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- ops: (x, m) -> x, m of shape (n,)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of an N x C x H x W batch in [0, 1], N x 1 x H x W (a 1-channel batch as it is)."""
     if x.shape[1] == 1:
         return x
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
@@ -153,11 +154,11 @@ def brightness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def color(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x), 1 + m)
+    return _blend(x, gray(x), 1 + m)
 
 
 def contrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), 1 + m)
+    return _blend(x, gray(x).mean(dim=(1, 2, 3), keepdim=True), 1 + m)
 
 
 def sharpness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
