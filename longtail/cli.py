@@ -12,11 +12,17 @@ from longtail.errors import LongtailError
 from longtail.progress import set_quiet
 
 
+# bfloat16 autocast (float32's range: no loss scaling) with NHWC convolutions: the fastest setting that keeps
+# float32's accuracy on a CPU with native bfloat16 (AMX, AVX512-BF16) and on a recent GPU (docs/cli.md#speed).
+FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true"]
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from longtail.config import load_config
     from longtail.engine import fit
 
-    cfg = load_config(args.config, args.overrides)
+    # --fast comes first so an explicit override still wins; the saved config.yaml names each key it set.
+    cfg = load_config(args.config, [*(FAST if args.fast else []), *args.overrides])
     out = args.out or str(Path("runs") / Path(args.config).parent.name / Path(args.config).stem)
     if args.download_weights and cfg.model.pretrained is not None:
         from longtail.models.hf import HF_MODELS, download_weights
@@ -146,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.05")
     p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--fast", action="store_true", help="train in bfloat16 autocast with channels_last (" +
+                   " ".join(FAST) + "): about 2.8x faster on a CPU with AMX, same accuracy (docs/cli.md#speed)")
     p.add_argument("--download-weights", action="store_true",
                    help="hf_clip / hf_vit: fetch model.pretrained (a hub id) into the Hugging Face cache first")
     data_options(p)

@@ -1,7 +1,9 @@
 """Where a run ran: recorded in results.json so a number can be traced to code and hardware."""
 from __future__ import annotations
 
+import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,43 @@ def git_commit() -> Optional[str]:
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of /proc/cpuinfo's first processor."""
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
+def cpu_model(cpuinfo: Optional[str] = None) -> str:
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(cpuinfo: Optional[str] = None) -> Optional[str]:
+    """The CPU's native bfloat16 instructions (AMX, AVX512-BF16) by name, or None: where bfloat16 autocast is
+    faster than float32 rather than emulated."""
+    flags = cpu_flags(_cpuinfo() if cpuinfo is None else cpuinfo)
+    found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return " and ".join(found) or None
+
+
 def environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"commit": git_commit(), "torch": torch.__version__, "device": str(device) + (f" ({name})" if name else "")}
+    return {"commit": git_commit(), "torch": str(torch.__version__), "device": str(device) + (f" ({name})" if name else ""),
+            "cpu": cpu_model(), "threads": torch.get_num_threads()}
+
+
+def segment(device: torch.device, epoch: int, step: int, precision: str) -> dict:
+    """One (re)started stretch of a run, from `epoch` / `step` (0-based, where it began) on: where that part ran."""
+    return {"epoch": epoch, "step": step, **environment(device), "precision": precision,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

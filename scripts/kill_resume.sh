@@ -20,7 +20,7 @@
 #    that the report can say what each kill interrupted.
 # 3. Reruns the finished run once more (it must print "already finished", exit 0 and rewrite nothing), then
 #    compares every round with the reference: model.pt (every tensor, bit for bit), results.json and
-#    metrics.jsonl (all values except images_per_sec / epoch_seconds), and prints, last,
+#    metrics.jsonl (all values except images_per_sec / epoch_seconds and the segments list), and prints, last,
 #      N kills survived, identical: yes        (exit 0)
 #    or `N kills survived, identical: no`, after the lines saying what differed or failed (exit 1).
 #
@@ -84,7 +84,7 @@ import json, os, re, sys
 from pathlib import Path
 import torch
 
-IGNORED = {"images_per_sec", "epoch_seconds"}  # timing
+IGNORED = {"images_per_sec", "epoch_seconds", "segments"}  # timing; where and when each restarted part ran
 ref, runs = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
 problems = []
 

@@ -68,8 +68,11 @@ def test_exported_cosine_head_is_at_the_losss_scale_and_eval_reproduces_it(tmp_p
     proc = subprocess.run([sys.executable, "-m", "longtail", "eval", str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     again = json.loads((out / "eval-test.json").read_text())
+    # Another process (its own thread pool, so its own reduction order) scoring the same model.pt: equal at float32
+    # tolerance, not bit for bit.
     for key in ("top1", "balanced", "many", "medium", "few", "ece", "nll"):
-        assert again[key] == pytest.approx(results[key], abs=1e-9), key
+        expected = None if results[key] is None else pytest.approx(results[key], rel=1e-5, abs=1e-5)
+        assert again[key] == expected, key
     assert again["per_class"] == results["per_class"]
 
 
