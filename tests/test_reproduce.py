@@ -18,7 +18,24 @@ TABLES = sorted(p.stem for p in tables_dir().glob("*.yaml"))
 def test_the_issue_s_tables_are_shipped_and_listed():
     assert {"ldam_drw", "logit_adjustment", "wb", "ewb", "more"} <= set(TABLES)
     listing = list_tables()
-    assert "ldam_drw             8 rows (3 with a published number)" in listing
+    assert "ldam_drw             11 rows (7 with a published number)" in listing
+
+
+def test_shipped_tables_are_in_accuracy_with_the_paper_s_error_converted_and_cite_no_internal_notes():
+    for path in tables_dir().glob("*.yaml"):
+        text = path.read_text()
+        assert "SPEC" not in text and "../shared" not in text, path
+        _, _, rows = load_table(str(path))
+        assert {row.paper["metric"] for row in rows} == {"accuracy"}, path
+    _, _, rows = load_table("ldam_drw")
+    paper = {row.id: row.paper for row in rows}
+    # Cao et al., NeurIPS 2019, Table 2 (top-1 error): accuracy = 100 - error, the error kept in the source
+    for row_id, error in [("cifar10_ce", 29.64), ("cifar10_ldam_drw", 22.97), ("cifar100_ce", 61.68),
+                          ("cifar10_ce_if10", 13.61), ("cifar10_ldam_drw_if10", 11.84), ("cifar100_ldam_drw_if10", 41.29)]:
+        assert paper[row_id]["all"] == pytest.approx(100 - error) and f"{error} % error" in paper[row_id]["source"]["value"]
+        assert "Table 2" in paper[row_id]["source"]["table"]
+    if10 = [row for row in rows if row.id.endswith("_if10")]
+    assert len(if10) == 3 and all(row.overrides == ["data.imbalance=10"] for row in if10)
 
 
 @pytest.mark.parametrize("name", TABLES)
@@ -89,3 +106,4 @@ def test_smoke_budget_runs_a_whole_table_with_its_two_stage_rows(tmp_path):
     # Rerun: every run is finished and skipped, the table is rendered again.
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(longtail.__file__).parents[1])
     assert again.returncode == 0 and "0 ran, 4 already finished" in again.stdout and "0 ran, 2 already finished" in again.stdout
+
