@@ -121,7 +121,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from longtail.reproduce import list_tables, reproduce
+    from longtail.reproduce import list_tables, reproduce, show_recorded
     from longtail.sweep import parse_seeds
 
     if args.list:
@@ -129,6 +129,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         return
     if not args.table:
         raise LongtailError("reproduce: name a TABLE (longtail reproduce --list shows them)")
+    if args.from_dir:
+        show_recorded(args.table, args.from_dir)
+        return
     reproduce(args.table, budget=args.budget, out=args.out, jobs=args.jobs, slurm=slurm_options(args),
               data_root=args.data_root, download=args.download, seeds=parse_seeds(args.seeds) if args.seeds else None)
 
@@ -233,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: the configs as they are; short: a tenth of the epochs; smoke: 1 epoch of a tiny model")
     p.add_argument("--seeds", help="train.seed values (default: the table's)")
     p.add_argument("--out", help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
+    p.add_argument("--from", dest="from_dir", metavar="DIR",
+                   help="run nothing: show the finished runs under DIR (e.g. docs/evidence) beside the paper's numbers")
     run_options(p)
     data_options(p)
     return parser
