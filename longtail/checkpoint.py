@@ -94,9 +94,9 @@ def run_lock(directory: str | Path) -> Iterator[Path]:
         _held_locks.add(fd)
         # Whatever a killed writer of this directory left half done, now that none can be at work.
         remove_stale_temporaries(directory)
-        for old in directory.glob(".*.old"):
+        for old in (path for path in directory.glob(".*.old") if path.is_dir()):
             finish_replacement(directory / old.name[1:-len(".old")])
-        for new in directory.glob(".*.new"):
+        for new in (path for path in directory.glob(".*.new") if path.is_dir()):
             shutil.rmtree(new)
         yield directory
     finally:
