@@ -359,7 +359,8 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
     dimension handling (`fisher_details`), recorded as `fdr_rule`; each split records `fdr_solver`."""
     if rule not in FDR_RULES:
         raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
-    from longtail.engine import load_run, select_device
+    from longtail.rundir import load_run
+    from longtail.runtime import select_device
     from longtail.task import refuse_analysis
 
     run = load_run(run_dir, data_root)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from longtail.config import flatten_saved
-from longtail.engine import RESUME_FREE_KEYS
+from longtail.training.checkpointing import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
 from longtail.progress import track
 from longtail.task import get_task

@@ -103,7 +103,7 @@ def plan(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds:
 
 def check_points(points: list[Point]) -> list[Point]:
     """The points still to run. A directory holding another config stops the sweep, naming the keys."""
-    from longtail.engine import config_differences
+    from longtail.training.checkpointing import config_differences
 
     todo = []
     for point in points:

@@ -13,6 +13,7 @@ from longtail.config import load_config
 from longtail.engine import fit, precision_hint
 from longtail.errors import ConfigError
 from longtail.provenance import cpu_model, native_bf16
+from longtail.training import fit as fit_module
 
 TINY_CNN = [
     "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=resnet32",
@@ -45,7 +46,7 @@ def test_a_float32_run_on_a_bf16_cpu_gets_a_hint_and_a_fast_one_does_not():
 
 
 def test_the_hint_is_printed_once_at_the_start_of_a_float32_run(tmp_path, data_root, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "native_bf16", lambda cpuinfo=None: "AMX")
+    monkeypatch.setattr(fit_module, "native_bf16", lambda cpuinfo=None: "AMX")
     fit(load_config(None, [*TINY_MLP, "train.epochs=1"]), tmp_path / "run", data_root=data_root)
     assert capsys.readouterr().out.count("hint: this CPU has native bfloat16 (AMX)") == 1
 
