@@ -9,7 +9,7 @@ Layer: run services. Imports the foundation and the building blocks (distributed
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,27 +24,48 @@ from longtail.task import task_of
 
 
 @torch.no_grad()
+def run_split(model: nn.Module, split: Any, device: torch.device, forward: Callable[[torch.Tensor], torch.Tensor],
+              batch_size: int = 512, desc: str = "evaluate", tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward` of every input batch of `split` (eval transform, eval mode) as float32 on the CPU, and the
+    targets, in split order, each sample exactly once across processes. `desc` names the pass in its progress.
+
+    Each module gets its own `training` flag back afterwards, not the model's: a frozen BatchNorm of a
+    second stage stays in eval mode."""
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    outputs, targets, idxs = [], [], []
+    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size(),
+                            tta=tta)
+    try:
+        with Progress(math.ceil(len(split) / dist.world_size()), desc, "img") as progress:  # this rank's share
+            for x, y, idx in batches:
+                x = split.to_input(x, device, train=False, generator=None, tta=tta)
+                outputs.append(forward(x).float().cpu())
+                targets.append(y)
+                idxs.append(idx)
+                progress.update(len(y))
+    finally:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+    # gather_unique drops the samples a distributed split repeats to even out the ranks' shares.
+    return gather_unique(torch.cat(outputs), torch.cat(targets), torch.cat(idxs))[:2]
+
+
 def collect_logits(
     model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, tta: str = "none",
     desc: str = "evaluate",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of a whole split, in split order, each sample exactly once across processes.
     `desc` names the pass in its progress."""
-    was_training = model.training
-    model.eval()
-    logits, targets, idxs = [], [], []
-    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size(),
-                            tta=tta)
-    with Progress(math.ceil(len(split) / dist.world_size()), desc, "img") as progress:  # this rank's share
-        for x, y, idx in batches:
-            x = split.to_input(x, device, train=False, generator=None, tta=tta)
-            z = tta_logits(model, x, tta)
-            logits.append(z.float().cpu())
-            targets.append(y)
-            idxs.append(idx)
-            progress.update(len(y))
-    model.train(was_training)
-    return gather_unique(torch.cat(logits), torch.cat(targets), torch.cat(idxs))[:2]
+    return run_split(model, split, device, lambda x: tta_logits(model, x, tta), batch_size, desc, tta)
+
+
+def collect_features(
+    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, desc: str = "features"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (N x d, float32, CPU) and labels of a whole split in split order, eval transform.
+    `desc` names the pass in its progress."""
+    return run_split(model, split, device, model.features, batch_size, desc)
 
 
 def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, data: LTData,

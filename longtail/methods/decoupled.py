@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longtail.analysis import collect_features
 from longtail.errors import ConfigError
+from longtail.inference import collect_features
 from longtail.methods.base import Method
 from longtail.methods.posthoc import balanced_accuracy, linear_head, linear_parts, tau_grid
 from longtail.methods.weight_balancing import ClassifierRetraining, load_stage1
