@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,63 @@ from longtail.training.stopping import Preempted, StopFlag, read_flags
 def needs_two_samples(model: nn.Module) -> bool:
     """Whether a training batch of one image would fail: a BatchNorm layer in training mode normalises over it."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+@dataclass
+class Epoch:
+    """What one epoch's step loop carries from step to step, and `check` reads and folds."""
+
+    index: int  # the epoch, from 0
+    usable: int  # batches that train: a last batch of one image is skipped where BatchNorm trains
+    num_batches: int
+    aug_gen: torch.Generator
+    nonfinite: torch.Tensor  # on the device: a loss was non-finite since the last check
+    bar: Progress
+    start: float  # time.perf_counter() when this process began the epoch
+    elapsed_before: float = 0.0  # seconds the epoch ran before a mid-epoch checkpoint
+    seen: int = 0  # images this process trained on
+    sums: dict = field(default_factory=dict)  # logged values over the epoch, folded in at each check
+    window: dict = field(default_factory=dict)  # logged values since the last check
+    window_steps: int = 0
+
+
+def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
+    """After the step ending with batch `i`, read the flags (the one wait for the device): stop on a
+    non-finite loss, fold the window into the epoch's sums and log it, checkpoint when due or asked to stop."""
+    cfg, epoch, accum, world = loop.cfg, ep.index, loop.cfg.train.accum_steps, dist.world_size()
+    steps = loop.steps_per_epoch
+    bad, stopping = read_flags(ep.nonfinite, loop.stop)
+    if bad:
+        raise DivergedError(
+            f"the loss became non-finite in epoch {epoch + 1}, at or before step {i // accum + 1}; training stopped "
+            f"and the last good checkpoint ({loop.out / 'checkpoint.pt'}) is kept. Try a lower optim.lr or "
+            "train.amp=false.")
+    for key, value in ep.window.items():
+        ep.sums[key] = ep.sums[key] + value if key in ep.sums else value
+    if ep.window_steps:
+        means = {k: float(v) / ep.window_steps for k, v in ep.window.items()}
+        rate = ep.seen * world / max(ep.elapsed_before + time.perf_counter() - ep.start, 1e-9)
+        lr = loop.optimizer.param_groups[0]["lr"]
+        ep.bar.note(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        if ep.bar.mode == "lines" and i + 1 < ep.usable:  # after the last step the epoch's own line follows
+            say(f"epoch {epoch + 1}/{cfg.train.epochs} | step {i // accum + 1}/{steps} | loss {means['loss']:.4f} "
+                f"| lr {lr:.2e} | {rate:.0f} img/s | ETA {run_eta(loop)}")
+        if loop.writer is not None:
+            step = epoch * steps + i // accum
+            loop.writer.add_scalar("train/loss", means.pop("loss"), step)
+            loop.writer.add_scalar("train/lr", lr, step)
+            for key, value in means.items():
+                loop.writer.add_scalar(f"train/{key}", value, step)
+        ep.window, ep.window_steps = {}, 0
+    if stopping or (due and i + 1 < ep.usable):
+        save_checkpoint(loop, epoch, {  # after the last batch, the skipped one-image batch counts as done too
+            "epoch": epoch, "batch": i + 1 if i + 1 < ep.usable else ep.num_batches,
+            "steps_done": loop.scheduler.last_epoch,
+            "elapsed": ep.elapsed_before + time.perf_counter() - ep.start,
+            "rank": rank_state(loop.model, ep.aug_gen, ep.sums, ep.seen)})
+    if stopping:
+        raise Preempted(f"stopped by signal {loop.stop.signum} after step {i // accum + 1} of epoch {epoch + 1}; "
+                        f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume")
 
 
 def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] = None) -> dict:
@@ -56,8 +114,6 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
         aug_gen.set_state(mine["aug"])
         sums = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mine["sums"].items()}
         seen, elapsed_before, first = mine["seen"], partial["elapsed"], partial["batch"]
-    window: dict[str, Any] = {}
-    window_steps = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     amp = cfg.train.amp  # float16 on a CPU is refused by `setup`
     amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
@@ -66,43 +122,7 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
                             world=world, start=first)
     # In a file the bar writes nothing: `check` writes a plain line at each check point instead.
     bar = Progress(steps, f"epoch {epoch + 1}/{cfg.train.epochs}", "step", initial=first // accum, lines=False)
-
-    def check(i: int, due: bool = False) -> None:
-        """After the step ending with batch `i`, read the flags (the one wait for the device): stop on a
-        non-finite loss, fold the window into the epoch's sums and log it, checkpoint when due or asked to stop."""
-        nonlocal window, window_steps
-        bad, stopping = read_flags(nonfinite, loop.stop)
-        if bad:
-            raise DivergedError(
-                f"the loss became non-finite in epoch {epoch + 1}, at or before step {i // accum + 1}; training stopped "
-                f"and the last good checkpoint ({loop.out / 'checkpoint.pt'}) is kept. Try a lower optim.lr or "
-                "train.amp=false.")
-        for key, value in window.items():
-            sums[key] = sums[key] + value if key in sums else value
-        if window_steps:
-            means = {k: float(v) / window_steps for k, v in window.items()}
-            rate = seen * world / max(elapsed_before + time.perf_counter() - start, 1e-9)
-            lr = loop.optimizer.param_groups[0]["lr"]
-            bar.note(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            if bar.mode == "lines" and i + 1 < usable:  # after the last step the epoch's own line follows
-                say(f"epoch {epoch + 1}/{cfg.train.epochs} | step {i // accum + 1}/{steps} | loss {means['loss']:.4f} "
-                    f"| lr {lr:.2e} | {rate:.0f} img/s | ETA {run_eta(loop)}")
-            if loop.writer is not None:
-                step = epoch * steps + i // accum
-                loop.writer.add_scalar("train/loss", means.pop("loss"), step)
-                loop.writer.add_scalar("train/lr", lr, step)
-                for key, value in means.items():
-                    loop.writer.add_scalar(f"train/{key}", value, step)
-            window, window_steps = {}, 0
-        if stopping or (due and i + 1 < usable):
-            save_checkpoint(loop, epoch, {  # after the last batch, the skipped one-image batch counts as done too
-                "epoch": epoch, "batch": i + 1 if i + 1 < usable else num_batches,
-                "steps_done": loop.scheduler.last_epoch,
-                "elapsed": elapsed_before + time.perf_counter() - start,
-                "rank": rank_state(model, aug_gen, sums, seen)})
-        if stopping:
-            raise Preempted(f"stopped by signal {loop.stop.signum} after step {i // accum + 1} of epoch {epoch + 1}; "
-                            f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume")
+    ep = Epoch(epoch, usable, num_batches, aug_gen, nonfinite, bar, start, elapsed_before, seen, sums)
 
     with bar:
         for i, (x, y, _) in enumerate(batches, start=first):
@@ -129,11 +149,11 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
                     loss, logs = loop.compiled_step(x, y, (epoch * steps + i // accum) / total_steps)
                 loop.scaler.scale(loss / group if group > 1 else loss).backward()
             nonfinite |= ~torch.isfinite(loss.detach())
-            seen += n
+            ep.seen += n
             for key, value in {"loss": loss, **logs}.items():
                 # Tensors stay on the device (float64, as the epoch means always were); plain numbers stay numbers.
                 value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
-                window[key] = window.get(key, 0) + (value / group if group > 1 else value)
+                ep.window[key] = ep.window.get(key, 0) + (value / group if group > 1 else value)
             if not last_of_group:
                 continue
             loop.scaler.step(loop.optimizer)
@@ -141,19 +161,19 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
             loop.scheduler.step()
             loop.method.after_step(model)
             bar.update()
-            window_steps += 1
+            ep.window_steps += 1
             step_in_epoch = i // accum
             due = (bool(cfg.train.checkpoint_every)
                    and (epoch * steps + step_in_epoch + 1) % cfg.train.checkpoint_every == 0)
             if step_in_epoch % cfg.train.log_every == 0 or due or (world == 1 and loop.stop.signum is not None):
-                check(i, due)
-        check(usable - 1)  # always before the epoch's checkpoint: a NaN never reaches checkpoint.pt
+                check(loop, ep, i, due)
+        check(loop, ep, usable - 1)  # always before the epoch's checkpoint: a NaN never reaches checkpoint.pt
     dist.average_bn_stats(model)  # before evaluation and checkpointing, so every rank holds the same model
     loop.method.after_epoch(model, epoch)
     elapsed = elapsed_before + time.perf_counter() - start
-    means = dist.mean_over_ranks({k: float(v) / steps for k, v in sums.items()})
+    means = dist.mean_over_ranks({k: float(v) / steps for k, v in ep.sums.items()})
     stats = {f"train_{k}" if k == "loss" else k: v for k, v in means.items()}
-    stats.update(lr=loop.optimizer.param_groups[0]["lr"], images_per_sec=seen * world / elapsed,
+    stats.update(lr=loop.optimizer.param_groups[0]["lr"], images_per_sec=ep.seen * world / elapsed,
                  epoch_seconds=elapsed)
     return stats
 
