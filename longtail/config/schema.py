@@ -41,12 +41,12 @@ class DataConfig:
     train_list: Optional[str] = None
     val_list: Optional[str] = None
     test_list: Optional[str] = None
-    class_names: Optional[str] = None  # list-file datasets: a file with one class name per line, in class-id order
+    # list-file and multilabel_list datasets: a file with one class name per line, in class-id order
+    class_names: Optional[str] = None
     path_remap: Optional[dict[str, str]] = None
     on_bad_sample: Literal["error", "skip"] = "error"
     image_size: int = 224
     # multi-label datasets (docs/multilabel.md)
-    class_names: Optional[str] = None  # multilabel_list: a file with one class name per line, in class-id order
     on_unlabelled: Literal["keep", "error"] = "keep"  # an image with no label: an all-negative sample, or an error
     mosaic_train_images: int = 5000  # cifar10_mosaic_mlt, fashion_mnist_mosaic_mlt
     mosaic_test_images: int = 2000
