@@ -8,8 +8,9 @@ finished runs) and `runtime` (device, seeds). This module only re-exports them.
 Layer: tools. Nothing in the package imports it.
 """
 from longtail.inference import collect_features, collect_logits, evaluate, run_split
+from longtail.methods import training_folds
 from longtail.rundir import (LoadedRun, calibrate, eval_transform, evaluate_run, export_model, folded_temperature,
-                             load_model, load_run, score_model, training_folds)
+                             load_model, load_run, score_model)
 from longtail.runtime import epoch_generator, restore_rng, rng_state, seed_everything, select_device
 from longtail.training.checkpointing import RESUME_FREE_KEYS, config_differences, resume_loop, save_checkpoint
 from longtail.training.fit import augmentation_summary, finish, fit, precision, precision_hint

@@ -23,7 +23,6 @@ from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
 from longtail.finetune import adapter_spec
 from longtail.inference import collect_logits
-from longtail.losses import logit_scale
 from longtail.models import load_exported, model_spec, scale_head
 from longtail.priors import logit_prior, logit_prior_vector
 from longtail.runtime import select_device
@@ -61,21 +60,6 @@ def export_model(model: nn.Module, cfg: Config, data: LTData, out: Path, folds: 
                 adapters=adapter_spec(model))
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     atomic_write_text(out / "model.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
-
-
-def training_folds(cfg: Config, method_record: dict) -> list[dict]:
-    """What `finish` has folded into the model before the post-hoc steps, in order, as model.yaml records it."""
-    folds = [{"kind": "more_merge"}] if cfg.more.enabled else []
-    if cfg.finetune.mode == "lora":  # with MORE the same parts: more_merge then names them too
-        folds.append({"kind": "lora_merge", "rank": cfg.finetune.lora_rank,
-                      "scale": cfg.finetune.lora_alpha / cfg.finetune.lora_rank})
-    if cfg.method.name == "lws":
-        folds.append({"kind": "lws_scales"})
-    if cfg.method.name == "tau_norm":
-        folds.append({"kind": "tau_norm", "tau": method_record["tau_norm"]["tau"]})
-    if logit_scale(cfg.loss) != 1.0:
-        folds.append({"kind": "logit_scale", "scale": logit_scale(cfg.loss)})
-    return folds
 
 
 def calibrate(model: nn.Module, cfg: Config, data: LTData, device: torch.device, prior: str) -> float:

@@ -252,6 +252,10 @@ class More(Method):
         logs = {**logs, "more_alpha": a, "more_loss": l_more.detach()}
         return loss + a * l_more, logs
 
+    @classmethod
+    def folds(cls, cfg: Config, method_record: dict) -> list[dict]:
+        return [{"kind": "more_merge"}]
+
     def diagnostics(self, model: nn.Module, split: Any, device: torch.device) -> dict:
         """Where the low-rank part acts (logged every `train.track_every` epochs): the per-class discrepancy
         on `split`, its many / medium / few means, and every decomposed layer's ||s B A||_F / ||W_g||_F."""

@@ -17,11 +17,12 @@ from longtail.checkpoint import atomic_write_json
 from longtail.config import Config, save_config
 from longtail.errors import ConfigError
 from longtail.inference import collect_logits, evaluate
+from longtail.methods import training_folds
 from longtail.metrics import format_table
 from longtail.models.heads import ETFHead, LinearHead
 from longtail.priors import class_prior
 from longtail.progress import track
-from longtail.rundir import export_model, folded_temperature, load_run, training_folds
+from longtail.rundir import export_model, folded_temperature, load_run
 from longtail.runtime import select_device
 from longtail.task import task_of
 

@@ -28,7 +28,8 @@ from longtail.models import scale_head
 from longtail.priors import logit_prior
 from longtail.progress import say
 from longtail.provenance import environment, native_bf16, segment
-from longtail.rundir import calibrate, export_model, load_model, score_model, training_folds
+from longtail.methods import training_folds
+from longtail.rundir import calibrate, export_model, load_model, score_model
 from longtail.task import get_task, task_of
 from longtail.training.checkpointing import (check_resumable, restore_best, resume_loop, save_checkpoint, start_fresh,
                                              truncate_metrics)
@@ -128,8 +129,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
 
                     if not task_of(data).multilabel:  # FDR and cosines group features by one class per sample
                         record["track"] = track(model, data.train, device)
-                    if cfg.more.enabled:
-                        record.update(method.diagnostics(model, data.train, device))
+                    record.update(method.diagnostics(model, data.train, device))
                 if select_split is not None:
                     score = record["val" if cfg.eval.select == "best_val" else "test"][task_of(data).select_key]
                     if score > loop.best["metric"]:
