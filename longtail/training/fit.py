@@ -156,8 +156,11 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None, segment
         state = load_checkpoint(out / "best.pt", map_location=device)
         model.load_state_dict(state["model"])
         epoch = state["epoch"]
-    # LoRA's low-rank parts fold into plain weights first (MORE's too), so methods fold into a plain model.
-    model = run.method.finalize(merge(model))
+    # Each kind of low-rank part has one owner of its merge: LoRA's (finetune.mode lora) merge here, before the
+    # method's finalize, so methods fold into a plain model; MORE's merge in More.finalize, before the method it
+    # wraps folds. With LoRA + MORE the parts are the same ones, and More's merge finds none left (merge is
+    # idempotent).
+    model = run.method.finalize(merge(model) if cfg.finetune.mode == "lora" else model)
     scale_head(model.head, logit_scale(cfg.loss))  # the logits the loss saw (LDAM: x ldam_scale), margins aside
     folds = training_folds(cfg, run.info.extra)
     posthoc, temperature = None, None
