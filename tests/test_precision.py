@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import tiny
 from crash_method import CrashAt
 from longtail import engine
 from longtail.cli import FAST, main
@@ -19,10 +20,7 @@ TINY_CNN = [
     "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=resnet32",
     "train.epochs=1", "optim.lr=0.05", "eval.batch_size=64", "data.augment=none",
 ]
-TINY_MLP = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=mlp", "model.width=32",
-    "train.epochs=2", "optim.lr=0.05", "eval.batch_size=64", "data.augment=none",
-]
+TINY_MLP = [*tiny.TINY_MLP, "train.epochs=2"]
 
 AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n"
 AVX512_BF16 = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"

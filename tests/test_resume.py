@@ -19,12 +19,9 @@ from longtail.methods import register_method
 from longtail.methods.base import Method
 from longtail.runtime import restore_rng, rng_state
 from longtail.training import checkpointing
+from tiny import TINY_MLP
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=crop_flip",
-    "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
-    "train.log_every=2", "schedule.name=cosine",
-]
+TINY = [*TINY_MLP, "data.augment=crop_flip", "train.epochs=3", "train.log_every=2", "schedule.name=cosine"]
 
 
 @pytest.fixture(scope="module")
