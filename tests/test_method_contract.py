@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from longtail.config import load_config
+from longtail.config import HEAD_ONLY_METHODS, load_config
 from longtail.engine import evaluate_run, fit, load_run
 from longtail.methods import METHODS, training_folds
 from tiny import TINY_MLP
@@ -15,9 +15,9 @@ from tiny import TINY_MLP
 pytestmark = pytest.mark.e2e
 
 ONE_EPOCH = [*TINY_MLP, "train.epochs=1", "data.val_per_class=2"]
-# What each method needs besides the tiny run; the second stages start from the `stage1` run's model.pt.
+# What each method needs besides the tiny run; the second stages (HEAD_ONLY_METHODS) start from the
+# `stage1` run's model.pt.
 NEEDS = {"ewb": ["model.head=etf"], "tau_norm": ["method.tau_norm_tau=1.0"]}
-SECOND_STAGES = {"wb_stage2", "crt", "lws", "tau_norm"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_every_method_trains_finalizes_exports_and_reloads(name, tmp_path, data_
     if name == "zero_shot":  # CLIP's text tower names the classes: a tiny CLIP on fake CIFAR-10
         cfg, root = _zero_shot_run(tmp_path)
     else:
-        stage = [f"method.init_from={request.getfixturevalue('stage1')}"] if name in SECOND_STAGES else []
+        stage = [f"method.init_from={request.getfixturevalue('stage1')}"] if name in HEAD_ONLY_METHODS else []
         cfg, root = load_config(None, [*ONE_EPOCH, f"method.name={name}", *stage, *NEEDS.get(name, [])]), data_root
     out = tmp_path / "run"
     results = fit(cfg, out, data_root=root)

@@ -116,7 +116,7 @@ def _check_finetune(cfg: Config) -> None:
     if ft.lr_adapter is not None and ft.mode != "adaptformer":
         raise ConfigError(f"finetune.lr_adapter: {ft.lr_adapter} sets the lr of AdaptFormer's adapters, and "
                           f"finetune.mode={ft.mode} has none; use finetune.mode=adaptformer or leave it null")
-    if ft.mode != "full" and cfg.method.name in ("wb_stage2", "crt", "lws", "tau_norm"):
+    if ft.mode != "full" and cfg.method.name in HEAD_ONLY_METHODS:
         raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its "
                           "backbone and retrains the classifier itself; set finetune.mode in the stage-1 run and "
                           "leave it full here")

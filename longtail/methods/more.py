@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from longtail.config import Config, MoreConfig
+from longtail.config import HEAD_ONLY_METHODS, Config, MoreConfig
 from longtail.errors import ConfigError
 from longtail.inference import run_split
 from longtail.lowrank import add_lowrank, general_only, lowrank_parameters, lowrank_parts, lowrank_ratios, merge
@@ -27,7 +27,7 @@ from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task, multilabel_groups
 SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 # Second stages retrain the classifier of a finished run (WB's MaxNorm even edits `head.weight` in place,
 # which a decomposed head only computes): MORE belongs in the stage-1 run, whose model.pt is merged.
-SECOND_STAGES = ("wb_stage2", "crt", "lws", "tau_norm")
+SECOND_STAGES = tuple(HEAD_ONLY_METHODS)  # they train on a frozen stage-1 backbone
 
 
 def lowrank_rank(weight_shape: torch.Size | tuple[int, ...], rank_ratio: float) -> int:
