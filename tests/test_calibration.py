@@ -17,6 +17,8 @@ from longtail.metrics import expected_calibration_error
 from longtail.models.heads import CosineHead, ETFHead, LinearHead, scale_head
 from tiny import TINY_MLP
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 TINY = [*TINY_MLP, "train.epochs=2", "data.val_per_class=5", "posthoc.kind=additive", "posthoc.tau=1.0"]
 
 

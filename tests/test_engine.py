@@ -18,6 +18,8 @@ from longtail.methods import register_method
 from longtail.methods.base import Method
 from tiny import TINY_MLP
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 TINY = [*TINY_MLP, "train.epochs=3"]
 
 

@@ -1,5 +1,6 @@
 """The Method seam's record hooks: `folds` (what finalize folded, in model.yaml) and `diagnostics` (logged
 every train.track_every epochs), for built-in and registered methods alike."""
+import pytest
 import json
 
 import yaml
@@ -8,6 +9,8 @@ from longtail.config import load_config
 from longtail.engine import fit
 from longtail.methods import METHODS, register_method, training_folds
 from longtail.methods.base import Method
+
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
 TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=32", "model.name=mlp", "model.width=16",
         "train.epochs=1", "eval.batch_size=64"]

@@ -15,6 +15,8 @@ from longtail.models import build_model
 from longtail.models.heads import CosineHead, ETFHead, LinearHead
 from tiny import TINY_MLP
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 PRIOR = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
 
 

@@ -16,6 +16,8 @@ from longtail.errors import ConfigError
 from longtail.provenance import cpu_model, native_bf16
 from longtail.training import fit as fit_module
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 TINY_CNN = [
     "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=resnet32",
     "train.epochs=1", "optim.lr=0.05", "eval.batch_size=64", "data.augment=none",

@@ -22,6 +22,8 @@ from longtail.errors import ConfigError
 from longtail.predict import Predictor, format_prediction, image_paths, load_input
 from tiny import TINY_MLP
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 TINY = [*TINY_MLP, "train.epochs=1"]
 CPU = torch.device("cpu")
 

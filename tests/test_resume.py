@@ -21,6 +21,8 @@ from longtail.runtime import restore_rng, rng_state
 from longtail.training import checkpointing
 from tiny import TINY_MLP
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 TINY = [*TINY_MLP, "data.augment=crop_flip", "train.epochs=3", "train.log_every=2", "schedule.name=cosine"]
 
 

@@ -5,6 +5,7 @@ checkpoint.pt) and the same run's uninterrupted result (expected/), written by
 tests/fixtures/make_resume_fixture.py. Users' half-finished runs outlive refactors: whatever moves inside
 the package, this checkpoint must keep loading and continue to the same weights and records.
 """
+import pytest
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 
 from longtail.config import load_config
 from longtail.engine import fit
+
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
 FIXTURE = Path(__file__).parent / "fixtures" / "resume_v1"
 TIMINGS = ("images_per_sec", "epoch_seconds")
