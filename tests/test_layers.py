@@ -99,6 +99,12 @@ def test_methods_import_neither_analysis_nor_plots(path):
     assert not banned, f"{module_name(path)} imports analysis or plots: " + "; ".join(banned)
 
 
+def test_nothing_in_the_package_imports_the_engine_facade():
+    # longtail.engine only re-exports the documented API for users; the package imports where things live.
+    users = sorted(m for m, targets in GRAPH.items() if "longtail.engine" in targets)
+    assert not users, f"{users} import longtail.engine; import from the module that holds the name instead"
+
+
 def test_there_is_no_import_circle():
     try:
         tuple(graphlib.TopologicalSorter(GRAPH).static_order())
