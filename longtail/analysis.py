@@ -16,36 +16,12 @@ import torch
 from matplotlib import colormaps
 from torch import nn
 
-from longtail import distributed as dist
 from longtail.checkpoint import atomic_write_json, read_jsonl, remove_stale_temporaries, run_lock
-from longtail.metrics import gather_unique
+from longtail.inference import collect_features
 from longtail.plots import by_size, class_ticks, new_figure, save_figure, shade_groups
-from longtail.progress import Progress
 
 # FDR's tolerance for a constant dimension, as a fraction of a mean (`fisher_details` says of which).
 FLAT_DIM_RATIO = 1e-3
-
-
-@torch.no_grad()
-def collect_features(
-    model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, desc: str = "features"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (N x d, float32, CPU) and labels of a whole split in split order, eval transform.
-    `desc` names the pass in its progress."""
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    feats, labels, idxs = [], [], []
-    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
-    with Progress(math.ceil(len(split) / dist.world_size()), desc, "img") as progress:  # this rank's share
-        for x, y, idx in batches:
-            feats.append(model.features(split.to_input(x, device, train=False, generator=None)).float().cpu())
-            labels.append(y)
-            idxs.append(idx)
-            progress.update(len(y))
-    for m, mode in zip(model.modules(), modes):
-        m.training = mode  # restore per module: a stage-2 model keeps its frozen BN layers in eval mode
-    features, targets, _ = gather_unique(torch.cat(feats), torch.cat(labels), torch.cat(idxs))
-    return features, targets
 
 
 def _float64(features: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -359,14 +335,15 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
     dimension handling (`fisher_details`), recorded as `fdr_rule`; each split records `fdr_solver`."""
     if rule not in FDR_RULES:
         raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
-    from longtail.engine import model_file
+    from longtail.rundir import model_file
 
     with run_lock(model_file(run_dir).parent):  # what it reads and what it writes belong to one model
         return _analyze_locked(run_dir, data_root, rule)
 
 
 def _analyze_locked(run_dir: str | Path, data_root: Optional[str], rule: str) -> dict:
-    from longtail.engine import load_run, select_device
+    from longtail.rundir import load_run
+    from longtail.runtime import select_device
     from longtail.task import refuse_analysis
 
     run = load_run(run_dir, data_root)

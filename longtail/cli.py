@@ -19,7 +19,7 @@ FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true"
 
 def cmd_train(args: argparse.Namespace) -> None:
     from longtail.config import load_config
-    from longtail.engine import fit
+    from longtail.training.fit import fit
 
     # --fast comes first so an explicit override still wins; the saved config.yaml names each key it set.
     cfg = load_config(args.config, [*(FAST if args.fast else []), *args.overrides])
@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from longtail.engine import evaluate_run
+    from longtail.rundir import evaluate_run
     from longtail.metrics import format_table
     from longtail.task import get_task
 

@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from longtail.checkpoint import atomic_write_bytes, run_lock
-from longtail.engine import load_model, model_file
+from longtail.rundir import load_model, model_file
 from longtail.errors import ConfigError
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch_export": ".pt2"}

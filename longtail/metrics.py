@@ -210,8 +210,8 @@ def tta_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return logits_fn(x)
 
 
-_COLUMNS = [("All", "top1"), ("Balanced", "balanced"), ("Many", "many"), ("Medium", "medium"),
-            ("Few", "few"), ("ECE", "ece"), ("NLL", "nll")]
+SINGLE_LABEL_COLUMNS = [("All", "top1"), ("Balanced", "balanced"), ("Many", "many"), ("Medium", "medium"),
+                        ("Few", "few"), ("ECE", "ece"), ("NLL", "nll")]
 
 
 def _cell(key: str, value: Optional[float]) -> str:
@@ -227,7 +227,7 @@ MULTILABEL_COLUMNS = [("mAP", "map"), ("Head", "map_head"), ("Medium", "map_medi
 def format_table(results: Union[dict, list[tuple[str, dict]]], columns: Optional[list] = None) -> str:
     """A Markdown table of one results dict, or of named rows; accuracies and ECE in percent. `columns`:
     (title, key) pairs, by default the single-label ones (`longtail.task` names each task's)."""
-    columns = columns or _COLUMNS
+    columns = columns or SINGLE_LABEL_COLUMNS
     rows = [("", results)] if isinstance(results, dict) else list(results)
     named = not isinstance(results, dict)
     header = (["Run"] if named else []) + [title for title, _ in columns]

@@ -15,10 +15,11 @@ import torch
 
 from longtail.data.folder import IMAGE_EXTENSIONS
 from longtail.data.image_transforms import center_crop, decode_image, five_crops, resize_shorter
-from longtail.engine import load_model, select_device
 from longtail.errors import ConfigError
 from longtail.metrics import tta_logits
 from longtail.priors import logit_prior_vector, prior_shift, prior_vector
+from longtail.rundir import load_model
+from longtail.runtime import select_device
 
 BATCH_SIZE = 256  # images decoded and run at a time
 LIST_SUFFIX = ".txt"

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Optional
 
 from longtail.config import flatten_saved
-from longtail.engine import RESUME_FREE_KEYS
+from longtail.training.checkpointing import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
 from longtail.progress import track
 from longtail.task import get_task
 
 IGNORED_KEYS = RESUME_FREE_KEYS | {"train.seed"}
-_COLUMNS = [("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few"), ("ECE", "ece")]
-PAIRED_COLUMNS = _COLUMNS[:4]  # accuracies; a difference in ECE is not what a comparison of recipes asks
-_MULTILABEL_COLUMNS = [("mAP", "map"), ("Head", "map_head"), ("Medium", "map_medium"), ("Tail", "map_tail"),
+REPORT_COLUMNS = [("All", "top1"), ("Many", "many"), ("Medium", "medium"), ("Few", "few"), ("ECE", "ece")]
+PAIRED_COLUMNS = REPORT_COLUMNS[:4]  # accuracies; a difference in ECE is not what a comparison of recipes asks
+REPORT_MULTILABEL_COLUMNS = [("mAP", "map"), ("Head", "map_head"), ("Medium", "map_medium"), ("Tail", "map_tail"),
                        ("macro-F1", "macro_f1")]
 
 
@@ -95,7 +95,7 @@ def _imbalance(results: dict) -> str:
     return f"IF {results.get('imbalance', data['imbalance']):g}"
 
 
-def _row(name: str, group: list[dict], columns: list) -> list[str]:
+def group_row(name: str, group: list[dict], columns: list) -> list[str]:
     first = group[0]
     config = first["config"]
     method = first.get("method", config["method"]["name"])
@@ -135,8 +135,8 @@ def columns_for(groups: list[Group]) -> tuple[list, list]:
         raise ConfigError(f"longtail report: {' and '.join(f'{d} is {k}' for k, d in kinds.items())}; accuracy and "
                           "mAP do not share columns, so report single-label and multi-label runs separately")
     if kinds and get_task(next(iter(kinds))).multilabel:
-        return _MULTILABEL_COLUMNS, _MULTILABEL_COLUMNS[:4]
-    return _COLUMNS, PAIRED_COLUMNS
+        return REPORT_MULTILABEL_COLUMNS, REPORT_MULTILABEL_COLUMNS[:4]
+    return REPORT_COLUMNS, PAIRED_COLUMNS
 
 
 def find_baseline(groups: list[Group], baseline: str) -> Group:
@@ -174,7 +174,7 @@ def paired_rows(groups: list[Group], base: Group, columns: list) -> list[tuple[G
     return out
 
 
-def _paired_cell(p) -> str:
+def paired_cell(p) -> str:
     if p is None:
         return "—"
     if p.low is None:
@@ -211,14 +211,14 @@ def report(run_dirs: list[str], baseline: Optional[str] = None, show_env: bool =
     groups = group_runs(run_dirs)
     columns, paired_columns = columns_for(groups)
     header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [title for title, _ in columns]
-    rows = [_row(g.name, g.results, columns) + (environment_cells(g) if show_env else []) for g in groups]
+    rows = [group_row(g.name, g.results, columns) + (environment_cells(g) if show_env else []) for g in groups]
     lines = _markdown(header + (ENV_HEADER if show_env else []), rows)
     if baseline is not None:
         base = find_baseline(groups, baseline)
         lines += ["", f"Paired differences against {base.name} over shared seeds (row − baseline, points): "
                       "mean [95 % t interval] and the paired t-test p-value", ""]
         lines += _markdown(["Run", "Shared seeds"] + [title for title, _ in paired_columns],
-                           [[g.name, ", ".join(map(str, shared))] + [_paired_cell(stats[t]) for t, _ in paired_columns]
+                           [[g.name, ", ".join(map(str, shared))] + [paired_cell(stats[t]) for t, _ in paired_columns]
                             for g, shared, stats in paired_rows(groups, base, paired_columns)])
     return "\n".join(lines)
 
@@ -240,7 +240,7 @@ def report_csv(run_dirs: list[str], baseline: Optional[str] = None) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for g in groups:
-        cells = _row(g.name, g.results, columns)
+        cells = group_row(g.name, g.results, columns)
         line = cells[:5] + [" ".join(map(str, g.seeds())), len(g.results)]
         for _, key in columns:
             values = [r.get(key) for r in g.results if r.get(key) is not None]

@@ -11,8 +11,8 @@ import math
 import statistics
 from typing import Optional
 
-from longtail.report import (ENV_HEADER, Group, _paired_cell, _row, columns_for, environment_cells, find_baseline,
-                             group_runs, paired_rows)
+from longtail.report import (ENV_HEADER, Group, columns_for, environment_cells, find_baseline, group_row, group_runs,
+                             paired_cell, paired_rows)
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}
@@ -73,14 +73,14 @@ def report_html(run_dirs: list[str], baseline: Optional[str] = None, title: str 
     header = ["Run", "Data", "Model", "Recipe", "Epochs", "Seeds", "tau"] + [t for t, _ in columns] + ENV_HEADER
     body = [f"<h1>{html.escape(title)}</h1>",
             "<p>Accuracies and ECE in %, mean ± sample standard deviation over the seeds of a row.</p>",
-            _table(header, [_row(g.name, g.results, columns) + environment_cells(g) for g in groups])]
+            _table(header, [group_row(g.name, g.results, columns) + environment_cells(g) for g in groups])]
     if baseline is not None:
         base = find_baseline(groups, baseline)
         body += [f"<h2>Paired differences against {html.escape(base.name)}</h2>",
                  "<p>Over the seeds a row shares with the baseline: row − baseline in points, mean [95 % t "
                  "interval], paired t-test p-value.</p>",
                  _table(["Run", "Shared seeds"] + [t for t, _ in paired_columns],
-                        [[g.name, ", ".join(map(str, shared))] + [_paired_cell(stats[t]) for t, _ in paired_columns]
+                        [[g.name, ", ".join(map(str, shared))] + [paired_cell(stats[t]) for t, _ in paired_columns]
                          for g, shared, stats in paired_rows(groups, base, paired_columns)])]
     body.append("<h2>Per-class accuracy against class size</h2>")
     for g in groups:

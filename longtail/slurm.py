@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from longtail.errors import ConfigError
+from longtail.jobs import Outcome, last_error, read_results, train_command
 
 # How long checkpoint() waits for `train` to write its checkpoint and exit after the signal; SLURM's
 # signal comes `signal_delay_s` (90 s by default) before the kill.
@@ -102,8 +103,6 @@ def make_executor(folder: Path, options: dict) -> Any:
 def submit(points: list, options: dict, data_root: Optional[str], download: bool,
            folder: Path) -> list:
     """Submit the points as one array; returns the submitit jobs in the points' order."""
-    from longtail.sweep import train_command
-
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(folder, options)
     calls = [TrainPoint(train_command(p, data_root, download), str(folder / f"{p.name}.log"))
@@ -118,8 +117,6 @@ def submit(points: list, options: dict, data_root: Optional[str], download: bool
 def run_slurm(points: list, options: dict, data_root: Optional[str], download: bool,
               folder: Path, on_done: Any) -> None:
     """Submit, then wait, reporting each point as its job ends (in the order they end)."""
-    from longtail.sweep import Outcome, _last_error, _read_results
-
     jobs = submit(points, options, data_root, download, folder)
     start = time.monotonic()
     pending = list(zip(points, jobs))
@@ -129,10 +126,10 @@ def run_slurm(points: list, options: dict, data_root: Optional[str], download: b
             seconds = time.monotonic() - start
             try:
                 job.results()  # every task's (one per process); raises the failure of any
-                on_done(Outcome(point, "finished", seconds, 0, "", _read_results(point)))
+                on_done(Outcome(point, "finished", seconds, 0, "", read_results(point)))
             except Exception as exc:  # submitit re-raises the job's failure here; one failure stops nothing
                 log = folder / f"{point.name}.log"
-                on_done(Outcome(point, "failed", seconds, 1, f"{_last_error(log) if log.exists() else exc} "
+                on_done(Outcome(point, "failed", seconds, 1, f"{last_error(log) if log.exists() else exc} "
                                 f"(log: {log}; submitit: {job.paths.stderr})"))
         if pending:
             time.sleep(options.get("poll_s", 10))

@@ -13,11 +13,9 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
 from typing import Any, Optional
@@ -26,25 +24,8 @@ import yaml
 
 from longtail.config import load_config, read_yaml
 from longtail.errors import ConfigError, LongtailError
+from longtail.jobs import Outcome, Point, last_error, read_results, train_command
 from longtail.task import get_task
-
-
-@dataclass
-class Point:
-    name: str  # the run directory's name, from the varied keys and the seed: `loss.name=la,seed=1`
-    config: str  # the YAML config
-    overrides: list[str]  # the config's overrides, then the point's own
-    out: Path
-
-
-@dataclass
-class Outcome:
-    point: Point
-    status: str  # finished | skipped | failed | stopped
-    seconds: float = 0.0
-    returncode: int = 0
-    message: str = ""
-    results: Optional[dict] = field(default=None, repr=False)
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
@@ -103,7 +84,7 @@ def plan(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds:
 
 def check_points(points: list[Point]) -> list[Point]:
     """The points still to run. A directory holding another config stops the sweep, naming the keys."""
-    from longtail.engine import config_differences
+    from longtail.training.checkpointing import config_differences
 
     todo = []
     for point in points:
@@ -116,16 +97,6 @@ def check_points(points: list[Point]) -> list[Point]:
         if not (point.out / "results.json").exists():
             todo.append(point)
     return todo
-
-
-def train_command(point: Point, data_root: Optional[str], download: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "longtail", "train", point.config, *point.overrides, "--out", str(point.out),
-           "--resume"]
-    if data_root:
-        cmd += ["--data-root", data_root]
-    if download:
-        cmd.append("--download")
-    return cmd
 
 
 def visible_gpus() -> list[str]:
@@ -150,18 +121,6 @@ def slot_environments(jobs: int, cores: int, gpus: list[str]) -> list[dict]:
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
         envs.append(env)
     return envs
-
-
-def _last_error(log: Path) -> str:
-    """The `longtail train: error: ...` line of a failed run's log, else its last line."""
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    errors = [line for line in lines if line.startswith("longtail train: ")]
-    return (errors or lines or ["(no output)"])[-1][:500]
-
-
-def _read_results(point: Point) -> Optional[dict]:
-    path = point.out / "results.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 class SweepStopped(LongtailError):
@@ -214,11 +173,11 @@ def run_local(points: list[Point], jobs: int, data_root: Optional[str], download
             slots.put(env)
         seconds = time.monotonic() - start
         if proc.returncode == 0:
-            outcome = Outcome(point, "finished", seconds, 0, "", _read_results(point))
+            outcome = Outcome(point, "finished", seconds, 0, "", read_results(point))
         elif proc.returncode == SweepStopped.exit_code and stopped.is_set():
             outcome = Outcome(point, "stopped", seconds, proc.returncode, f"checkpointed (log: {log})")
         else:
-            outcome = Outcome(point, "failed", seconds, proc.returncode, f"{_last_error(log)} (log: {log})")
+            outcome = Outcome(point, "failed", seconds, proc.returncode, f"{last_error(log)} (log: {log})")
         with lock:
             on_done(outcome)
         return outcome
@@ -262,7 +221,7 @@ def run_points(points: list[Point], out: str | Path, jobs: int = 1, slurm: Optio
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
     todo = check_points(points)
     total = len(points)
-    outcomes = [Outcome(p, "skipped", results=_read_results(p)) for p in points if p not in todo]
+    outcomes = [Outcome(p, "skipped", results=read_results(p)) for p in points if p not in todo]
     print(f"{out}: {total} runs ({len(outcomes)} already finished, {len(todo)} to run"
           f"{' on SLURM' if slurm is not None else f', {jobs} at a time'})", flush=True)
     for i, outcome in enumerate(outcomes, 1):

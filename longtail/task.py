@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from longtail.config import Config
 from longtail.errors import ConfigError
 from longtail.losses import MULTILABEL_NAMES, NAMES, MultiLabelLoss, build_loss
-from longtail.metrics import MULTILABEL_COLUMNS, _COLUMNS, group_of_classes, summarize, summarize_multilabel
+from longtail.metrics import (MULTILABEL_COLUMNS, SINGLE_LABEL_COLUMNS, group_of_classes, summarize,
+                              summarize_multilabel)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class Task:
 
 
 SINGLE = Task(SINGLE_LABEL, NAMES, ("instance", "class_balanced", "sqrt"),
-              ("top1", "balanced", "many", "medium", "few", "ece", "nll"), "balanced", _COLUMNS,
+              ("top1", "balanced", "many", "medium", "few", "ece", "nll"), "balanced", SINGLE_LABEL_COLUMNS,
               more_weights_single, discrepancy_single)
 MULTI = Task(MULTI_LABEL, MULTILABEL_NAMES, ("instance", "class_aware"),
              ("map", "map_head", "map_medium", "map_tail", "micro_f1", "macro_f1"), "map", MULTILABEL_COLUMNS,

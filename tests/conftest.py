@@ -18,3 +18,12 @@ def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fashion-mnist")
     write_fashion_mnist(root, train_per_class=40, test_per_class=10)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _status_lines_back_on():
+    """`longtail ... --quiet` (cli.main in-process) silences status lines for the whole process: turn them back
+    on after each test, so a later test that reads them does not depend on which tests ran before it."""
+    yield
+    from longtail.progress import set_quiet
+    set_quiet(False)

@@ -9,6 +9,8 @@ from longtail.config import load_config
 from longtail.engine import fit
 from longtail.errors import ConfigError
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 BASE = [
     "data.name=fashion_mnist_lt", "data.imbalance=5", "data.augment=none", "train.epochs=2", "optim.lr=0.05",
     "eval.batch_size=64", "schedule.name=cosine", "optim.lr_scaling=linear", "optim.base_batch_size=64",

@@ -13,6 +13,7 @@ from longtail.analysis import (
 from longtail.config import load_config
 from longtail.engine import fit
 from longtail.models.heads import CosineHead, ETFHead, LinearHead
+from tiny import TINY_MLP
 
 
 def test_fdr_of_a_hand_computed_example():
@@ -155,10 +156,7 @@ def test_bn_gammas_per_layer_and_overall():
     assert bn_gammas(nn.Linear(2, 2)) == {"layers": [], "mean": None, "std": None}
 
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "model.name=mlp", "model.width=32", "train.epochs=2", "optim.lr=0.05", "eval.batch_size=256",
-]
+TINY = [*TINY_MLP, "train.epochs=2", "eval.batch_size=256"]
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,11 @@ from longtail.errors import ConfigError
 from longtail.methods.posthoc import run_posthoc
 from longtail.metrics import expected_calibration_error
 from longtail.models.heads import CosineHead, ETFHead, LinearHead, scale_head
+from tiny import TINY_MLP
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "model.name=mlp", "model.width=32", "train.epochs=2", "optim.lr=0.05", "eval.batch_size=64",
-    "data.val_per_class=5", "posthoc.kind=additive", "posthoc.tau=1.0",
-]
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
+TINY = [*TINY_MLP, "train.epochs=2", "data.val_per_class=5", "posthoc.kind=additive", "posthoc.tau=1.0"]
 
 
 def _overconfident(n=3000, k=5, factor=3.0, seed=0):

@@ -21,8 +21,8 @@ from launch import run_forked
 from longtail import distributed
 from longtail.config import load_config
 
-pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
-                                reason="this torch build has no gloo backend for CPU processes")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
+                                reason="this torch build has no gloo backend for CPU processes")]
 
 PACKAGE = Path(longtail.__file__).parent
 

@@ -105,3 +105,16 @@ def test_saved_files_are_readable_by_others(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+def test_no_config_key_is_declared_twice():
+    # A second declaration silently replaces the first's default and comment (data.class_names had two).
+    import ast
+    from pathlib import Path
+
+    import longtail.config.schema as schema
+
+    tree = ast.parse(Path(schema.__file__).read_text())
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        names = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)]
+        assert len(names) == len(set(names)), f"{cls.name} declares {sorted({n for n in names if names.count(n) > 1})} twice"

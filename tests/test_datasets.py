@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import longtail.data as data_mod
+import longtail.data.core as data_core
 from fake_data import decode_index, write_cifar10, write_cifar100, write_fashion_mnist, write_idx
 from longtail.config import DataConfig
 from longtail.data import build_data, indices_sha256, resolve_root
@@ -234,7 +235,7 @@ def test_register_dataset():
     try:
         assert build_data(DataConfig(name="toy_test_only"), "/r", True) == ("toy", resolve_root("/r", DataConfig()), True)
     finally:
-        del data_mod._DATASETS["toy_test_only"]
+        del data_core._DATASETS["toy_test_only"]
 
 
 # --- download: checksum and safe extraction on local archives (file:// URLs, no network) ---

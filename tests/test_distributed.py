@@ -28,8 +28,8 @@ from longtail.data.splits import SAMPLERS, InMemorySplit, epoch_order
 from longtail.engine import effective_lr, lr_factor
 from longtail.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
-                                reason="this torch build has no gloo backend for CPU processes")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
+                                reason="this torch build has no gloo backend for CPU processes")]
 
 TEST_IMAGES = 99  # odd: the 2-process evaluation pads one duplicate, which must not be counted
 TRAIN = [

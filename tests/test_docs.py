@@ -17,6 +17,8 @@ from longtail import methods, models
 from longtail.cli import build_parser
 from longtail.config import Config
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)

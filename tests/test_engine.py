@@ -16,11 +16,11 @@ from longtail.engine import fit, lr_factor
 from longtail.errors import ConfigError, DivergedError
 from longtail.methods import register_method
 from longtail.methods.base import Method
+from tiny import TINY_MLP
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
-]
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
+TINY = [*TINY_MLP, "train.epochs=3"]
 
 
 def _cli(*args, env_root):

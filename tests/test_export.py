@@ -16,6 +16,8 @@ from longtail.errors import ConfigError
 from longtail.export import ONNX_OPSET, export
 from longtail.models import load_exported
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 
 def needs(*modules):
     missing = [m for m in modules if importlib.util.find_spec(m) is None]

@@ -11,6 +11,8 @@ from longtail.export import export
 from longtail.models import load_exported
 from test_export import needs
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 pytest.importorskip("transformers")
 
 # (model, overrides, architecture changes). clip_lora's 64-pixel architecture takes the 32-pixel images as they

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from launch import launch
 from test_distributed import SIGNAL_DRIVER, TORCHRUN
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
-                                reason="this torch build has no gloo backend for CPU processes")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
+                                reason="this torch build has no gloo backend for CPU processes")]
 
 PER_CLASS, IMBALANCE, BATCH = 8, 2, 8
 

@@ -1,10 +1,13 @@
 """benchmarks/gpu_check.py on the CPU: `--device cpu --tiny` runs every check of the GPU path on tiny
 fake data (NCCL and AMP aside), and without CUDA a plain run skips in one line."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"

@@ -17,6 +17,8 @@ from longtail.config import load_config
 from longtail.errors import ConfigError
 from longtail.models import build_model
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 transformers = pytest.importorskip("transformers")
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -12,6 +12,8 @@ import torch
 
 from fake_data import write_fashion_mnist
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kill_resume.sh"
 TINY = ("data.name=fashion_mnist_lt data.imbalance=5 data.batch_size=16 data.augment=crop_flip model.name=mlp "

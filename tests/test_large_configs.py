@@ -14,6 +14,8 @@ from longtail.config import ModelConfig, MoreConfig, load_config
 from longtail.data.listfile import BENCHMARKS
 from longtail.models import build_model
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("imagenet_lt", "places_lt", "inat2018")
 # LIFT's CLIP recipes (lift_*.yaml) follow LIFT's protocol instead: tests/test_lift_configs.py.

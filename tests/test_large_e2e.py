@@ -23,6 +23,8 @@ from longtail.config import ModelConfig, load_config
 from longtail.engine import evaluate_run, fit, setup
 from longtail.models.resnet import resnet10
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 COUNTS = {"bee": 12, "fox": 6, "owl": 3}  # sorted names, so class ids 0, 1, 2 follow this order
 TEST_PER_CLASS = 3  # 9 test images: odd, so 2-process evaluation pads one duplicate that must not count
 BATCH = 8  # no batch of one image (BatchNorm on 1 x 1 maps at 32 px): 21 -> 8+8+5, per rank 11 -> 8+3

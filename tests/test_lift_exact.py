@@ -20,6 +20,8 @@ from test_finetune import X, build, trainable
 from test_resume import TINY, CrashAt, _assert_same_run
 from test_zero_shot import NAMES, args
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 pytest.importorskip("transformers")
 
 LIFT_ADAPTER = ["finetune.mode=adaptformer", "finetune.adapter_style=lift", "finetune.adapter_dim=4",

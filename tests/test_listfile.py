@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from longtail import progress
-from longtail.analysis import collect_features
+from longtail.inference import collect_features
 from longtail.config import DataConfig, ModelConfig
 from longtail.data import build_data
 from longtail.data.image_transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, color_jitter, decode_image,

@@ -488,3 +488,23 @@ def test_engine_run_exports_a_merged_plain_model(tmp_path):
     torch.testing.assert_close(logits, unmerged, rtol=1e-5, atol=1e-5)
     metrics = summarize(logits, targets, plain.data.class_counts, tuple(plain.data.default_thresholds), 15)
     assert metrics["top1"] == pytest.approx(results["top1"])
+
+
+def test_merging_is_idempotent_so_more_finalize_after_a_lora_merge_changes_nothing():
+    from longtail.lowrank import merge
+
+    cfg = from_dict({"more": {"enabled": True}})
+    info = make_info(cfg)
+    method = More(Method(cfg, info, lambda z, y, p: z.sum()), cfg, info)
+    model = method.prepare(make_model("user")[0])
+    randomize_lowrank(model)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        before = model.eval()(x)
+    once = copy.deepcopy(merge(model))
+    twice = method.finalize(merge(model))  # finish merges LoRA's parts, then More.finalize merges again
+    assert list(once.state_dict()) == list(twice.state_dict()) == list(UserNet().state_dict())
+    assert all(torch.equal(once.state_dict()[k], twice.state_dict()[k]) for k in once.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(twice(x), before, rtol=1e-5, atol=1e-5)
+

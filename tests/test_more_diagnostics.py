@@ -28,6 +28,8 @@ from longtail.methods.more import class_discrepancy, group_means
 from longtail.models import build_model
 from longtail.task import MULTI
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 
 class Pixels(nn.Module):
     """features = the two input pixels; a bias-free 2 x 2 head with a rank-1 part B A (s = 1)."""

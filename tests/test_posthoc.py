@@ -13,6 +13,9 @@ from longtail.errors import ConfigError
 from longtail.methods.posthoc import adjust_logits, fold_into_head, run_posthoc, search_tau, tau_grid
 from longtail.models import build_model
 from longtail.models.heads import CosineHead, ETFHead, LinearHead
+from tiny import TINY_MLP
+
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
 PRIOR = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
 
@@ -80,11 +83,7 @@ def test_cosine_head_is_refused():
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "data.val_per_class=5", "model.name=mlp", "model.width=32", "train.epochs=2", "optim.lr=0.05",
-    "eval.batch_size=256",
-]
+TINY = [*TINY_MLP, "data.val_per_class=5", "train.epochs=2", "eval.batch_size=256"]
 
 
 @pytest.fixture(scope="module")

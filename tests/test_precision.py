@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import tiny
 from crash_method import CrashAt
 from longtail import engine
 from longtail.cli import FAST, main
@@ -13,15 +14,15 @@ from longtail.config import load_config
 from longtail.engine import fit, precision_hint
 from longtail.errors import ConfigError
 from longtail.provenance import cpu_model, native_bf16
+from longtail.training import fit as fit_module
+
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
 TINY_CNN = [
     "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=resnet32",
     "train.epochs=1", "optim.lr=0.05", "eval.batch_size=64", "data.augment=none",
 ]
-TINY_MLP = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=mlp", "model.width=32",
-    "train.epochs=2", "optim.lr=0.05", "eval.batch_size=64", "data.augment=none",
-]
+TINY_MLP = [*tiny.TINY_MLP, "train.epochs=2"]
 
 AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n"
 AVX512_BF16 = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
@@ -45,7 +46,7 @@ def test_a_float32_run_on_a_bf16_cpu_gets_a_hint_and_a_fast_one_does_not():
 
 
 def test_the_hint_is_printed_once_at_the_start_of_a_float32_run(tmp_path, data_root, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "native_bf16", lambda cpuinfo=None: "AMX")
+    monkeypatch.setattr(fit_module, "native_bf16", lambda cpuinfo=None: "AMX")
     fit(load_config(None, [*TINY_MLP, "train.epochs=1"]), tmp_path / "run", data_root=data_root)
     assert capsys.readouterr().out.count("hint: this CPU has native bfloat16 (AMX)") == 1
 

@@ -20,11 +20,11 @@ from longtail.data.listfile import Benchmark, build_listfile
 from longtail.engine import collect_logits, eval_transform, fit, load_run
 from longtail.errors import ConfigError
 from longtail.predict import Predictor, format_prediction, image_paths, load_input
+from tiny import TINY_MLP
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "model.name=mlp", "model.width=32", "train.epochs=1", "optim.lr=0.05", "eval.batch_size=64",
-]
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
+TINY = [*TINY_MLP, "train.epochs=1"]
 CPU = torch.device("cpu")
 
 

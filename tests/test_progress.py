@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longtail import progress
-from longtail.analysis import collect_features
+from longtail.inference import collect_features
 from longtail.config import load_config
 from longtail.data import build_data
 from longtail.engine import collect_logits

@@ -11,8 +11,8 @@ from longtail.config import load_config
 from longtail.report_html import report_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium); "
-                                "the HTML itself is checked by test_report.py with html.parser")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium); "
+                                "the HTML itself is checked by test_report.py with html.parser")]
 
 
 def _runs(tmp_path):

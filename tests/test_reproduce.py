@@ -12,6 +12,8 @@ from fake_data import write_cifar100
 from longtail.errors import ConfigError
 from longtail.reproduce import BUDGETS, Row, list_tables, load_table, plan_table, render, tables_dir
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 TABLES = sorted(p.stem for p in tables_dir().glob("*.yaml"))
 
 

@@ -1,9 +1,12 @@
 """results.json records the imbalance actually trained on and where the Many/Medium/Few thresholds came from."""
+import pytest
 import json
 
 from fake_data import write_fashion_mnist
 from longtail.config import load_config
 from longtail.engine import fit
+
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
 TINY = [
     "data.name=fashion_mnist_lt", "data.batch_size=16", "data.augment=none", "model.name=mlp", "model.width=16",

@@ -17,12 +17,13 @@ from longtail.engine import Preempted, fit
 from longtail.errors import ConfigError
 from longtail.methods import register_method
 from longtail.methods.base import Method
+from longtail.runtime import restore_rng, rng_state
+from longtail.training import checkpointing
+from tiny import TINY_MLP
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=crop_flip",
-    "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
-    "train.log_every=2", "schedule.name=cosine",
-]
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
+TINY = [*TINY_MLP, "data.augment=crop_flip", "train.epochs=3", "train.log_every=2", "schedule.name=cosine"]
 
 
 @pytest.fixture(scope="module")
@@ -160,17 +161,17 @@ def test_best_pt_is_never_from_an_abandoned_branch(tmp_path, data_root, monkeypa
 
     # Killed right after the checkpoint that made epoch `best_epoch` the best, before best.pt was written.
     out = tmp_path / "run"
-    save = engine.atomic_torch_save
+    save = checkpointing.atomic_torch_save
 
     def save_or_die(obj, path):
         if path.name == "best.pt" and obj["epoch"] == best_epoch:
             raise KeyboardInterrupt("killed before best.pt")
         save(obj, path)
 
-    monkeypatch.setattr(engine, "atomic_torch_save", save_or_die)
+    monkeypatch.setattr(checkpointing, "atomic_torch_save", save_or_die)
     with pytest.raises(KeyboardInterrupt):
         fit(load_config(None, select), out, data_root=data_root)
-    monkeypatch.setattr(engine, "atomic_torch_save", save)
+    monkeypatch.setattr(checkpointing, "atomic_torch_save", save)
     assert load_checkpoint(out / "checkpoint.pt")["best"]["epoch"] == best_epoch
     fit(load_config(None, select), out, resume=True, data_root=data_root)
     assert load_checkpoint(out / "best.pt")["epoch"] == best_epoch
@@ -237,10 +238,10 @@ def test_the_saved_rng_state_continues_every_generator_where_it_stopped():
 
     np.random.seed(3), random.seed(3), torch.manual_seed(3)
     np.random.rand(5), np.random.randn(1), random.gauss(0, 1)  # mid-stream, a cached Gaussian in both
-    state = engine._rng_state()
+    state = rng_state()
     expected = (np.random.rand(3).tolist(), np.random.randn(2).tolist(), random.gauss(0, 1), torch.rand(2))
     np.random.seed(99), random.seed(99), torch.manual_seed(99)
-    engine._restore_rng(state)
+    restore_rng(state)
     assert (np.random.rand(3).tolist(), np.random.randn(2).tolist(), random.gauss(0, 1)) == expected[:3]
     assert torch.equal(torch.rand(2), expected[3])
 

@@ -17,6 +17,8 @@ from fake_data import write_fashion_mnist
 from longtail.slurm import TrainPoint, submit
 from longtail.sweep import Outcome, parse_grid, plan
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 submitit = pytest.importorskip("submitit", reason="submitit is the optional extra `slurm` (in the test extra)")
 
 TINY = {"data": {"name": "fashion_mnist_lt", "imbalance": 5, "batch_size": 16, "augment": "none"},

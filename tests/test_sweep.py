@@ -14,6 +14,8 @@ from fake_data import write_fashion_mnist
 from longtail.errors import ConfigError
 from longtail.sweep import Outcome, Point, check_points, parse_grid, parse_seeds, plan, progress_line, slot_environments
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 CE = str(Path(longtail.__file__).parents[1] / "configs" / "cifar10_lt" / "ce.yaml")
 TINY = {"data": {"name": "fashion_mnist_lt", "imbalance": 5, "batch_size": 16, "augment": "none"},
         "model": {"name": "mlp", "width": 16}, "train": {"epochs": 1}, "eval": {"batch_size": 256}}

@@ -13,6 +13,7 @@ from longtail.losses import class_balanced_weights
 from longtail.methods.base import RunInfo
 from longtail.methods.weight_balancing import WBStage2, maxnorm_radius, project_rows, softmax_bce_loss
 from longtail.models.heads import LinearHead
+from tiny import TINY_MLP
 
 
 
@@ -85,10 +86,7 @@ def test_stage2_uses_class_balanced_weights_and_checks_its_loss():
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "model.name=mlp", "model.width=32", "optim.lr=0.05", "eval.batch_size=256",
-]
+TINY = [*TINY_MLP, "eval.batch_size=256"]
 
 
 @pytest.fixture(scope="module")

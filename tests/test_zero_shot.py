@@ -12,6 +12,8 @@ from hf_tiny import write_clip
 from longtail.config import load_config
 from longtail.errors import ConfigError
 
+pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
+
 transformers = pytest.importorskip("transformers")
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

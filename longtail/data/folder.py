@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from longtail.config import DataConfig
-from longtail.data import LTData, register_dataset
+from longtail.data.core import LTData, register_dataset
 from longtail.data.listfile import BadSamples, ImageList, make_splits
 from longtail.errors import ConfigError
 from longtail.progress import track

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from longtail.config import DataConfig
-from longtail.data import LTData, default_thresholds_rule, indices_sha256, recorded_imbalance, register_dataset
+from longtail.data.core import LTData, default_thresholds_rule, indices_sha256, recorded_imbalance, register_dataset
 from longtail.metrics import default_thresholds
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, decode_image, sample_generator
 from longtail.data.policies import ImagePolicy

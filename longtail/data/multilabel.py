@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from longtail.config import DataConfig
-from longtail.data import (CIFAR_MEAN, CIFAR_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, LTData, _missing, _stats,
-                           indices_sha256, register_dataset)
+from longtail.data.core import (CIFAR_MEAN, CIFAR_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, LTData, indices_sha256,
+                                missing_dataset, normalisation_stats, register_dataset)
 from longtail.data.cifar import CIFAR10_DIR, RawDataset, read_cifar10
 from longtail.data.download import CIFAR10, download_archive, download_fashion_mnist
 from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
@@ -201,8 +201,8 @@ def file_data(name: str, cfg: DataConfig, base: Path, class_names: list[str], tr
     for split_name, items in (("train", train), ("val", val), ("test", test)):
         if items is not None:
             count_unlabelled(items, f"{name} {split_name}", cfg.on_unlabelled)
-    mean = _stats(cfg.mean, IMAGENET_MEAN, "data.mean")
-    std = _stats(cfg.std, IMAGENET_STD, "data.std")
+    mean = normalisation_stats(cfg.mean, IMAGENET_MEAN, "data.mean")
+    std = normalisation_stats(cfg.std, IMAGENET_STD, "data.std")
     num_classes = len(class_names)
 
     def split(items: ImageList) -> FileSplit:
@@ -397,7 +397,7 @@ def mosaic_data(cfg: DataConfig, raw: RawDataset, mean: tuple[float, ...], std: 
                                cfg.mosaic_train_images, np.random.default_rng([cfg.subset_seed, 0]))
     test_tiles = mosaic_tiles(raw.test_labels, np.full(num_classes, 1 / num_classes), cfg.mosaic_test_images,
                               np.random.default_rng([cfg.subset_seed, 1]))
-    mean, std = _stats(cfg.mean, mean, "data.mean"), _stats(cfg.std, std, "data.std")
+    mean, std = normalisation_stats(cfg.mean, mean, "data.mean"), normalisation_stats(cfg.std, std, "data.std")
 
     def split(images: np.ndarray, labels: np.ndarray, tiles: np.ndarray) -> InMemorySplit:
         multi = torch.from_numpy(multi_hot([sorted(set(row)) for row in labels[tiles].tolist()], num_classes))
@@ -421,7 +421,7 @@ def mosaic_data(cfg: DataConfig, raw: RawDataset, mean: tuple[float, ...], std: 
 def _cifar10_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
     if not (root / CIFAR10_DIR).is_dir():
         if not download:
-            raise _missing(cfg.name, root / CIFAR10_DIR)
+            raise missing_dataset(cfg.name, root / CIFAR10_DIR)
         download_archive(CIFAR10, root, CIFAR10_DIR)
     return mosaic_data(cfg, read_cifar10(root), CIFAR_MEAN, CIFAR_STD)
 
@@ -430,6 +430,6 @@ def _cifar10_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
 def _fashion_mnist_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
     if not find_idx(fashion_mnist_dir(root), FASHION_MNIST_FILES[0]).exists():
         if not download:
-            raise _missing(cfg.name, root / FASHION_MNIST_DIRS[0])
+            raise missing_dataset(cfg.name, root / FASHION_MNIST_DIRS[0])
         download_fashion_mnist(root / FASHION_MNIST_DIRS[0])
     return mosaic_data(cfg, read_fashion_mnist(root), FASHION_MNIST_MEAN, FASHION_MNIST_STD)

@@ -5,6 +5,7 @@ import importlib
 
 from longtail.config import Config
 from longtail.errors import ConfigError
+from longtail.losses import logit_scale
 from longtail.methods.base import LossFn, Method, RunInfo
 
 METHODS: dict[str, str] = {
@@ -23,14 +24,37 @@ def register_method(name: str, target: str) -> None:
     METHODS[name] = target
 
 
-def build_method(cfg: Config, info: RunInfo, base_loss: LossFn) -> Method:
-    if cfg.method.name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {cfg.method.name!r}; known: {', '.join(sorted(METHODS))} "
+def method_class(name: str) -> type[Method]:
+    """The class `method.name: name` names (its module imported on first use)."""
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(sorted(METHODS))} "
                           "(add your own with longtail.methods.register_method)")
-    module, cls = METHODS[cfg.method.name].split(":")
-    method = getattr(importlib.import_module(module), cls)(cfg, info, base_loss)
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(cfg: Config, info: RunInfo, base_loss: LossFn) -> Method:
+    method = method_class(cfg.method.name)(cfg, info, base_loss)
     if cfg.more.enabled:
         from longtail.methods.more import wrap_if_enabled
 
         method = wrap_if_enabled(method, cfg, info)
     return method
+
+
+def training_folds(cfg: Config, method_record: dict) -> list[dict]:
+    """What `finish` has folded into the model before the post-hoc steps, in order, as model.yaml records it:
+    MORE's merge, LoRA's, the method's own folds (`Method.folds`), the loss's logit scale."""
+    folds = []
+    if cfg.more.enabled:
+        from longtail.methods.more import More
+
+        folds += More.folds(cfg, method_record)
+    if cfg.finetune.mode == "lora":  # with MORE the same parts: more_merge then names them too
+        folds.append({"kind": "lora_merge", "rank": cfg.finetune.lora_rank,
+                      "scale": cfg.finetune.lora_alpha / cfg.finetune.lora_rank})
+    # A method registered in the process that trained the run, but not in this one, folded nothing we know of.
+    folds += method_class(cfg.method.name).folds(cfg, method_record) if cfg.method.name in METHODS else []
+    if logit_scale(cfg.loss) != 1.0:
+        folds.append({"kind": "logit_scale", "scale": logit_scale(cfg.loss)})
+    return folds

@@ -101,6 +101,17 @@ class Method:
         """Turn the trained model into the one that is exported (merge, fold)."""
         return model
 
+    @classmethod
+    def folds(cls, cfg: Config, method_record: dict) -> list[dict]:
+        """What `finalize` folds into the weights, as model.yaml's `folds` records it. A class method:
+        `longtail posthoc` rebuilds the list from a finished run's config and method record."""
+        return []
+
+    def diagnostics(self, model: nn.Module, split: Any, device: torch.device) -> dict:
+        """Records logged every `train.track_every` epochs besides the FDR tracking (MORE: where its
+        low-rank part acts); none by default."""
+        return {}
+
 
 class ZeroShot(Method):
     """CLIP zero-shot: the text-initialised head (model.head_init: text) evaluated as it is, nothing trained."""

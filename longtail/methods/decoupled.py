@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longtail.analysis import collect_features
+from longtail.config import Config
 from longtail.errors import ConfigError
+from longtail.inference import collect_features
 from longtail.methods.base import Method
 from longtail.methods.posthoc import balanced_accuracy, linear_head, linear_parts, tau_grid
 from longtail.methods.weight_balancing import ClassifierRetraining, load_stage1
@@ -53,6 +54,10 @@ class LWS(ClassifierRetraining):
         model.head = ScaledHead(model.head, self.info.num_classes)
         return model
 
+    @classmethod
+    def folds(cls, cfg: Config, method_record: dict) -> list[dict]:
+        return [{"kind": "lws_scales"}]
+
     def finalize(self, model: nn.Module) -> nn.Module:
         weight, bias = linear_parts(model.head.head, "method.name: lws")
         scale = model.head.scale.detach()
@@ -82,6 +87,10 @@ class TauNorm(Method):
 
     def train_mode(self, model: nn.Module) -> None:
         model.eval()
+
+    @classmethod
+    def folds(cls, cfg: Config, method_record: dict) -> list[dict]:
+        return [{"kind": "tau_norm", "tau": method_record["tau_norm"]["tau"]}]
 
     def finalize(self, model: nn.Module) -> nn.Module:
         weight, bias = linear_parts(model.head, "method.name: tau_norm")

@@ -16,20 +16,18 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from longtail import distributed as dist
-from longtail.config import Config, MoreConfig
+from longtail.config import HEAD_ONLY_METHODS, Config, MoreConfig
 from longtail.errors import ConfigError
+from longtail.inference import run_split
 from longtail.lowrank import add_lowrank, general_only, lowrank_parameters, lowrank_parts, lowrank_ratios, merge
 from longtail.methods.base import Method, RunInfo
-from longtail.metrics import gather_unique
 from longtail.mixing import MixedTargets
-from longtail.progress import Progress
 from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task, multilabel_groups
 
 SUPPORTED_LAYERS: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 # Second stages retrain the classifier of a finished run (WB's MaxNorm even edits `head.weight` in place,
 # which a decomposed head only computes): MORE belongs in the stage-1 run, whose model.pt is merged.
-SECOND_STAGES = ("wb_stage2", "crt", "lws", "tau_norm")
+SECOND_STAGES = tuple(HEAD_ONLY_METHODS)  # they train on a frozen stage-1 backbone
 
 
 def lowrank_rank(weight_shape: torch.Size | tuple[int, ...], rank_ratio: float) -> int:
@@ -158,24 +156,13 @@ def class_discrepancy(
     function of the weights and training's random streams are not touched. `forward` is the method's own
     (features, logits) pass, so the logits compared are the ones L_MORE compares.
     """
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    values, labels, idxs = [], [], []
-    batches = split.batches(batch_size, sampler=None, seed=0, epoch=0, rank=dist.rank(), world=dist.world_size())
-    with Progress(math.ceil(len(split) / dist.world_size()), "more diagnostics", "img") as progress:
-        for x, y, idx in batches:
-            x = split.to_input(x, device, train=False, generator=None)
-            z_full = forward(model, x)[1]
-            with general_only(model):
-                z_gen = forward(model, x)[1]
-            values.append((z_full.float() - z_gen.float()).pow(2).sum(dim=1).cpu())
-            labels.append(y)
-            idxs.append(idx)
-            progress.update(len(y))
-    for m, mode in zip(model.modules(), modes):
-        m.training = mode
-    # gather_unique drops the samples a distributed split repeats to even out the ranks' shares.
-    d, y, _ = gather_unique(torch.cat(values), torch.cat(labels), torch.cat(idxs))
+    def squared_distance(x: torch.Tensor) -> torch.Tensor:
+        z_full = forward(model, x)[1]
+        with general_only(model):
+            z_gen = forward(model, x)[1]
+        return (z_full.float() - z_gen.float()).pow(2).sum(dim=1)
+
+    d, y = run_split(model, split, device, squared_distance, batch_size, "more diagnostics")
     d = d.double()
     if y.ndim == 2:  # multi-hot: a few dozen classes, so the N x C membership matrix is small
         member = (y > 0).double()
@@ -264,6 +251,10 @@ class More(Method):
         l_more = more_loss(z_full, z_gen, y, self.class_prior, self.more.discrepancy, self.info.task)
         logs = {**logs, "more_alpha": a, "more_loss": l_more.detach()}
         return loss + a * l_more, logs
+
+    @classmethod
+    def folds(cls, cfg: Config, method_record: dict) -> list[dict]:
+        return [{"kind": "more_merge"}]
 
     def diagnostics(self, model: nn.Module, split: Any, device: torch.device) -> dict:
         """Where the low-rank part acts (logged every `train.track_every` epochs): the per-class discrepancy

@@ -17,13 +17,15 @@ from torch import nn
 
 from longtail.checkpoint import atomic_write_json, new_directory, replace_directory, run_lock
 from longtail.config import Config, save_config
-from longtail.engine import (collect_logits, evaluate, export_model, folded_temperature, load_run, model_file,
-                             select_device, training_folds)
 from longtail.errors import ConfigError
+from longtail.inference import collect_logits, evaluate
+from longtail.methods import training_folds
 from longtail.metrics import format_table
 from longtail.models.heads import ETFHead, LinearHead
 from longtail.priors import class_prior
 from longtail.progress import track
+from longtail.rundir import export_model, folded_temperature, load_run, model_file
+from longtail.runtime import select_device
 from longtail.task import task_of
 
 KINDS = ("multiplicative", "additive")

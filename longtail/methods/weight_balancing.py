@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longtail.analysis import collect_features
 from longtail.checkpoint import load_checkpoint
 from longtail.config import Config, read_yaml
 from longtail.errors import ConfigError
+from longtail.inference import collect_features
 from longtail.losses import class_balanced_weights
 from longtail.methods.base import LossFn, Method, RunInfo
 

@@ -1,0 +1,179 @@
+"""The run configuration: typed sections, YAML files, dotted command-line overrides.
+
+Every key has its default in `config.schema`, so the resolved `config.yaml` a run saves shows every setting.
+Choices are `Literal` types, checked here as the sections are built; the value checks types cannot express
+are `config.checks`. Validation happens before any work starts and names the bad key.
+
+Layer: foundation. Imports only `errors` (and its own schema and checks); every other module may import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from longtail.config.checks import HEAD_ONLY_METHODS, check_values  # noqa: F401
+from longtail.config.schema import (Config, DataConfig, EvalConfig, FinetuneConfig, LossConfig,  # noqa: F401
+                                    MethodConfig, ModelConfig, MoreConfig, OptimConfig, PosthocConfig,
+                                    ScheduleConfig, TrainConfig)
+from longtail.errors import ConfigError
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in typing.get_args(tp):
+            value = str(value).lower()  # YAML reads `true` as a boolean; a choice "true" means the same
+        if value not in typing.get_args(tp):
+            allowed = ", ".join(str(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if typing.get_args(tp)[1] is Any:  # an opaque mapping (model.hf_config), kept as it is
+            return dict(value)
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value is YAML: `5`, `0.05`, `true`, `null`, `[0.8, 0.9]`, `foo`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set `section.key=value` pairs on a nested dict (validated later with everything else)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. optim.lr=0.05")
+        section, key = parts
+        node = raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{section}' is not a section")
+        node[key] = _parse_scalar(text)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply `k=v` overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from longtail.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; a mapping-valued key (data.path_remap, model.hf_config)
+    stays whole."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key not in ("path_remap", "hf_config"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def flatten_saved(raw: dict) -> dict:
+    """A saved config, completed with today's defaults and flattened.
+
+    A run saved before a key existed ran with that key's default, so it compares equal to a config
+    that spells the default out (resume checks, grouping seeds in reports).
+    """
+    return flatten(from_dict(raw).to_dict())
+
+
+def resolve_epochs(value: float, epochs: int) -> int:
+    """Epoch-valued settings below 1 are fractions of training (0.8 of 200 epochs = epoch 160)."""
+    return int(round(value * epochs)) if value < 1 else int(value)

@@ -1,0 +1,187 @@
+"""The config's value checks that types alone cannot express, run by `longtail.config` before any work starts;
+each error names the key and what is accepted.
+
+Layer: foundation. Imports only `errors` and the config schema.
+"""
+from __future__ import annotations
+
+from longtail.config.schema import Config, MoreConfig
+from longtail.errors import ConfigError
+
+
+def check_values(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "optim.lr": cfg.optim.lr,
+        "eval.ece_bins": cfg.eval.ece_bins,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.every": cfg.eval.every,
+        "train.accum_steps": cfg.train.accum_steps,
+        "train.log_every": cfg.train.log_every,
+        "data.mosaic_train_images": cfg.data.mosaic_train_images,
+        "data.mosaic_test_images": cfg.data.mosaic_test_images,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.data.resize_to is not None and cfg.data.resize_to < 8:
+        raise ConfigError(f"data.resize_to: must be >= 8 pixels (or null), got {cfg.data.resize_to}")
+    if not 0 <= cfg.train.seed < 2**32:
+        raise ConfigError(f"train.seed: must be in [0, 2**32) (NumPy's seed range), got {cfg.train.seed}")
+    if cfg.data.imbalance < 1:
+        raise ConfigError(f"data.imbalance: must be >= 1 (max count / min count), got {cfg.data.imbalance}")
+    if not 0 < cfg.data.minority_fraction <= 1:
+        raise ConfigError(f"data.minority_fraction: must be in (0, 1], got {cfg.data.minority_fraction}")
+    for key, value in {
+        "loss.focal_bce_gamma": cfg.loss.focal_bce_gamma,
+        "loss.db_alpha": cfg.loss.db_alpha,
+        "loss.db_kappa": cfg.loss.db_kappa,
+        "loss.db_focal_gamma": cfg.loss.db_focal_gamma,
+        "loss.asl_gamma_neg": cfg.loss.asl_gamma_neg,
+        "loss.asl_gamma_pos": cfg.loss.asl_gamma_pos,
+        "data.val_per_class": cfg.data.val_per_class,
+        "data.num_workers": cfg.data.num_workers,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
+        "train.track_every": cfg.train.track_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "more.amplitude": cfg.more.amplitude,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if any(m < 0 for m in cfg.schedule.milestones):
+        raise ConfigError(f"schedule.milestones: every entry must be >= 0 (a fraction of training below 1, "
+                          f"else an epoch), got {cfg.schedule.milestones}")
+    if not 0 < cfg.more.rank_ratio <= 1:
+        raise ConfigError(f"more.rank_ratio: must be in (0, 1], got {cfg.more.rank_ratio}")
+    if not 0 <= cfg.loss.cb_bce_beta < 1:
+        raise ConfigError(f"loss.cb_bce_beta: must be in [0, 1), got {cfg.loss.cb_bce_beta}")
+    if not 0 <= cfg.loss.asl_clip < 1:
+        raise ConfigError(f"loss.asl_clip: must be in [0, 1), got {cfg.loss.asl_clip}")
+    for key, value in {"loss.db_neg_scale": cfg.loss.db_neg_scale, "loss.db_beta": cfg.loss.db_beta,
+                       "loss.db_focal_balance": cfg.loss.db_focal_balance}.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if not 0 < cfg.eval.f1_threshold < 1:
+        raise ConfigError(f"eval.f1_threshold: must be in (0, 1), got {cfg.eval.f1_threshold}")
+    if cfg.eval.thresholds is not None:
+        t = cfg.eval.thresholds
+        if len(t) != 2 or t[0] < t[1]:
+            raise ConfigError(f"eval.thresholds: expected [many, few] with many >= few, got {t}")
+    if len(cfg.posthoc.grid) != 3 or cfg.posthoc.grid[2] <= 0 or cfg.posthoc.grid[1] < cfg.posthoc.grid[0]:
+        raise ConfigError(f"posthoc.grid: expected [start, stop, step] with step > 0, got {cfg.posthoc.grid}")
+    if cfg.posthoc.kind != "none" and cfg.model.head == "cosine":
+        raise ConfigError("posthoc.kind: a cosine head normalises its weights, so a logit adjustment cannot be folded "
+                          "into it; use model.head linear or etf, or posthoc.kind none")
+    _check_finetune(cfg)
+    _check_text_head(cfg)
+    _check_augmentation(cfg)
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
+        raise ConfigError("data.mean and data.std: must have the same number of channels")
+    if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"data.std: every entry must be > 0, got {cfg.data.std}")
+
+
+def _check_finetune(cfg: Config) -> None:
+    """finetune.* against itself and against MORE: one low-rank part per layer."""
+    ft = cfg.finetune
+    if ft.lora_rank < 1 or ft.lora_alpha <= 0:
+        raise ConfigError(f"finetune.lora_rank / lora_alpha: must be >= 1 / > 0, got {ft.lora_rank} / {ft.lora_alpha}")
+    if ft.adapter_dim < 1:
+        raise ConfigError(f"finetune.adapter_dim: must be >= 1, got {ft.adapter_dim}")
+    if not 0 <= ft.adapter_dropout < 1:
+        raise ConfigError(f"finetune.adapter_dropout: must be in [0, 1), got {ft.adapter_dropout}")
+    for key, default, mode in (("adapter_style", "adaptformer", "adaptformer"), ("adapter_dropout", 0.0, "adaptformer"),
+                               ("full_scope", "all", "full"), ("lora_init", "default", "lora")):
+        if getattr(ft, key) != default and ft.mode != mode:
+            raise ConfigError(f"finetune.{key}: {getattr(ft, key)!r} applies to finetune.mode={mode} only, and "
+                              f"finetune.mode is {ft.mode}; leave it at {default!r} or use finetune.mode={mode}")
+    if ft.targets is not None and not ft.targets:
+        raise ConfigError("finetune.targets: an empty list selects no layer; give patterns or null for the defaults")
+    for key in ("lr_head", "lr_lowrank", "lr_adapter"):
+        value = getattr(ft, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"finetune.{key}: must be > 0 or null (optim.lr), got {value}")
+    if ft.lr_lowrank is not None and not (ft.mode == "lora" or cfg.more.enabled):
+        raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} sets the lr of low-rank parts, and "
+                          f"finetune.mode={ft.mode} without MORE has none; use finetune.mode=lora or "
+                          "more.enabled=true, or leave it null")
+    if ft.lr_lowrank is not None and cfg.more.lowrank_lr is not None:
+        raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} and more.lowrank_lr: {cfg.more.lowrank_lr} both set "
+                          "the lr of the same low-rank parts; set only one")
+    if ft.lr_adapter is not None and ft.mode != "adaptformer":
+        raise ConfigError(f"finetune.lr_adapter: {ft.lr_adapter} sets the lr of AdaptFormer's adapters, and "
+                          f"finetune.mode={ft.mode} has none; use finetune.mode=adaptformer or leave it null")
+    if ft.mode != "full" and cfg.method.name in HEAD_ONLY_METHODS:
+        raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its "
+                          "backbone and retrains the classifier itself; set finetune.mode in the stage-1 run and "
+                          "leave it full here")
+    if not cfg.more.enabled or ft.mode == "full":
+        return
+    if ft.mode in ("linear", "bias", "adaptformer"):
+        what = {"linear": "trains only the head", "bias": "trains only biases and the head",
+                "adaptformer": "trains only the adapters and the head"}[ft.mode]
+        raise ConfigError(f"more.enabled: finetune.mode={ft.mode} {what}, so no trained weight matrix is left for "
+                          "MORE's low-rank part; use finetune.mode=full or lora with MORE, or more.enabled=false")
+    default = MoreConfig()
+    for key in ("rank_ratio", "scale", "layers", "exclude"):
+        if getattr(cfg.more, key) != getattr(default, key):
+            raise ConfigError(
+                f"more.{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part, shaped by "
+                f"finetune.lora_rank, lora_alpha and targets; remove more.{key}={getattr(cfg.more, key)!r} "
+                "or use finetune.mode=full")
+
+
+# Stages that keep a stage-1 backbone frozen: what each trains instead.
+HEAD_ONLY_METHODS = {"wb_stage2": "retrains only the classifier", "crt": "retrains only the classifier",
+                     "lws": "learns only per-class logit scales", "tau_norm": "trains nothing"}
+
+
+def _check_augmentation(cfg: Config) -> None:
+    """The policy, Cutout and mixing keys' ranges, and where they are refused."""
+    d = cfg.data
+    if d.randaugment_n < 1:
+        raise ConfigError(f"data.randaugment_n: must be >= 1 (ops per image), got {d.randaugment_n}")
+    if not 0 <= d.randaugment_m <= 30:
+        raise ConfigError(f"data.randaugment_m: must be a magnitude bin in 0..30, got {d.randaugment_m}")
+    for key, value in {"data.cutout": d.cutout, "data.mixup_alpha": d.mixup_alpha,
+                       "data.cutmix_alpha": d.cutmix_alpha}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0 (0: off), got {value}")
+    chosen = {"data.policy": d.policy if d.policy != "none" else None, "data.mixup_alpha": d.mixup_alpha or None,
+              "data.cutmix_alpha": d.cutmix_alpha or None}
+    key, value = next(((k, v) for k, v in chosen.items() if v is not None), (None, None))
+    if key is None:
+        return
+    if cfg.method.name in HEAD_ONLY_METHODS:
+        raise ConfigError(f"{key}: {value!r} is refused with method.name={cfg.method.name}, which "
+                          f"{HEAD_ONLY_METHODS[cfg.method.name]} on a frozen stage-1 backbone (and with "
+                          "method.cache_features sees features computed once, which cannot be re-augmented): these "
+                          "augmentations are for learning the representation (MiSLAS, Zhong et al. 2021, mixes in "
+                          f"stage 1 only); set them in the stage-1 run and leave {key} at its default here")
+    if cfg.finetune.mode == "linear":
+        raise ConfigError(f"{key}: {value!r} is refused with finetune.mode=linear, which trains only the head on a "
+                          "frozen backbone: these augmentations are for learning the representation; use "
+                          "finetune.mode full, lora, bias or adaptformer, or leave the key at its default")
+
+
+def _check_text_head(cfg: Config) -> None:
+    m = cfg.model
+    if m.head_init == "text" and (m.name != "hf_clip" or m.pretrained is None or m.head != "cosine"):
+        raise ConfigError("model.head_init: text needs model.name hf_clip with model.pretrained (a whole CLIP "
+                          "checkpoint: its text tower and tokenizer embed the class names) and model.head cosine")
+    if m.clip_feature != "projected" and m.name != "hf_clip":
+        raise ConfigError(f"model.clip_feature: {m.clip_feature} chooses hf_clip's feature, and model.name is "
+                          f"{m.name}; leave it at projected")
+    if m.clip_feature != "projected" and cfg.method.name == "zero_shot":
+        raise ConfigError(f"model.clip_feature: {m.clip_feature} gives logits other than CLIP's zero-shot ones, "
+                          "which method.name zero_shot evaluates; use model.clip_feature projected")
+    if not m.prompts or any("{}" not in p for p in m.prompts):
+        raise ConfigError(f"model.prompts: every template needs a {{}} for the class name, got {m.prompts}")
+    if cfg.method.name == "zero_shot" and (m.head_init != "text" or cfg.more.enabled):
+        raise ConfigError("method.name: zero_shot evaluates the text-initialised head untrained; it needs "
+                          "model.head_init text and more.enabled false")

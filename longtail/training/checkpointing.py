@@ -1,0 +1,127 @@
+"""All of the resume policy: what checkpoint.pt and best.pt hold, loading them back into a `Loop`, which
+config keys may change on --resume, and how a run directory is made consistent after a kill.
+(`longtail.checkpoint` only writes and reads files atomically.)
+
+Layer: training. Imports the foundation, the building blocks and `training.state`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from longtail import distributed as dist
+from longtail.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, read_jsonl
+from longtail.config import Config, flatten, flatten_saved, save_config
+from longtail.errors import ConfigError
+from longtail.runtime import restore_rng, rng_state
+from longtail.training.optim import lr_factor
+from longtail.training.state import Loop
+
+
+# Keys that may differ between a run and its resumption without changing what is computed.
+RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
+                    "train.checkpoint_every", "train.find_unused_parameters"}
+
+
+# Keys whose null `setup` resolves to the dataset's values (and saves resolved).
+RESOLVED_KEYS = {"data.mean", "data.std", "data.resize_to"}
+
+
+def save_checkpoint(loop: Loop, epochs_done: int, partial: Optional[dict] = None) -> None:
+    """checkpoint.pt (rank 0), then best.pt when this checkpoint made it: a kill between the two leaves a
+    checkpoint whose `best` names its own epoch, and resuming rewrites best.pt from it (`restore_best`)."""
+    rank_states = dist.all_gather_object(partial.pop("rank")) if partial is not None else None
+    if dist.is_main():
+        state = {
+            "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(), "scaler": loop.scaler.state_dict(), "epoch": epochs_done - 1,
+            "best": loop.best, "rng": rng_state(), "config": loop.cfg.to_dict(), "segments": loop.segments,
+        }
+        if partial is not None:
+            state["partial"] = {**partial, "world": dist.world_size(), "ranks": rank_states}
+        atomic_torch_save(state, loop.out / "checkpoint.pt")
+        if partial is None and loop.best["epoch"] == epochs_done:
+            atomic_torch_save({"model": loop.model.state_dict(), "epoch": epochs_done, "metric": loop.best["metric"]},
+                              loop.out / "best.pt")
+    dist.barrier()
+
+
+def resume_loop(loop: Loop, state: dict, path: Path) -> tuple[int, Optional[dict]]:
+    """Load a checkpoint into `loop`; returns the epoch to continue with and the mid-epoch position, if any."""
+    cfg, steps, partial = loop.cfg, loop.steps_per_epoch, state.get("partial")
+    if partial is not None and partial["world"] != dist.world_size():
+        raise ConfigError(f"--resume: {path} was written in the middle of epoch {partial['epoch'] + 1} by "
+                          f"{partial['world']} processes, and this run has {dist.world_size()}: a mid-epoch "
+                          f"position is a position in each process's share of the epoch. Resume with "
+                          f"{partial['world']} processes (checkpoints written at epoch ends resume with any number)")
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    # The schedule is rebuilt at this run's step rather than loaded: steps per epoch and the linearly
+    # scaled lr depend on the number of processes, which may differ from the run that saved it.
+    for group, base_lr in zip(loop.optimizer.param_groups, loop.scheduler.base_lrs):
+        group["initial_lr"] = base_lr
+    steps_done = partial["steps_done"] if partial is not None else (state["epoch"] + 1) * steps
+    loop.scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, lambda s: lr_factor(s, cfg, steps),
+                                                       last_epoch=steps_done - 1)
+    loop.scaler.load_state_dict(state["scaler"])
+    loop.best = state["best"]
+    if partial is None:
+        restore_rng(state["rng"])
+        return state["epoch"] + 1, None
+    mine = partial["ranks"][dist.rank()]
+    buffers = dict(loop.model.named_buffers())
+    for name, value in mine["bn"].items():  # each rank's own BN statistics: they are averaged at epoch ends
+        buffers[name].copy_(value)
+    restore_rng(mine["rng"])
+    return partial["epoch"], partial
+
+
+def config_differences(saved: dict, cfg: Config) -> list[str]:
+    """Keys where a saved config.yaml and `cfg` differ in what they compute (`RESUME_FREE_KEYS` aside; a
+    null that `setup` resolves matches the resolved value saved)."""
+    old, new = flatten_saved(saved), flatten(cfg.to_dict())
+    return sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)
+                  and not (k in RESOLVED_KEYS and new.get(k) is None))
+
+
+def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+    differ = config_differences(saved, cfg)
+    if differ:
+        old, new = flatten_saved(saved), flatten(cfg.to_dict())
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
+        raise ConfigError(f"--resume: the config differs from the one saved in {path} ({shown}); resume with the "
+                          f"same config (only {', '.join(sorted(RESUME_FREE_KEYS))} may differ) or start a new "
+                          "--out directory")
+
+
+def start_fresh(cfg: Config, out: Path) -> None:
+    """A new run directory, or one whose run was killed before its first checkpoint: that attempt's
+    epoch records, best.pt and TensorBoard events belong to a branch nothing continues."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / "metrics.jsonl", out / "best.pt", *out.glob("events.out.tfevents.*")]:
+        stale.unlink(missing_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+
+def restore_best(out: Path, state: dict, device: torch.device) -> None:
+    """best.pt is written after the checkpoint that records it; a kill between the two leaves a checkpoint
+    whose best epoch is its own, and its weights are the best ones."""
+    epochs_done = state["epoch"] + 1
+    if "partial" in state or state["best"].get("epoch") != epochs_done:
+        return
+    path = out / "best.pt"
+    if not path.exists() or load_checkpoint(path, map_location=device).get("epoch") != epochs_done:
+        atomic_torch_save({"model": state["model"], "epoch": epochs_done, "metric": state["best"]["metric"]}, path)
+
+
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Keep the records of the epochs the checkpoint holds: later ones (a run killed between the epoch's
+    record and its checkpoint) and a torn last line (killed mid-write) are dropped."""
+    if not path.exists():
+        return
+    kept = [record for record in read_jsonl(path) if record["epoch"] <= epochs_done]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+
