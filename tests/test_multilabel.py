@@ -143,6 +143,15 @@ def test_f1_micro_and_macro_by_hand():
     assert micro == pytest.approx(100 * 4 / 6) and macro == pytest.approx(100 * 2 / 3)
 
 
+def test_f1_counts_a_logit_of_exactly_zero_as_negative_and_any_positive_logit_as_positive():
+    # DB-Loss's eval_F1 predicts logit > 0; 1e-20 rounds to sigmoid 0.5 exactly in float64.
+    logits = torch.tensor([[0.0, 1e-20], [0.0, 1e-20]])
+    targets = torch.tensor([[1, 1], [0, 1]])
+    m = summarize_multilabel(logits, targets, [50, 10], ([0], [1], []))
+    # class 0: no prediction, 1 positive -> F1 0; class 1: both predicted, both positive -> F1 1
+    assert m["macro_f1"] == pytest.approx(50.0) and m["micro_f1"] == pytest.approx(100 * 4 / 5)
+
+
 def test_summarize_multilabel_groups_and_skips_classes_without_test_positives():
     logits = torch.tensor([[2.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
     targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0]])
