@@ -16,9 +16,13 @@ from longtail import distributed
 from longtail.errors import ConfigError
 
 
-def default_thresholds(num_classes: int) -> tuple[int, int]:
-    """(many, few): > 1000 / < 200 for 10-class datasets (100/20 leaves them no Few class), else > 100 / < 20."""
-    return (1000, 200) if num_classes <= 10 else (100, 20)
+# Where 1000 / 200 is the protocol (EWB's): at 100 / 20 Fashion-MNIST-LT would have no Few class.
+TEN_CLASS_PROTOCOL = ("cifar10_lt", "fashion_mnist_lt")
+
+
+def default_thresholds(dataset: str) -> tuple[int, int]:
+    """(many, few): > 1000 / < 200 for CIFAR-10-LT and Fashion-MNIST-LT, else the general > 100 / < 20."""
+    return (1000, 200) if dataset in TEN_CLASS_PROTOCOL else (100, 20)
 
 
 def group_of_classes(

@@ -113,12 +113,12 @@ def recorded_imbalance(data_cfg: DataConfig, class_counts: list[int]) -> float:
     return float(data_cfg.imbalance)
 
 
-def default_thresholds_rule(num_classes: int) -> str:
-    """Why `default_thresholds(num_classes)` is what it is, in words for results.json and `longtail data`."""
-    many, few = default_thresholds(num_classes)
+def default_thresholds_rule(dataset: str, num_classes: int) -> str:
+    """Why `default_thresholds(dataset)` is what it is, in words for results.json and `longtail data`."""
+    many, few = default_thresholds(dataset)
     if (many, few) == (100, 20):
-        return f"standard (> {many} / < {few}): {num_classes} classes"
-    return f"10-class rule (> {many} / < {few}): {num_classes} classes, at most 10"
+        return f"standard (> {many} / < {few}): {dataset}, {num_classes} classes"
+    return f"10-class protocol (> {many} / < {few}): {dataset}"
 
 
 def _stats(given: Optional[list[float]], default: tuple[float, ...], key: str) -> tuple[float, ...]:
@@ -151,10 +151,10 @@ def from_raw(name: str, raw: RawDataset, data_cfg: DataConfig, mean: tuple[float
     return LTData(
         name=name, num_classes=num_classes, class_counts=subset.counts, train=train, val=val, test=test,
         mean=mean, std=std, in_channels=raw.train_images.shape[1], image_size=raw.train_images.shape[2],
-        default_thresholds=default_thresholds(num_classes), indices=train.indices,
+        default_thresholds=default_thresholds(name), indices=train.indices,
         indices_sha256=indices_sha256(subset.train), val_indices=val.indices if val is not None else None,
         class_names=raw.class_names, imbalance=recorded_imbalance(data_cfg, subset.counts),
-        thresholds_rule=default_thresholds_rule(num_classes),
+        thresholds_rule=default_thresholds_rule(name, num_classes),
     )
 
 

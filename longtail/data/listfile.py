@@ -338,11 +338,11 @@ def make_splits(name: str, cfg: DataConfig, base: Path, num_classes: int, train:
     return LTData(
         name=name, num_classes=num_classes, class_counts=train_split.class_counts(), train=train_split,
         val=val_split, test=test_split, mean=mean, std=std, in_channels=3, image_size=cfg.image_size,
-        default_thresholds=default_thresholds(num_classes), indices=train_split.indices,
+        default_thresholds=default_thresholds(name), indices=train_split.indices,
         indices_sha256=indices_sha256(train_split.indices), val_indices=val_split.indices if val_split is not None else None,
         class_names=class_names or [str(c) for c in range(num_classes)],
         imbalance=recorded_imbalance(cfg, train_split.class_counts()),
-        thresholds_rule=default_thresholds_rule(num_classes),
+        thresholds_rule=default_thresholds_rule(name, num_classes),
     )
 
 
