@@ -422,16 +422,19 @@ def test_class_split_must_partition_the_classes_and_pickles_are_restricted(tmp_p
         read_class_split(tmp_path / "evil.pkl", 3)
 
 
-def write_coco(root: Path) -> None:
+def box(image_id: int, category_id: int, bbox=(1.0, 2.0, 5.0, 4.0), area: float = 20.0, crowd: int = 0) -> dict:
+    return {"image_id": image_id, "category_id": category_id, "bbox": list(bbox), "area": area, "iscrowd": crowd}
+
+
+def write_coco(root: Path, extra_train_annotations: tuple = ()) -> None:
     base = root / "coco"
     cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 2, "name": "bicycle"}]
     train = {"images": [{"id": 10, "file_name": "a.jpg"}, {"id": 11, "file_name": "b.jpg"},
                         {"id": 12, "file_name": "c.jpg"}],
-             "annotations": [{"image_id": 10, "category_id": 1}, {"image_id": 10, "category_id": 3},
-                             {"image_id": 11, "category_id": 2}, {"image_id": 12, "category_id": 1}],
+             "annotations": [box(10, 1), box(10, 3), box(11, 2), box(12, 1), *extra_train_annotations],
              "categories": cats}
     val = {"images": [{"id": 20, "file_name": "v.jpg"}, {"id": 21, "file_name": "w.jpg"}],
-           "annotations": [{"image_id": 20, "category_id": 3}], "categories": cats}
+           "annotations": [box(20, 3)], "categories": cats}
     (base / "annotations").mkdir(parents=True)
     (base / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
     (base / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
@@ -455,6 +458,30 @@ def test_coco_mlt_reads_instances_json_in_id_list_order_with_categories_by_id(tm
     (tmp_path / "coco" / "longtail2017" / "img_id.pkl").write_bytes(pickle.dumps([12, 99], protocol=2))
     with pytest.raises(ConfigError, match=r"img_id.pkl:2: image id '99' is not an image of"):
         build_data(DataConfig(name="coco_mlt", profile="none"), tmp_path)
+
+
+def test_coco_labels_skip_degenerate_boxes_and_keep_crowd_ones_as_db_losss_reader(tmp_path):
+    write_coco(tmp_path, extra_train_annotations=(
+        box(12, 2, area=0.0), box(12, 2, bbox=(0, 0, 0.5, 9)), box(12, 2, bbox=(0, 0, 9, 0.9)),  # all skipped
+        box(11, 3, area=900.0, crowd=1)))  # a crowd box counts
+    data = build_data(DataConfig(name="coco_mlt", profile="none", image_size=8), tmp_path)
+    assert data.train.labels.tolist() == [[1, 0, 0], [1, 0, 1], [0, 1, 1]]  # c.jpg stays person only
+
+
+@pytest.mark.parametrize("broken,match", [
+    (lambda r: r["images"][1].pop("file_name"), r"images\[1\] has no 'file_name'"),
+    (lambda r: r["annotations"][2].pop("category_id"), r"annotations\[2\] \(id None\) has no 'category_id'"),
+    (lambda r: r["annotations"][0].update(category_id=77), r"annotations\[0\].*category_id 77 is not one"),
+    (lambda r: r["annotations"][0].update(bbox="wide"), r"annotations\[0\].*bbox 'wide'"),
+])
+def test_coco_entries_without_the_keys_read_are_errors_naming_the_entry(tmp_path, broken, match):
+    write_coco(tmp_path)
+    path = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    record = json.loads(path.read_text())
+    broken(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"instances_train2017.json: " + match):
+        build_data(DataConfig(name="coco_mlt", profile="none", image_size=8), tmp_path)
 
 
 def test_multilabel_datasets_refuse_a_profile(tmp_path):

@@ -295,7 +295,9 @@ def _voc_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
 def read_coco(instances: Path, image_dir: str, keep: Optional[list[str]], id_file: Optional[Path],
               bad: BadSamples) -> tuple[ImageList, list[str]]:
     """Images of an `instances_*.json` (those of `keep`, in its order, else all in file order), each labelled
-    with the categories of all its annotations (crowd ones too); classes are the categories by id."""
+    with the categories of its annotations as DB-Loss's reader takes them: a box with area <= 0, width < 1 or
+    height < 1 is skipped, crowd boxes count; classes are the categories by id. An image or annotation entry
+    without the keys read here is an error naming it."""
     if not instances.is_file():
         raise ConfigError(f"{instances} does not exist: COCO 2017's annotations (see docs/multilabel.md)")
     try:
@@ -305,10 +307,23 @@ def read_coco(instances: Path, image_dir: str, keep: Optional[list[str]], id_fil
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{instances}: not a COCO instances file (images, annotations, categories): {exc}") from None
     column = {c["id"]: k for k, c in enumerate(categories)}
-    labels: dict[int, set] = {img["id"]: set() for img in images}
-    files = {img["id"]: img["file_name"] for img in images}
-    for ann in annotations:
-        if ann["image_id"] in labels and ann["category_id"] in column:
+    files = {}
+    for n, img in enumerate(images):
+        _check_entry(img, ("id", "file_name"), f"{instances}: images[{n}]")
+        files[img["id"]] = img["file_name"]
+    labels: dict[int, set] = {i: set() for i in files}
+    for n, ann in enumerate(annotations):
+        where = f"{instances}: annotations[{n}] (id {ann.get('id') if isinstance(ann, dict) else None})"
+        _check_entry(ann, ("image_id", "category_id", "bbox", "area"), where)
+        if ann["category_id"] not in column:
+            raise ConfigError(f"{where}: category_id {ann['category_id']!r} is not one of the file's categories")
+        try:
+            _, _, w, h = ann["bbox"]
+            degenerate = ann["area"] <= 0 or w < 1 or h < 1
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: bbox {ann['bbox']!r} / area {ann['area']!r}: expected [x, y, width, height] "
+                              "and a number") from None
+        if ann["image_id"] in labels and not degenerate:
             labels[ann["image_id"]].add(column[ann["category_id"]])
     order = [img["id"] for img in images] if keep is None else []
     if keep is not None:
@@ -323,6 +338,12 @@ def read_coco(instances: Path, image_dir: str, keep: Optional[list[str]], id_fil
                       len(categories)), np.asarray([line for line, _ in kept], dtype=np.int64),
                       str(id_file) if id_file is not None else "")
     return items, [c["name"] for c in categories]
+
+
+def _check_entry(entry: object, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in entry] if isinstance(entry, dict) else list(keys)
+    if missing:
+        raise ConfigError(f"{where} has no {missing[0]!r}: a COCO instances file's entries need {', '.join(keys)}")
 
 
 @register_dataset("coco_mlt")
