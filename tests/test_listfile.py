@@ -301,3 +301,10 @@ def test_the_policy_and_cutout_run_in_the_workers_seeded_per_sample(tmp_path):
     assert first.shape == plain.shape and not torch.equal(first.sort(0).values, plain.sort(0).values)
     assert not torch.equal(first, torch.cat([x for x, _, _ in data.train.batches(4, sampler="instance", seed=3,
                                                                                  epoch=2)]))
+
+
+def test_a_test_list_naming_an_image_twice_is_refused(tmp_path):
+    base = write_tiny(tmp_path)
+    (base / "test.txt").write_text((base / "test.txt").read_text() + "test/c0/x.png 0\n")
+    with pytest.raises(ConfigError, match=r"tiny test split: image test/c0/x.png is listed twice \(lines 1 and 4 of "):
+        build_listfile(cfg(), tmp_path, TINY)

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchmetrics.functional.classification import binary_average_precision
 
 from fake_data import write_cifar10, write_fashion_mnist
 from longtail.analysis import analyze_run
+from longtail.cli import main
 from longtail.config import DataConfig, from_dict
 from longtail.data import build_data
 from longtail.data.describe import describe, format_description
@@ -356,6 +358,38 @@ def test_unlabelled_images_are_kept_as_negatives_or_refused(tmp_path, caplog):
     cfg.on_unlabelled = "error"
     with pytest.raises(ConfigError, match=r"train.txt:2: img/2.png has no label"):
         build_data(cfg)
+
+
+def test_a_training_list_without_any_label_is_refused_and_unseen_classes_are_named(tmp_path, caplog, capsys):
+    cfg = write_list_dataset(tmp_path, ["img/1.png", "img/2.png"])
+    with pytest.raises(ConfigError, match=r"multilabel_list: no training image has any label \(.*train.txt\)"):
+        build_data(cfg)
+    # through the CLI: one line, exit 2, no run directory
+    config = tmp_path / "run.yaml"
+    data = {k: getattr(cfg, k) for k in ("name", "root", "profile", "train_list", "test_list", "class_names",
+                                         "image_size")}
+    config.write_text(yaml.safe_dump({"data": data, "loss": {"name": "bce"}, "model": {"name": "mlp", "width": 8},
+                                      "train": {"epochs": 1}}))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no training image has any label" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    with caplog.at_level(logging.WARNING):
+        build_data(write_list_dataset(tmp_path / "b", ["img/1.png dog", "img/2.png"]))
+    assert "2 of 3 classes have no positive training image, so nothing teaches them: cat, bird" in caplog.text
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_an_evaluation_list_naming_an_image_twice_is_refused(tmp_path, split):
+    cfg = write_list_dataset(tmp_path, ["img/0.png cat", "img/1.png dog,bird"])
+    (tmp_path / "eval.txt").write_text("img/2.png cat\nimg/3.png dog\n\nimg/2.png cat\n")
+    setattr(cfg, f"{split}_list", "eval.txt")
+    with pytest.raises(ConfigError, match=rf"multilabel_list {split} split: image img/2.png is listed twice "
+                                          r"\(lines 1 and 4 of .*eval.txt\)"):
+        build_data(cfg)
+    cfg.test_list, cfg.val_list = "test.txt", None
+    (tmp_path / "train.txt").write_text("img/0.png cat\nimg/0.png cat\n")  # training repeats are a choice
+    assert len(build_data(cfg).train) == 2
 
 
 def test_csv_list_needs_its_header(tmp_path):

@@ -80,6 +80,19 @@ class ImageList:
                          self.list_file)
 
 
+def refuse_duplicates(items: ImageList, split: str) -> None:
+    """An evaluation split scores each image once: an image listed twice is an error naming it and both lines."""
+    first: dict[str, int] = {}
+    for i, path in enumerate(items.paths):
+        if path in first:
+            j = first[path]
+            lines = f"lines {items.origin[j] + 1} and {items.origin[i] + 1} of {items.list_file}" if items.list_file \
+                else f"entries {j + 1} and {i + 1}"
+            raise ConfigError(f"{split} split: image {path} is listed twice ({lines}); an evaluation split scores "
+                              "each image once, so remove the repeated line")
+        first[path] = i
+
+
 class BadSamples:
     """Bad samples: the first raises in `error` mode; `skip` mode counts them and logs the first few."""
 
@@ -317,6 +330,9 @@ def make_splits(name: str, cfg: DataConfig, base: Path, num_classes: int, train:
     std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
     if len(mean) != 3 or len(std) != 3:
         raise ConfigError(f"data.mean / data.std: need 3 values (RGB), got {len(mean)} / {len(std)}")
+    for split, items in (("val", val), ("test", test)):
+        if items is not None:
+            refuse_duplicates(items, f"{name} {split}")
     empty = np.flatnonzero(np.bincount(train.labels, minlength=num_classes) == 0)
     if len(empty):
         raise ConfigError(f"{name}: {len(empty)} of {num_classes} classes have no training image "

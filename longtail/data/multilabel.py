@@ -32,7 +32,8 @@ from longtail.data.download import CIFAR10, download_archive, download_fashion_m
 from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
 from longtail.data.policies import ImagePolicy
-from longtail.data.listfile import BadSamples, FileSplit, ImageList, PathRemap, check_size, missing_files
+from longtail.data.listfile import (BadSamples, FileSplit, ImageList, PathRemap, check_size, missing_files,
+                                    refuse_duplicates)
 from longtail.data.safe_pickle import load_pickle
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
@@ -201,6 +202,17 @@ def file_data(name: str, cfg: DataConfig, base: Path, class_names: list[str], tr
     for split_name, items in (("train", train), ("val", val), ("test", test)):
         if items is not None:
             count_unlabelled(items, f"{name} {split_name}", cfg.on_unlabelled)
+            if split_name != "train":
+                refuse_duplicates(items, f"{name} {split_name}")
+    positives = train.labels.sum(axis=0)
+    if not positives.any():
+        raise ConfigError(f"{name}: no training image has any label{' (' + train.list_file + ')' if train.list_file else ''}"
+                          "; a multi-label training list gives each image's labels after its path "
+                          "(`relative/path label,label,...`)")
+    unseen = [class_names[k] for k in np.flatnonzero(positives == 0)]
+    if unseen:
+        log.warning("%s: %d of %d classes have no positive training image, so nothing teaches them: %s", name,
+                    len(unseen), len(class_names), ", ".join(unseen))
     mean = _stats(cfg.mean, IMAGENET_MEAN, "data.mean")
     std = _stats(cfg.std, IMAGENET_STD, "data.std")
     num_classes = len(class_names)
