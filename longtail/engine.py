@@ -946,7 +946,7 @@ def load_model(path: str | Path, needs: tuple[str, ...] = ()) -> tuple[nn.Module
     if not isinstance(state, dict) or ("model" in state and "epoch" in state):
         raise ConfigError(f"{model_pt} is not an exported model (a plain state dict; checkpoint.pt and best.pt "
                           "are training checkpoints): pass the run directory or its model.pt")
-    return load_exported(spec, state).eval(), spec, model_pt
+    return load_exported(spec, state, str(model_pt.parent / "model.yaml")).eval(), spec, model_pt
 
 
 def load_run(path: str | Path, data_root: Optional[str] = None, download: bool = False) -> LoadedRun:
