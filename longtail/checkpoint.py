@@ -58,6 +58,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object written by longtail (results.json, eval-*.json); an empty, truncated or foreign file is a
+    ConfigError naming it."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{path} is empty, truncated or not JSON ({exc}); it was not written completely: rerun the "
+                          "command that writes it, or leave this run out") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found a {type(record).__name__}")
+    return record
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The JSON objects of a file with one per line (blank lines skipped).
 

@@ -25,8 +25,8 @@ from torch import nn
 
 from longtail import distributed as dist
 from longtail.calibration import calibration_record, fit_temperature
-from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl,
-                                 remove_stale_temporaries)
+from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_json,
+                                 read_jsonl, remove_stale_temporaries)
 from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
 from longtail.data import LTData, build_data, resize_inputs
 from longtail.data.image_transforms import LIFT_EXPAND, eval_resize
@@ -956,7 +956,7 @@ def load_run(path: str | Path, data_root: Optional[str] = None, download: bool =
     cfg = from_dict(read_yaml(run_dir / "config.yaml"))
     data = build_data(cfg.data, data_root, download)
     results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    results = read_json(results_path) if results_path.exists() else None
     return LoadedRun(cfg, model, spec, data, run_dir, results)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
+from longtail.checkpoint import read_json
 from longtail.config import load_config, read_yaml
 from longtail.errors import ConfigError, LongtailError
 from longtail.task import get_task
@@ -161,7 +162,7 @@ def _last_error(log: Path) -> str:
 
 def _read_results(point: Point) -> Optional[dict]:
     path = point.out / "results.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 class SweepStopped(LongtailError):
