@@ -175,3 +175,22 @@ def test_cli_train_with_download_weights_and_a_local_directory_fetches_nothing(v
     assert code == 0 and not fetched and (tmp_path / "run" / "model.pt").exists()
     hf.download_weights("someone/some-clip")  # a hub id goes to the hub client, into its cache
     assert fetched == [("someone/some-clip",)]
+
+
+def test_download_weights_without_a_network_names_the_url_and_the_offline_alternative(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from longtail.cli import main
+
+    # Nothing listens on port 9: the connection is refused at once, as on a machine without a network.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "clip.yaml"
+    config.write_text(yaml.safe_dump({"data": {"name": "cifar10_lt"},
+                                      "model": {"name": "hf_clip", "pretrained": "openai/clip-vit-base-patch32"}}))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--download-weights"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "cannot fetch 'openai/clip-vit-base-patch32' from http://127.0.0.1:9/openai/clip-vit-base-patch32" in err
+    assert "set model.pretrained to the local checkpoint directory" in err
+    assert not (tmp_path / "run").exists()
