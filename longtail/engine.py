@@ -25,8 +25,8 @@ from torch import nn
 
 from longtail import distributed as dist
 from longtail.calibration import calibration_record, fit_temperature
-from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_json,
-                                 read_jsonl, remove_stale_temporaries)
+from longtail.checkpoint import (append_line, atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
+                                 read_json, read_jsonl, remove_stale_temporaries)
 from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
 from longtail.data import LTData, build_data, resize_inputs
 from longtail.data.image_transforms import LIFT_EXPAND, eval_resize
@@ -881,8 +881,7 @@ def _tensorboard(out: Path) -> Any:
 
 
 def _log_epoch(out: Path, writer: Any, record: dict, epochs: int, eta: str) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(out / "metrics.jsonl", json.dumps(record))
     if writer is not None:
         for split in ("val", "test"):
             for key, value in record.get(split, {}).items():
