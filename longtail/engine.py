@@ -852,6 +852,8 @@ def eval_transform(data: LTData, tta: str) -> dict:
                           f"{data.image_size + LIFT_EXPAND}; {data.name}'s images go into this model as they are "
                           "(no data.resize_to), so there is nothing to crop from; use eval.tta flip or none")
     geometry = {"kind": "as_is"} if as_is else {"kind": "resize_center_crop", "resize": eval_resize(data.image_size)}
+    if isinstance(data.test, InMemorySplit) and not as_is:  # resized as floats on the device, not as 8-bit images
+        geometry["resize_on"] = "float"
     crops = {"tta_resize": data.image_size + LIFT_EXPAND} if tta == "lift_crops" else {}
     return {**geometry, "size": data.image_size, "mean": list(data.mean), "std": list(data.std), "tta": tta, **crops}
 
