@@ -206,8 +206,9 @@ def file_data(name: str, cfg: DataConfig, base: Path, class_names: list[str], tr
                 refuse_duplicates(items, f"{name} {split_name}")
     positives = train.labels.sum(axis=0)
     if not positives.any():
-        raise ConfigError(f"{name}: no training image has any label{' (' + train.list_file + ')' if train.list_file else ''}"
-                          "; a multi-label training list gives each image's labels after its path "
+        where = f" ({train.list_file})" if train.list_file else ""
+        raise ConfigError(f"{name}: no training image has any label{where}; a multi-label training list gives each "
+                          "image's labels after its path "
                           "(`relative/path label,label,...`)")
     unseen = [class_names[k] for k in np.flatnonzero(positives == 0)]
     if unseen:
