@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from torch import nn
 
 from longtail import distributed as dist
-from longtail.checkpoint import atomic_write_json, read_jsonl
+from longtail.checkpoint import atomic_write_json, read_jsonl, remove_stale_temporaries, run_lock
 from longtail.metrics import gather_unique
 from longtail.plots import by_size, class_ticks, new_figure, save_figure, shade_groups
 from longtail.progress import Progress
@@ -359,6 +359,13 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
     dimension handling (`fisher_details`), recorded as `fdr_rule`; each split records `fdr_solver`."""
     if rule not in FDR_RULES:
         raise ValueError(f"FDR rule must be one of {', '.join(FDR_RULES)}, got {rule!r}")
+    from longtail.engine import model_file
+
+    with run_lock(model_file(run_dir).parent):  # what it reads and what it writes belong to one model
+        return _analyze_locked(run_dir, data_root, rule)
+
+
+def _analyze_locked(run_dir: str | Path, data_root: Optional[str], rule: str) -> dict:
     from longtail.engine import load_run, select_device
     from longtail.task import refuse_analysis
 
@@ -383,6 +390,7 @@ def analyze_run(run_dir: str | Path, data_root: Optional[str] = None, rule: str 
         features, labels = collect_features(model, split, device, run.cfg.eval.batch_size, f"features {name}")
         result["splits"][name] = feature_stats(features, labels, len(counts), rule)
     figures = run.run_dir / "figures"
+    remove_stale_temporaries(figures)  # of a killed `analyze` or `eval --plots`
     names = run.data.class_names
     result["figures"] = [plot_norms(result, counts, figures / "norms.png", run.cfg.eval.thresholds or run.data.default_thresholds, names)]
     for name in ("train", "test"):

@@ -4,18 +4,24 @@ A write the file system refuses (a read-only directory or file system, a full di
 one-line `LongtailError` naming the file: the temporary file is removed and the old file is untouched.
 
 Appended logs (`metrics.jsonl`) are the exception: a run killed mid-write can leave a torn last
-line, which `read_jsonl` drops.
+line, which `read_jsonl` drops. A set of files that describes one result together is written into a
+directory beside its target and switched into place (`replace_directory`). Every command that writes
+into a run directory holds its lock (`run_lock`) for its whole life.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
+import shutil
+import signal
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -72,9 +78,109 @@ def append_line(path: Path, line: str) -> None:
 
 
 def remove_stale_temporaries(directory: str | Path) -> None:
-    """The `.NAME.XXXXXXXX.tmp` files of atomic writes that a killed process left behind (up to a checkpoint's size each)."""
+    """The `.NAME.XXXXXXXX.tmp` files of atomic writes that a killed process left behind (up to a checkpoint's
+    size each). Only under the directory's `run_lock`: nobody else can be writing one."""
     for path in Path(directory).glob(".*.tmp"):
         path.unlink(missing_ok=True)
+
+
+LOCK_FILE = ".lock"
+_held_locks: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child (a DataLoader worker) shares the parent's lock; closing its copy lets the lock die
+    # with the parent, not with the last worker, so a resume right after a SIGKILL is not refused.
+    for fd in _held_locks:
+        os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of a run directory (made if missing) for the with-block, or refuse at once.
+
+    An OS lock (flock on DIR/.lock, which records the holder's pid): it ends with the process, however it
+    ends, so a SIGKILLed run never blocks its own --resume.
+    """
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise ConfigError(f"{directory}: cannot create its lock file {path.name} ({exc.strerror}); "
+                          "a run directory must be writable") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"{directory} is in use by another longtail command (pid {holder}); wait for it "
+                              "to end, or write into another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held_locks.add(fd)
+        # Whatever a killed writer of this directory left half done, now that none can be at work.
+        remove_stale_temporaries(directory)
+        for old in (path for path in directory.glob(".*.old") if path.is_dir()):
+            finish_replacement(directory / old.name[1:-len(".old")])
+        for new in (path for path in directory.glob(".*.new") if path.is_dir()):
+            shutil.rmtree(new)
+        yield directory
+    finally:
+        if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:
+            path.unlink()  # a command refused before writing anything leaves no directory behind
+            directory.rmdir()
+        _held_locks.discard(fd)
+        os.close(fd)  # releases the lock
+
+
+def _switch_names(target: Path) -> tuple[Path, Path]:
+    """Where `replace_directory` writes a new `target` and puts the old one aside meanwhile."""
+    return target.with_name(f".{target.name}.new"), target.with_name(f".{target.name}.old")
+
+
+def new_directory(target: str | Path) -> Path:
+    """An empty directory beside `target` to write its new contents into, for `replace_directory`. Under
+    the lock of `target`'s parent, which has removed any earlier one."""
+    new, _ = _switch_names(Path(target))
+    new.mkdir()
+    return new
+
+
+def replace_directory(target: str | Path) -> None:
+    """Put the complete directory `new_directory(target)` in place of `target`: a reader sees the old set of
+    files or the new one, never a mix. A directory cannot be renamed onto another, so the old one is renamed
+    aside first; the stop signals wait until both renames are done. A SIGKILL between them leaves `target`
+    missing beside its `.old` and `.new`, which `finish_replacement` puts right."""
+    target = Path(target)
+    new, old = _switch_names(target)
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        if target.exists():
+            os.rename(target, old)
+        os.rename(new, target)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_replacement(target: str | Path) -> None:
+    """Put right what an interrupted `replace_directory` of `target` left. `.old` exists only once `.new` is
+    complete, so with `target` missing the new set goes into place; a `.new` without `.old` is a partial
+    write and is removed. The caller holds the lock of the directory holding `target`."""
+    target = Path(target)
+    new, old = _switch_names(target)
+    if old.exists() and not target.exists():
+        os.rename(new if new.exists() else old, target)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -63,7 +63,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_posthoc(args: argparse.Namespace) -> None:
     from longtail.methods.posthoc import run_posthoc
 
-    run_posthoc(args.run, kind=args.kind, tau=args.tau, data_root=args.data_root)
+    run_posthoc(args.run, kind=args.kind, tau=args.tau, data_root=args.data_root, overwrite=args.overwrite)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -85,7 +85,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from longtail.export import export
 
-    print(f"wrote {export(args.run, args.format)}")
+    print(f"wrote {export(args.run, args.format, overwrite=args.overwrite)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -121,7 +121,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from longtail.reproduce import list_tables, reproduce
+    from longtail.reproduce import list_tables, reproduce, show_recorded
     from longtail.sweep import parse_seeds
 
     if args.list:
@@ -129,6 +129,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         return
     if not args.table:
         raise LongtailError("reproduce: name a TABLE (longtail reproduce --list shows them)")
+    if args.from_dir:
+        show_recorded(args.table, args.from_dir)
+        return
     reproduce(args.table, budget=args.budget, out=args.out, jobs=args.jobs, slurm=slurm_options(args),
               data_root=args.data_root, download=args.download, seeds=parse_seeds(args.seeds) if args.seeds else None)
 
@@ -178,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "write a run's exported model as safetensors, ONNX or a torch.export program", cmd_export)
     p.add_argument("run", help="run directory or a model.pt beside its model.yaml")
     p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torch_export"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file of that format")
 
     p = command("data", "show a long-tailed subset: per-class counts, groups, index sha256", cmd_data)
     p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--kind", choices=["multiplicative", "additive"], default=None)
     p.add_argument("--tau", type=float, default=None, help="fixed tau (default: search on the validation split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing posthoc-<kind>/ result")
     p.add_argument("--data-root")
 
     p = command("analyze", "FDR, cosine similarities, BN gamma, feature and classifier norms", cmd_analyze)
@@ -233,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: the configs as they are; short: a tenth of the epochs; smoke: 1 epoch of a tiny model")
     p.add_argument("--seeds", help="train.seed values (default: the table's)")
     p.add_argument("--out", help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
+    p.add_argument("--from", dest="from_dir", metavar="DIR",
+                   help="run nothing: show the finished runs under DIR (e.g. docs/evidence) beside the paper's numbers")
     run_options(p)
     data_options(p)
     return parser

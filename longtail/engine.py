@@ -26,7 +26,7 @@ from torch import nn
 from longtail import distributed as dist
 from longtail.calibration import calibration_record, fit_temperature
 from longtail.checkpoint import (append_line, atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
-                                 read_json, read_jsonl, remove_stale_temporaries)
+                                 read_json, read_jsonl, remove_stale_temporaries, run_lock)
 from longtail.config import Config, flatten, flatten_saved, from_dict, read_yaml, resolve_epochs, save_config
 from longtail.data import LTData, build_data, resize_inputs
 from longtail.data.image_transforms import LIFT_EXPAND, eval_resize
@@ -629,9 +629,16 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
     """Train `cfg` into `out_dir`, then select, finalise, evaluate and export. Returns results.
 
     With `resume`, one command serves every moment of a run's life (a requeued cluster job): it starts a
-    run that has no checkpoint yet, continues one that has, and reports a finished one unchanged.
+    run that has no checkpoint yet, continues one that has, and reports a finished one unchanged. The run
+    holds `out_dir`'s lock from before its first read to its end: a second writer is refused.
     """
     out = Path(out_dir)
+    # Under torchrun the writing rank holds it; the others write nothing into the directory.
+    with run_lock(out) if dist.is_main() else contextlib.nullcontext():
+        return _fit(cfg, out, resume, data_root, download)
+
+
+def _fit(cfg: Config, out: Path, resume: bool, data_root: Optional[str], download: bool) -> dict:
     ckpt_path, results_path = out / "checkpoint.pt", out / "results.json"
     if not resume and (ckpt_path.exists() or results_path.exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
@@ -652,8 +659,6 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
                           "batch and need at least two images per batch (per process); use data.batch_size >= 2")
     if resume and (out / "config.yaml").exists():
         _check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
-    if resume and dist.is_main() and out.exists():
-        remove_stale_temporaries(out)
     fresh = not ckpt_path.exists()
     if resume and fresh:
         say(f"--resume: {out} holds no checkpoint yet; starting the run")
@@ -928,15 +933,20 @@ class LoadedRun:
     results: Optional[dict]
 
 
-def load_model(path: str | Path, needs: tuple[str, ...] = ()) -> tuple[nn.Module, dict, Path]:
-    """An exported model (a run directory, or a model.pt beside its model.yaml): the model, its model.yaml and
-    the model.pt path. `needs` names further files the directory must hold (config.yaml)."""
+def model_file(path: str | Path) -> Path:
+    """The model.pt of a run directory, or `path` itself when it names a file; a missing path is refused."""
     path = Path(path)
     # Checked first: a mistyped name must not fall back to the model.pt of the folder it points into.
     if not path.exists():
         raise ConfigError(f"{path} does not exist: expected a run directory written by `longtail train` "
                           "or the model.pt in one")
-    model_pt = path if path.is_file() else path / "model.pt"
+    return path if path.is_file() else path / "model.pt"
+
+
+def load_model(path: str | Path, needs: tuple[str, ...] = ()) -> tuple[nn.Module, dict, Path]:
+    """An exported model (a run directory, or a model.pt beside its model.yaml): the model, its model.yaml and
+    the model.pt path. `needs` names further files the directory must hold (config.yaml)."""
+    model_pt = model_file(path)
     for needed in (*(model_pt.parent / name for name in needs), model_pt.parent / "model.yaml", model_pt):
         if not needed.exists():
             raise ConfigError(f"{needed} does not exist: expected a run directory written by `longtail train` "
@@ -980,7 +990,13 @@ def score_model(model: nn.Module, spec: dict, cfg: Config, data: LTData, split_n
 
 def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False, data_root: Optional[str] = None,
                  download: bool = False) -> dict:
-    """`longtail eval`: re-evaluate an exported model, write eval-<split>.json (and figures)."""
+    """`longtail eval`: re-evaluate an exported model, write eval-<split>.json (and figures), holding the run
+    directory's lock: what it reads and what it writes belong to one model."""
+    with run_lock(model_file(path).parent):
+        return _evaluate_run(path, split_name, plots, data_root, download)
+
+
+def _evaluate_run(path: str | Path, split_name: str, plots: bool, data_root: Optional[str], download: bool) -> dict:
     run = load_run(path, data_root, download)
     split = run.data.val if split_name == "val" else run.data.test
     if split is None:
@@ -992,6 +1008,7 @@ def evaluate_run(path: str | Path, split_name: str = "test", plots: bool = False
     if plots:
         fig = run.run_dir / "figures"
         fig.mkdir(exist_ok=True)
+        remove_stale_temporaries(fig)  # of a killed `eval --plots` or `analyze`
         metrics["figures"] = [str(f) for f in task.figures(metrics, logits, targets, run.data, run.cfg, fig, split_name,
                                                            temperature)]
     atomic_write_json(run.run_dir / f"eval-{split_name}.json", metrics)

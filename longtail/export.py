@@ -21,8 +21,8 @@ import torch
 import yaml
 from torch import nn
 
-from longtail.checkpoint import atomic_write_bytes
-from longtail.engine import load_model
+from longtail.checkpoint import atomic_write_bytes, run_lock
+from longtail.engine import load_model, model_file
 from longtail.errors import ConfigError
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch_export": ".pt2"}
@@ -75,20 +75,27 @@ def torch_export_bytes(model: nn.Module, spec: dict, model_yaml: str) -> bytes:
     return buffer.getvalue()
 
 
-def export(path: str | Path, fmt: str) -> Path:
-    """Write the model of a run directory (or a model.pt beside its model.yaml) as `fmt`, next to model.pt."""
+def export(path: str | Path, fmt: str, overwrite: bool = False) -> Path:
+    """Write the model of a run directory (or a model.pt beside its model.yaml) as `fmt`, next to model.pt,
+    holding the directory's lock. An existing file is replaced only with `overwrite`."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     for module in PACKAGES[fmt]:
         require(module, fmt)
-    model, spec, model_pt = load_model(path)
+    out = model_file(path).with_suffix(FORMATS[fmt])
+    with run_lock(out.parent):
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+        atomic_write_bytes(out, exported_bytes(path, fmt))
+    return out
+
+
+def exported_bytes(path: str | Path, fmt: str) -> bytes:
+    """The exported model of `path` in format `fmt`."""
+    model, spec, _ = load_model(path)
     model_yaml = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
     if fmt == "safetensors":
-        data = safetensors_bytes(model, model_yaml)
-    elif fmt == "onnx":
-        data = onnx_bytes(model, spec, model_yaml)
-    else:
-        data = torch_export_bytes(model, spec, model_yaml)
-    out = model_pt.with_suffix(FORMATS[fmt])
-    atomic_write_bytes(out, data)
-    return out
+        return safetensors_bytes(model, model_yaml)
+    if fmt == "onnx":
+        return onnx_bytes(model, spec, model_yaml)
+    return torch_export_bytes(model, spec, model_yaml)

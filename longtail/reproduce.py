@@ -11,16 +11,22 @@ Budgets: `full` runs the configs as they are; `short` trains a tenth of the epoc
 says so in the rendered table; `smoke` checks the pipeline in seconds: one seed, one epoch, the
 BN-MLP (width 128, so an ETF head fits 100 classes) instead of the CNN, no augmentation, no pretrained
 weights. Only `full` numbers are comparable to the paper's.
+
+`--from DIR` (`recorded`) runs nothing: it shows the finished runs under DIR (directories holding
+config.yaml and results.json, with metrics.jsonl) beside the paper's numbers, matched to the rows by
+what they trained (`MATCH_KEYS`), not by folder name, so runs made with other speed or path settings
+still count.
 """
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 
-from longtail.config import load_config, read_yaml
+from longtail.config import flatten, flatten_saved, load_config, read_yaml
 from longtail.errors import ConfigError
 from longtail.sweep import Point, raise_failures, run_points
 
@@ -28,6 +34,10 @@ BUDGETS = ("smoke", "short", "full")
 SMOKE = ["train.epochs=1", "model.name=mlp", "model.width=128", "model.pretrained=null", "data.augment=none",
          "eval.batch_size=512"]
 GROUPS = (("all", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"))
+# What a recorded run must share with a row to count as one of its seeds: what was trained, on what, for how
+# long. Precision, speed, logging and path keys are left out on purpose (they do not change the recipe).
+MATCH_KEYS = ("data.name", "data.imbalance", "loss.name", "method.name", "model.name", "train.epochs",
+              "optim.weight_decay", "more.enabled")
 
 
 def tables_dir() -> Path:
@@ -196,4 +206,94 @@ def reproduce(name: str, budget: str = "full", out: Optional[str] = None, jobs: 
     atomic_write_text(out_dir / "table.md", text + "\n")
     print(f"wrote {out_dir / 'table.md'}")
     raise_failures(outcomes)
+    return text
+
+
+@dataclass
+class Recorded:
+    """A finished run found under `--from`: where, what it trained, what it reached."""
+    path: Path
+    config: dict  # flattened, today's defaults filled in
+    results: dict
+    best_test: Optional[float]  # max over metrics.jsonl's test top1: the LDAM-DRW reference code's selection
+
+
+def match_key(flat: dict) -> tuple:
+    return tuple(float(flat[k]) if k in ("data.imbalance", "optim.weight_decay") else flat[k] for k in MATCH_KEYS)
+
+
+def read_recorded(root: Path) -> list[Recorded]:
+    if not root.is_dir():
+        raise ConfigError(f"--from {root}: no such directory (give a folder of run directories, e.g. docs/evidence)")
+    runs = []
+    for results in sorted(root.rglob("results.json")):
+        run = results.parent
+        if not (run / "config.yaml").is_file():
+            continue
+        metrics = run / "metrics.jsonl"
+        tops = []
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                test = json.loads(line).get("test") if line.strip() else None
+                if test and test.get("top1") is not None:
+                    tops.append(test["top1"])
+        runs.append(Recorded(run, flatten_saved(read_yaml(run / "config.yaml")), json.loads(results.read_text()),
+                             max(tops, default=None)))
+    if not runs:
+        raise ConfigError(f"--from {root}: no run directories under it (each holds config.yaml, results.json and "
+                          "metrics.jsonl, as `longtail train` writes them)")
+    return runs
+
+
+def _delta(values: list[float], paper: Optional[float]) -> str:
+    if paper is None:
+        return "paper number unknown"
+    return f"{statistics.mean(values) - paper:+.2f}" if values else "—"
+
+
+def render_recorded(table: dict, rows: list[Row], runs: list[Recorded], root: Path) -> str:
+    """Markdown: per row the paper's accuracy beside the recorded runs that trained the row's recipe, mean ± std
+    over their seeds, at the run's own checkpoint rule and at its best test epoch."""
+    lines = [f"## {table.get('title', '')}", "",
+             f"Recorded runs under `{root}`, matched to the rows by {', '.join(MATCH_KEYS)}; nothing was re-run. "
+             "\"best test epoch\" is the highest test top-1 over the run's epochs (metrics.jsonl), the LDAM-DRW "
+             "reference code's selection; \"recorded\" is results.json's (its checkpoint rule in brackets).", ""]
+    header = ["Row", "Paper (accuracy)", "Recorded", "Δ recorded", "Best test epoch", "Δ best test",
+              "Many / Med / Few (recorded)", "ECE", "Seeds", "Runs", "Paper's selection", "Source"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    used = set()
+    for row in rows:
+        key = match_key(flatten(load_config(row.config, row.overrides).to_dict()))
+        mine = sorted((r for r in runs if match_key(r.config) == key), key=lambda r: r.config["train.seed"])
+        used.update(r.path for r in mine)
+        paper = row.paper.get("all")
+        if paper is not None and row.paper["metric"] == "error":
+            paper = 100.0 - paper
+        results = [r.results for r in mine]
+        recorded = _measured(results, "top1", "accuracy")
+        best = [r.best_test for r in mine if r.best_test is not None]
+        rules = sorted({str(r.get("checkpoint", "?")) for r in results})
+        groups = " / ".join(_fmt(_measured(results, key, "accuracy")) for _, key in GROUPS[1:])
+        source = row.paper["source"]
+        source = source if isinstance(source, str) else ", ".join(f"{k}: {v}" for k, v in source.items() if v)
+        cells = [row.label, "unknown" if paper is None else f"{paper:g}" + (" (100 − error)" if row.paper["metric"] == "error" else ""),
+                 f"{_fmt(recorded)} ({', '.join(rules)})" if mine else "no recorded run", _delta(recorded, paper),
+                 _fmt(best), _delta(best, paper), groups if mine else "—", _fmt(_measured(results, "ece", "accuracy")),
+                 ", ".join(str(r.config["train.seed"]) for r in mine) or "—",
+                 ", ".join(str(r.path.relative_to(root)) for r in mine) or "—", row.paper["selection"], source]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    notes = [f"- {row.label}: {row.paper['note']}" for row in rows if row.paper.get("note")]
+    if notes:
+        lines += ["", *notes]
+    others = [str(r.path.relative_to(root)) for r in runs if r.path not in used]
+    if others:
+        lines += ["", f"Runs under `{root}` that match no row of this table: {', '.join(others)}"]
+    return "\n".join(lines)
+
+
+def show_recorded(name: str, root: str) -> str:
+    """`longtail reproduce TABLE --from DIR`: print the table beside the recorded runs; runs and writes nothing."""
+    _, table, rows = load_table(name)
+    text = render_recorded(table, rows, read_recorded(Path(root)), Path(root))
+    print(text)
     return text

@@ -5,15 +5,18 @@
 #   bash scripts/kill_resume.sh --compare REFERENCE_RUN RUN [RUN ...]
 #
 # 1. Trains CONFIG once without interruption (OUT/reference) and measures how long that takes (D), when its
-#    first checkpoint.pt appeared and how long an epoch's evaluation + checkpoint writes take.
+#    first checkpoint.pt appeared, how long a step takes and how long an epoch's evaluation takes. Phases are
+#    told apart by what the run writes on purpose: its plain log lines (`epoch N/M | step S/T | ...` at every
+#    check point, `epoch N/M | loss ...` once the epoch's record is in metrics.jsonl) and its files.
 # 2. Trains the same run in OUT/killed-1 with the one requeue command `longtail train CONFIG k=v... --out DIR
 #    --resume`, SIGKILLs it at a random moment, reruns the identical command, and so on until it finishes.
 #    A run that finishes before its kill fires ends that round; the next round starts in OUT/killed-2, until
 #    N kills have hit a running process (only those count). Kill moments, in turn:
 #      - the first --early ones: uniform in [0, time of the reference's first checkpoint] (start-up, epoch 1),
-#      - then, cycling through six: uniform in [0, D]; "eval": after a uniform wait, at the next end of an
-#        epoch's steps plus up to a third of the reference's evaluation time; uniform; "record": after a uniform
-#        wait, as soon as the next epoch record is printed (metrics.jsonl written, checkpoint.pt not yet);
+#      - then, cycling through six: uniform in [0, D]; "eval": after a uniform wait, at the next epoch's last
+#        logged step, plus the time its remaining steps took in the reference, plus up to a third of the
+#        reference's evaluation time; uniform; "record": after a uniform wait, as soon as the next epoch
+#        record line is printed (metrics.jsonl written, checkpoint.pt not yet);
 #        uniform; "write": after a uniform wait, as soon as a new .tmp file shows that checkpoint.pt, best.pt,
 #        model.pt, ... is being written (polled every 2 ms, so some of these land just after the rename).
 #    After each kill the run directory is snapshotted (file names, checkpoint.pt, best.pt, metrics.jsonl) so
@@ -159,10 +162,20 @@ ORDER = ["startup", "before-checkpoint", "resume-load", "mid-epoch", "eval", "re
 def target(tmp):  # .checkpoint.pt.k2j3h4.tmp -> checkpoint.pt
     return tmp[1:-len(".tmp")].rsplit(".", 1)[0]
 
-def classify(snap, log, epochs, before):
+STEP = re.compile(r"epoch (\d+)/\d+ \| step (\d+)/(\d+) \|")
+RECORD = re.compile(r"epoch (\d+)/\d+ \| loss ")
+
+def last_logged_steps(log):  # {epoch: the last step an uninterrupted run logs in it}
+    last = {}
+    for line in Path(log).read_text().splitlines():
+        m = STEP.match(line)
+        if m:
+            last[int(m[1])] = int(m[2])
+    return last
+
+def classify(snap, log, epochs, before, last_step):
     names = set((snap / "listing").read_text().split())
-    # bytes, not read_text: universal newlines would turn tqdm's \r into \n
-    out, err = (Path(log + s).read_bytes().decode(errors="replace") if Path(log + s).exists() else "" for s in (".out", ".err"))
+    out = Path(log + ".out").read_text(errors="replace") if Path(log + ".out").exists() else ""
     ck = torch.load(snap / "checkpoint.pt", weights_only=True) if (snap / "checkpoint.pt").exists() else None
     best = torch.load(snap / "best.pt", weights_only=True) if (snap / "best.pt").exists() else None
     text = (snap / "metrics.jsonl").read_text() if (snap / "metrics.jsonl").exists() else ""
@@ -177,10 +190,8 @@ def classify(snap, log, epochs, before):
     else:
         state = f"checkpoint after epoch {done}"
     tmps = sorted(target(n) for n in names - before if n.startswith(".") and n.endswith(".tmp"))
-    labels = re.findall(r"epoch (\d+)/\d+:", err)
-    bar = int(labels[-1]) if labels else None
-    tail = err.rsplit("\r", 2)
-    closed = err.endswith("\r") and len(tail) == 3 and tail[1] != "" and not tail[1].strip()
+    logged = [line for line in out.splitlines() if STEP.match(line) or RECORD.match(line)]
+    step = STEP.match(logged[-1]) if logged else None  # the attempt's last step line, unless a record followed
     if "results.json" in names:
         return "exit", "after results.json was written: the process was exiting"
     if tmps:
@@ -191,36 +202,40 @@ def classify(snap, log, epochs, before):
         return "export", "exporting: model.pt written, results.json not yet"
     if not any(l.startswith("run ") for l in out.splitlines()):
         return "startup", f"start-up (imports, data, config check, checkpoint load); {state}"
+    at_end = step is not None and int(step[2]) == last_step.get(int(step[1]))
     if ck is None:
-        what = "evaluating" if closed else "training"
+        what = "at the end of its steps or evaluating" if at_end else "training"
         return "before-checkpoint", f"{what} epoch 1, before the first checkpoint existed"
     if records > done:
         return "record", f"after epoch {records}'s metrics record, before its checkpoint.pt ({state})"
     if part is None and ck["best"].get("epoch") == done and (best is None or best["epoch"] != done):
         return "best", f"after epoch {done}'s checkpoint.pt, before its best.pt"
-    if bar is None and part is None and done == epochs:
+    if not logged and part is None and done == epochs:
         return "finish", "resumed after the last epoch's checkpoint: loading best.pt, final evaluation"
-    if bar is None:
-        return "resume-load", f"after the start-up line, before the first step ({state})"
-    if closed and bar == done + 1:
-        return "eval", f"evaluating epoch {bar}: its steps done, no record yet ({state})"
-    if closed and done == epochs:
+    if not logged:
+        return "resume-load", f"after the start-up line, before its first logged step ({state})"
+    if step is None and done == epochs:
         return "finish", "after the last epoch's checkpoint: loading best.pt, final evaluation"
-    if closed:
-        return "after-checkpoint", f"after epoch {done}'s checkpoint, before epoch {done + 1}'s first step"
-    if part is not None and part["epoch"] + 1 == bar:
-        return "mid-epoch", f"training epoch {bar}, after its mid-epoch checkpoint at batch {part['batch']}"
-    return "mid-epoch", f"training epoch {bar}, before its first mid-epoch checkpoint ({state})"
+    if step is None:
+        return "after-checkpoint", f"after epoch {done}'s checkpoint, before epoch {done + 1}'s first logged step"
+    epoch, at, steps = int(step[1]), int(step[2]), int(step[3])
+    if at_end:
+        return "eval", (f"end of epoch {epoch}: after its last logged step ({at}/{steps}), in its last "
+                        f"{steps - at} steps or its evaluation, no record yet ({state})")
+    if part is not None and part["epoch"] + 1 == epoch:
+        return "mid-epoch", f"training epoch {epoch}, after its mid-epoch checkpoint at batch {part['batch']}"
+    return "mid-epoch", f"training epoch {epoch}, before its first mid-epoch checkpoint ({state})"
 
 kills = os.environ.get("KR_KILLS")
 if kills and Path(kills).exists() and (ref / "results.json").exists():
     epochs = json.loads((ref / "results.json").read_text())["epochs"]
+    last_step = last_logged_steps(ref.parent / "logs" / "reference.out")
     counts, before = {}, {}
     for row in Path(kills).read_text().splitlines():
         n, rnd, attempt, kind, at, snap, log = row.split("\t")
         snap = Path(snap)
         try:
-            tag, what = classify(snap, log, epochs, before.get(rnd, set()))
+            tag, what = classify(snap, log, epochs, before.get(rnd, set()), last_step)
         except Exception as exc:  # a report problem, not a resume problem
             tag, what = "unclassified", f"could not classify: {exc}"
         before[rnd] = set((snap / "listing").read_text().split())
@@ -242,6 +257,30 @@ for run in runs:
     if len(found) > 20:
         print(f"  ... and {len(found) - 20} more")
 sys.exit(1 if bad else 0)
+EOF
+
+# argv: the reference's timed log (ms TAB line). Prints "STEP_MS EVAL_MS", then for each epoch its last logged
+# step line's prefix TAB the ms its remaining steps took: steps at the median pace of the logged ones.
+read -r -d '' TIMING_PY <<'EOF' || true
+import re, statistics, sys
+
+STEP = re.compile(r"(epoch (\d+)/\d+ \| step (\d+)/(\d+)) \|")
+RECORD = re.compile(r"epoch (\d+)/\d+ \| loss ")
+steps, last, records = [], {}, {}
+for row in open(sys.argv[1]):
+    ms, line = row.rstrip("\n").split("\t", 1)
+    m, r = STEP.match(line), RECORD.match(line)
+    if m:
+        steps.append((int(m[2]), int(m[3]), int(ms)))
+        last[int(m[2])] = (m[1], int(m[3]), int(m[4]), int(ms))
+    elif r:
+        records[int(r[1])] = int(ms)
+paces = [(t2 - t1) / (s2 - s1) for (e1, s1, t1), (e2, s2, t2) in zip(steps, steps[1:]) if e1 == e2 and s2 > s1]
+pace = statistics.median(paces) if paces else 0.0
+evals = [max(0.0, records[e] - at - (total - step) * pace) for e, (_, step, total, at) in last.items() if e in records]
+print(round(pace), round(statistics.mean(evals)) + 20 if evals else 200)
+for prefix, step, total, _ in last.values():
+    print(f"{prefix}\t{round((total - step) * pace)}")
 EOF
 
 if ((${#COMPARE[@]})); then
@@ -285,18 +324,22 @@ hold() {  # hold MS: wait MS ms while $PID runs; false when it ended first
   done
   return 1
 }
-bar_closed() {  # the tqdm bar of an epoch closed ("\r<spaces>\r"): its steps are done, the next epoch has not begun
-  local err="" t
-  { IFS= read -r -d '' err <"$1"; } 2>/dev/null || true
-  [[ $err == *$'\r' ]] || return 1
-  t=${err%$'\r'}; t=${t##*$'\r'}
-  [[ -n $t && -z ${t// /} ]]
-}
+LINES=()
+read_log() { LINES=(); { mapfile -t LINES <"$1"; } 2>/dev/null || true; }  # the lines of a log so far
 EPOCH_LINES=0
-count_epochs() {
-  local lines=() l; EPOCH_LINES=0
-  { mapfile -t lines <"$1"; } 2>/dev/null || true
-  for l in "${lines[@]}"; do [[ $l == "epoch "* ]] && EPOCH_LINES=$((EPOCH_LINES + 1)); done
+count_epochs() {  # epoch record lines (`epoch N/M | loss ...`): printed right after the record is appended
+  local l; EPOCH_LINES=0; read_log "$1"
+  for l in "${LINES[@]}"; do [[ $l =~ ^epoch\ [0-9]+/[0-9]+\ \|\ loss\  ]] && EPOCH_LINES=$((EPOCH_LINES + 1)); done
+  return 0
+}
+declare -A TAIL_OF=()  # `epoch N/M | step S/T`, the last step line of epoch N -> ms its remaining steps took
+ENDS=0 TAIL=0
+count_ends() {  # lines that are an epoch's last logged step; TAIL: the remaining steps' time after the last one
+  local l; ENDS=0; read_log "$1"
+  for l in "${LINES[@]}"; do
+    [[ $l =~ ^(epoch\ [0-9]+/[0-9]+\ \|\ step\ [0-9]+/[0-9]+)\ \| && -n ${TAIL_OF[${BASH_REMATCH[1]}]:-} ]] || continue
+    ENDS=$((ENDS + 1)) TAIL=${TAIL_OF[${BASH_REMATCH[1]}]}
+  done
   return 0
 }
 TMPS=0
@@ -315,17 +358,14 @@ echo "kill_resume: $KILLS kills ($EARLY early), seed $SEED, $PY -m longtail trai
 REF=$OUT/reference
 now_ms; T0=$NOW
 launch "$REF" "$OUT/logs/reference"
-T_FIRST= EVAL_SUM=0 EVAL_N=0 CLOSED_AT= SEEN=0
+T_FIRST= SEEN=0
+: >"$OUT/logs/reference.times"
 while alive "$PID"; do
   now_ms
   [ -z "$T_FIRST" ] && [ -e "$REF/checkpoint.pt" ] && T_FIRST=$((NOW - T0))
-  if [ -z "$CLOSED_AT" ] && bar_closed "$OUT/logs/reference.err"; then CLOSED_AT=$NOW; fi
-  count_epochs "$OUT/logs/reference.out"
-  if ((EPOCH_LINES > SEEN)); then
-    SEEN=$EPOCH_LINES
-    [ -n "$CLOSED_AT" ] && { EVAL_SUM=$((EVAL_SUM + NOW - CLOSED_AT)); EVAL_N=$((EVAL_N + 1)); }
-    CLOSED_AT=
-  fi
+  read_log "$OUT/logs/reference.out"
+  for ((i = SEEN; i < ${#LINES[@]}; i++)); do printf '%s\t%s\n' "$NOW" "${LINES[i]}"; done >>"$OUT/logs/reference.times"
+  SEEN=${#LINES[@]}
   nap_ms 20
 done
 finish_attempt
@@ -335,9 +375,10 @@ if ((RC != 0)) || [ ! -e "$REF/results.json" ]; then
   die "the reference run failed (exit $RC); its log: $OUT/logs/reference.err"
 fi
 T_FIRST=${T_FIRST:-$((D / 4))}
-EVAL_MS=$((EVAL_N ? EVAL_SUM / EVAL_N + 20 : 200))
+{ read -r STEP_MS EVAL_MS; while IFS=$'\t' read -r key ms; do TAIL_OF[$key]=$ms; done; } \
+  < <("$PY" -c "$TIMING_PY" "$OUT/logs/reference.times")
 secs $D; d_s=$SECS; secs $T_FIRST; f_s=$SECS; secs $EVAL_MS
-echo "reference: $d_s s; first checkpoint.pt after $f_s s; evaluation + epoch record ~$SECS s per epoch"
+echo "reference: $d_s s; first checkpoint.pt after $f_s s; ~$STEP_MS ms per step; evaluation ~$SECS s per epoch"
 
 # ------------------------------------------------------------------ 2. kill, resume, repeat
 KILLED=0 ROUND=0 ATTEMPTS=0
@@ -362,8 +403,9 @@ while ((KILLED < KILLS || ROUND == 0)) && ((${#FAIL[@]} == 0)); do
         case $(((KILLED - EARLY) % 6)) in
           1) KIND=eval; draw "$D"
              if hold "$R"; then
-               while alive "$PID" && ! bar_closed "$LOG.err"; do nap_ms 5; done
-               draw $((EVAL_MS / 3)); hold "$R" && kill_it
+               count_ends "$LOG.out"; seen=$ENDS
+               while alive "$PID"; do count_ends "$LOG.out"; ((ENDS > seen)) && break; nap_ms 5; done
+               draw $((EVAL_MS / 3)); hold $((TAIL + R)) && kill_it
              fi ;;
           3) KIND=record; draw "$D"
              if hold "$R"; then
@@ -407,10 +449,11 @@ done
 # ------------------------------------------------------------------ 3. a finished run is left alone; compare
 if ((${#FAIL[@]} == 0)); then
   LOG=$OUT/logs/r$ROUND-finished
-  before=$(cd "$DIR" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+  # .lock is the directory's lock, not a file of the run: every command that takes it writes its pid there.
+  before=$(cd "$DIR" && find . -type f ! -name .lock -print0 | sort -z | xargs -0 sha256sum)
   launch "$DIR" "$LOG" --resume
   finish_attempt
-  after=$(cd "$DIR" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+  after=$(cd "$DIR" && find . -type f ! -name .lock -print0 | sort -z | xargs -0 sha256sum)
   if ((RC != 0)) || ! grep -q "already finished" "$LOG.out"; then
     FAIL+=("rerun of the finished $DIR: exit $RC, no 'already finished' line (see $LOG.out)")
   elif [ "$before" != "$after" ]; then

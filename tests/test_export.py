@@ -100,8 +100,9 @@ def test_torch_export_gives_model_pt_logits_at_any_batch_size(run):
 
 def test_cli_writes_the_file_and_names_a_missing_package(run, monkeypatch, tmp_path):
     out = run[0]
-    proc = subprocess.run([sys.executable, "-m", "longtail", "export", str(out / "model.pt"), "--format", "torch_export"],
-                          capture_output=True, text=True, env=dict(os.environ))
+    # An earlier test of this run wrote model.pt2: replacing it takes --overwrite.
+    proc = subprocess.run([sys.executable, "-m", "longtail", "export", str(out / "model.pt"), "--format", "torch_export",
+                           "--overwrite"], capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote {out / 'model.pt2'}"
     monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed: importing it raises ImportError

@@ -591,9 +591,10 @@ def test_two_process_multilabel_run_equals_a_single_process_eval(cifar_root, tmp
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["num_samples"] == 41  # 41 is odd: the padding repeat is dropped
     single = evaluate_run(out, data_root=str(cifar_root))
-    assert single["per_class_ap"] == results["per_class_ap"]
+    # Two processes against one, other batch shapes: scores equal at float32 tolerance, so the metrics too.
+    assert single["per_class_ap"] == pytest.approx(results["per_class_ap"], rel=1e-5, abs=1e-5)
     for key in ("map", "map_head", "map_medium", "map_tail", "micro_f1", "macro_f1"):
-        assert single[key] == results[key], key
+        assert single[key] == pytest.approx(results[key], rel=1e-5, abs=1e-5), key
 
 
 REPO = Path(__file__).resolve().parents[1]

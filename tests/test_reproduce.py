@@ -18,7 +18,24 @@ TABLES = sorted(p.stem for p in tables_dir().glob("*.yaml"))
 def test_the_issue_s_tables_are_shipped_and_listed():
     assert {"ldam_drw", "logit_adjustment", "wb", "ewb", "more"} <= set(TABLES)
     listing = list_tables()
-    assert "ldam_drw             8 rows (3 with a published number)" in listing
+    assert "ldam_drw             11 rows (7 with a published number)" in listing
+
+
+def test_shipped_tables_are_in_accuracy_with_the_paper_s_error_converted_and_cite_no_internal_notes():
+    for path in tables_dir().glob("*.yaml"):
+        text = path.read_text()
+        assert "SPEC" not in text and "../shared" not in text, path
+        _, _, rows = load_table(str(path))
+        assert {row.paper["metric"] for row in rows} == {"accuracy"}, path
+    _, _, rows = load_table("ldam_drw")
+    paper = {row.id: row.paper for row in rows}
+    # Cao et al., NeurIPS 2019, Table 2 (top-1 error): accuracy = 100 - error, the error kept in the source
+    for row_id, error in [("cifar10_ce", 29.64), ("cifar10_ldam_drw", 22.97), ("cifar100_ce", 61.68),
+                          ("cifar10_ce_if10", 13.61), ("cifar10_ldam_drw_if10", 11.84), ("cifar100_ldam_drw_if10", 41.29)]:
+        assert paper[row_id]["all"] == pytest.approx(100 - error) and f"{error} % error" in paper[row_id]["source"]["value"]
+        assert "Table 2" in paper[row_id]["source"]["table"]
+    if10 = [row for row in rows if row.id.endswith("_if10")]
+    assert len(if10) == 3 and all(row.overrides == ["data.imbalance=10"] for row in if10)
 
 
 @pytest.mark.parametrize("name", TABLES)
@@ -89,3 +106,85 @@ def test_smoke_budget_runs_a_whole_table_with_its_two_stage_rows(tmp_path):
     # Rerun: every run is finished and skipped, the table is rendered again.
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(longtail.__file__).parents[1])
     assert again.returncode == 0 and "0 ran, 4 already finished" in again.stdout and "0 ran, 2 already finished" in again.stdout
+
+
+# --------------------------------------------------------------------------- reproduce TABLE --from DIR
+
+TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=mlp", "model.width=32",
+        "train.epochs=2", "optim.lr=0.05", "eval.batch_size=64", "train.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory, data_root):
+    """A table of two tiny recipes and a folder of recorded runs: CE seeds 0 and 1, LDAM seed 0 in a folder
+    named like a CE run and trained with other speed keys, and a CE run of other length that matches no row."""
+    from longtail.config import load_config
+    from longtail.engine import fit
+
+    base = tmp_path_factory.mktemp("evidence")
+    (base / "configs" / "tables").mkdir(parents=True)
+    (base / "configs" / "fm_ce.yaml").write_text("\n".join(TINY_YAML) + "\n")
+    (base / "configs" / "fm_ldam.yaml").write_text("\n".join(TINY_YAML + ["loss:", "  name: ldam"]) + "\n")
+    (base / "configs" / "tables" / "t.yaml").write_text(
+        "title: tiny\nrows:\n"
+        "  - {id: ce, config: fm_ce.yaml, paper: {label: CE row, metric: accuracy, all: 50.0, source: s1, selection: best}}\n"
+        "  - {id: ldam, config: fm_ldam.yaml, paper: {label: LDAM row, metric: error, all: 40.0, source: s2, selection: f}}\n"
+        "  - {id: none, config: fm_ce.yaml, overrides: [data.imbalance=10], paper: {label: IF10 row, metric: accuracy, all: null, source: s3, selection: f}}\n")
+    root = base / "runs"
+    fit(load_config(None, TINY), root / "cifar" / "ce-seed0", data_root=data_root)
+    fit(load_config(None, [*TINY, "train.seed=1"]), root / "cifar" / "ce-seed1", data_root=data_root)
+    fit(load_config(None, [*TINY, "loss.name=ldam", "train.log_every=1", "train.channels_last=true"]),
+        root / "ce-seed2", data_root=data_root)
+    other = root / "longer"
+    other.mkdir()
+    for name in ("config.yaml", "results.json", "metrics.jsonl"):
+        (other / name).write_text((root / "cifar" / "ce-seed0" / name).read_text())
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace("epochs: 2\n", "epochs: 3\n"))
+    return base / "configs" / "tables" / "t.yaml", root
+
+
+TINY_YAML = ["data:", "  name: fashion_mnist_lt", "  imbalance: 5", "  batch_size: 16", "model:", "  name: mlp",
+             "  width: 32", "train:", "  epochs: 2", "optim:", "  lr: 0.05", "eval:", "  batch_size: 64"]
+
+
+def _final_and_best(run):
+    import json
+    tops = [json.loads(line)["test"]["top1"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run / "results.json").read_text())["top1"], max(tops)
+
+
+def test_from_shows_recorded_runs_beside_the_paper_matched_by_config_not_folder(evidence, capsys):
+    import statistics
+    from longtail.cli import main
+
+    table, root = evidence
+    before = sorted(p for p in root.rglob("*"))
+    assert main(["reproduce", str(table), "--from", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p for p in root.rglob("*")) == before  # nothing re-run, nothing written
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+
+    finals, bests = zip(*[_final_and_best(root / "cifar" / f"ce-seed{s}") for s in (0, 1)])
+    ce = rows["CE row"]
+    assert ce[1] == "50" and ce[8] == "0, 1" and ce[9] == "cifar/ce-seed0, cifar/ce-seed1"
+    assert ce[2] == f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} (final)"
+    assert ce[3] == f"{statistics.mean(finals) - 50:+.2f}"
+    assert ce[4] == f"{statistics.mean(bests):.2f} ± {statistics.stdev(bests):.2f}"
+    assert ce[5] == f"{statistics.mean(bests) - 50:+.2f}" and all(b >= f for f, b in zip(finals, bests))
+    assert ce[6].count("±") == 1 and ce[7].count("±") == 1  # Many / Medium / Few (only Few is populated here), ECE
+
+    final, best = _final_and_best(root / "ce-seed2")
+    ldam = rows["LDAM row"]  # its folder is named like a CE run; the config says LDAM
+    assert ldam[1] == "60 (100 − error)" and ldam[9] == "ce-seed2" and ldam[8] == "0"
+    assert ldam[2] == f"{final:.2f} (final)" and ldam[4] == f"{best:.2f}" and ldam[5] == f"{best - 60:+.2f}"
+    assert rows["IF10 row"][2] == "no recorded run" and rows["IF10 row"][3] == "paper number unknown"
+    assert "match no row of this table: longer" in out
+
+
+def test_from_a_folder_without_runs_is_refused(tmp_path, capsys):
+    from longtail.cli import main
+
+    assert main(["reproduce", "ldam_drw", "--from", str(tmp_path / "missing")]) == 2
+    assert "--from" in capsys.readouterr().err
+    assert main(["reproduce", "ldam_drw", "--from", str(tmp_path)]) == 2
+    assert "no run directories under it" in capsys.readouterr().err

@@ -77,13 +77,14 @@ def test_resume_without_a_checkpoint_starts_the_run_and_says_so(tmp_path, data_r
 def test_resume_of_a_finished_run_reports_it_and_rewrites_nothing(tmp_path, data_root, reference, capsys):
     out = tmp_path / "run"
     fit(load_config(None, TINY), out, data_root=data_root)
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    # .lock is not a file of the run: each command that takes the lock writes its pid there.
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
     results = fit(load_config(None, TINY), out, resume=True, data_root=data_root)
     shown = capsys.readouterr().out
     assert "already finished" in shown and "| All |" in shown
     assert results == json.loads((out / "results.json").read_text())
-    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == before
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
     with pytest.raises(ConfigError, match="optim.lr"):  # a different config is still refused
         fit(load_config(None, [*TINY, "optim.lr=0.5"]), out, resume=True, data_root=data_root)
 

@@ -7,16 +7,18 @@ tau is given, or searched on the validation split's balanced accuracy with its l
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from longtail.checkpoint import atomic_write_json
+from longtail.checkpoint import atomic_write_json, new_directory, replace_directory, run_lock
 from longtail.config import Config, save_config
-from longtail.engine import (collect_logits, evaluate, export_model, folded_temperature, load_run, select_device,
-                             training_folds)
+from longtail.engine import (collect_logits, evaluate, export_model, folded_temperature, load_run, model_file,
+                             select_device, training_folds)
 from longtail.errors import ConfigError
 from longtail.metrics import format_table
 from longtail.models.heads import ETFHead, LinearHead
@@ -131,12 +133,28 @@ def apply_posthoc(model: nn.Module, cfg: Config, data: Any, device: torch.device
     return model, record
 
 
-def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None, data_root: str | None = None) -> dict:
+def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None, data_root: str | None = None,
+                overwrite: bool = False) -> dict:
     """`longtail posthoc RUN_DIR`: adjust a finished run's exported model into RUN_DIR/posthoc-<kind>/.
 
     That directory is a run directory of its own (config.yaml, model.pt, model.yaml, results.json), so
-    `longtail eval` and `longtail report` work on it; the original run is left untouched.
+    `longtail eval` and `longtail report` work on it; the original run is left untouched. Its files are
+    written together into a new directory that replaces the old one in one step: a reader sees the old
+    result or the new one, never a mix. An existing result is replaced only with `overwrite`.
     """
+    kind = kind or "multiplicative"
+    _check_kind(kind)
+    directory = model_file(run_dir).parent
+    out = directory / f"posthoc-{kind}"
+    with run_lock(directory):
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} already holds a post-hoc result; pass --overwrite to replace it")
+        # The old result's own lock too: nothing may read or write it while it is replaced.
+        with run_lock(out) if out.exists() else contextlib.nullcontext():
+            return _adjust_run(run_dir, kind, tau, data_root, out)
+
+
+def _adjust_run(run_dir: str, kind: str, tau: float | None, data_root: str | None, out: Path) -> dict:
     run = load_run(run_dir, data_root)
     if run.results is not None and run.results.get("posthoc"):
         done = run.results["posthoc"]
@@ -153,7 +171,7 @@ def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None,
     if tau is None and run.data.val is None:
         raise ConfigError(f"{run.run_dir} has no validation split to search tau on; give it with --tau T")
     cfg = run.cfg
-    cfg.posthoc.kind, cfg.posthoc.tau = kind or "multiplicative", tau
+    cfg.posthoc.kind, cfg.posthoc.tau = kind, tau
     task_of(run.data).check(cfg)  # refuses a multi-label run: its sigmoids have no softmax prior to adjust
     device = select_device(cfg.train.device)
     model = run.model.to(device)
@@ -162,15 +180,16 @@ def run_posthoc(run_dir: str, kind: str | None = None, tau: float | None = None,
     model, record = apply_posthoc(model, cfg, run.data, device)
     record["before"] = {k: before[k] for k in _SHOWN}
     metrics = evaluate(model, split, device, cfg, run.data, f"evaluate {cfg.eval.split} (adjusted)")
-    out = run.run_dir / f"posthoc-{cfg.posthoc.kind}"
     results = {**(run.results or {}), **metrics, "posthoc": record, "derived_from": str(run.run_dir),
                "config": cfg.to_dict()}
-    save_config(cfg, out / "config.yaml")
     # A model.yaml older than its `folds` key: rebuilt from the config (such runs had no calibration).
     folds = run.spec["folds"] if "folds" in run.spec else training_folds(cfg, (run.results or {}).get("method_record") or {})
-    export_model(model, cfg, run.data, out, [*folds, {"kind": "logit_adjustment", "form": record["kind"],
+    new = new_directory(out)
+    save_config(cfg, new / "config.yaml")
+    export_model(model, cfg, run.data, new, [*folds, {"kind": "logit_adjustment", "form": record["kind"],
                                                      "tau": record["tau"]}])
-    atomic_write_json(out / "results.json", results)
+    atomic_write_json(new / "results.json", results)
+    replace_directory(out)
     print(format_table([("before", before), (f"{record['kind']}, tau {record['tau']:g}", metrics)]))
     print(f"wrote {out}")
     return results
