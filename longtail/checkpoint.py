@@ -1,5 +1,8 @@
 """Atomic file writes and checkpoints: a crash mid-write never leaves a half-written file.
 
+A write the file system refuses (a read-only directory or file system, a full disk or quota) is a
+one-line `LongtailError` naming the file: the temporary file is removed and the old file is untouched.
+
 Appended logs (`metrics.jsonl`) are the exception: a run killed mid-write can leave a torn last
 line, which `read_jsonl` drops. A set of files that describes one result together is written into a
 directory beside its target and switched into place (`replace_directory`). Every command that writes
@@ -8,6 +11,7 @@ into a run directory holds its lock (`run_lock`) for its whole life.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -21,17 +25,32 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from longtail.errors import ConfigError
+from longtail.errors import ConfigError, LongtailError
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# What the file system answers when it will not take a write; anything else (a bug, EIO) keeps its traceback.
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def unwritable(path: Path, exc: OSError, kept: str) -> LongtailError:
+    """The one-line error for a refused write of `path`; `kept`: what is still as it was."""
+    code = errno.errorcode.get(exc.errno, exc.errno)
+    return LongtailError(f"cannot write {path}: {exc.strerror or exc} ({code}); nothing was lost: {kept}. "
+                         "Free space or make the directory writable, then rerun")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    kept = f"the previous {path.name} is unchanged" if path.exists() else f"no partial {path.name} was left"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if exc.errno in UNWRITABLE:
+            raise unwritable(path, exc, kept) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -39,8 +58,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in UNWRITABLE:
+            raise unwritable(path, exc, kept) from None
+        raise
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log such as metrics.jsonl; a refused write is a one-line error (a torn last line is
+    dropped by `read_jsonl` and rewritten by --resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as exc:
+        if exc.errno in UNWRITABLE:
+            raise unwritable(path, exc, f"{path.name} keeps every complete line and --resume continues it") from None
         raise
 
 
@@ -162,6 +195,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object written by longtail (results.json, eval-*.json); an empty, truncated or foreign file is a
+    ConfigError naming it."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{path} is empty, truncated or not JSON ({exc}); it was not written completely: rerun the "
+                          "command that writes it, or leave this run out") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found a {type(record).__name__}")
+    return record
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -1,15 +1,16 @@
 """What `longtail sweep` and its SLURM backend share: a sweep point, how it ended, the `train` command that
 runs it, and what its log and run directory say afterwards.
 
-Layer: tools. Imports only the standard library; `slurm` and `sweep` import it.
+Layer: tools. Imports the standard library and the foundation's file reading; `slurm` and `sweep` import it.
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from longtail.checkpoint import read_json
 
 
 @dataclass
@@ -49,4 +50,4 @@ def last_error(log: Path) -> str:
 
 def read_results(point: Point) -> Optional[dict]:
     path = point.out / "results.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None

@@ -13,6 +13,8 @@ saw (margins aside: they are training-only) and its ECE and NLL are those of the
 
 Both loss classes accept the `MixedTargets` of a mixup / CutMix batch (`longtail.mixing`) and return
 lam L(logits, a) + (1 - lam) L(logits, b): every loss, its margins and class weights, per target.
+Both compute in float32 at least, whatever the logits' dtype: under float16 autocast a sigmoid below about -17 is 0
+and a 1e-8 clamp is 0 too, so ASL's log would be -inf (NaN once multiplied by a zero target).
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ from longtail.errors import ConfigError
 from longtail.mixing import MixedTargets
 
 Counts = Union[torch.Tensor, Sequence[int]]
+
+
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (AMP) as float32; float32 and float64 ones as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _counts_on(counts: Counts, logits: torch.Tensor) -> torch.Tensor:
@@ -244,6 +251,7 @@ class ConfiguredLoss:
         return None
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        logits = at_least_float32(logits)
         if isinstance(targets, MixedTargets):
             return targets.combine(lambda t: self(logits, t, progress))
         if self.counts.device != logits.device:
@@ -282,6 +290,7 @@ class MultiLabelLoss:
         self.logit_scale = 1.0
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        logits = at_least_float32(logits)
         if isinstance(targets, MixedTargets):
             return targets.combine(lambda t: self(logits, t, progress))
         c = self.cfg

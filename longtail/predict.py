@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from longtail.data.augment import eval_geometry
 from longtail.data.folder import IMAGE_EXTENSIONS
 from longtail.data.image_transforms import center_crop, decode_image, five_crops, resize_shorter
 from longtail.errors import ConfigError
@@ -85,14 +86,18 @@ def load_input(path: Path, spec: dict) -> torch.Tensor:
     except Exception as exc:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
         raise ConfigError(f"cannot read image {path}: {exc}") from None
     size = t["size"]
-    if t["tta"] == "lift_crops":
-        image = five_crops(resize_shorter(image, t["tta_resize"]), size)
-    elif t["kind"] == "resize_center_crop":
-        image = center_crop(resize_shorter(image, t["resize"]), size)
-    elif tuple(image.shape[1:]) != (size, size):
-        raise ConfigError(f"{path}: {image.shape[2]} x {image.shape[1]} pixels, but this model takes {size} x {size} "
-                          f"images as they are ({spec['data']['name']} is not resized at evaluation); resize it first")
-    x = image.float().div_(255)
+    if t.get("resize_on") == "float":  # in-memory training data resized to the model's size: eval's own function
+        x = eval_geometry(image[None].float().div_(255), size, t["tta"])[0]
+    else:
+        if t["tta"] == "lift_crops":
+            image = five_crops(resize_shorter(image, t["tta_resize"]), size)
+        elif t["kind"] == "resize_center_crop":
+            image = center_crop(resize_shorter(image, t["resize"]), size)
+        elif tuple(image.shape[1:]) != (size, size):
+            raise ConfigError(f"{path}: {image.shape[2]} x {image.shape[1]} pixels, but this model takes {size} x "
+                              f"{size} images as they are ({spec['data']['name']} is not resized at evaluation); "
+                              "resize it first")
+        x = image.float().div_(255)
     return (x - torch.tensor(t["mean"]).view(-1, 1, 1)) / torch.tensor(t["std"]).view(-1, 1, 1)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from longtail.checkpoint import read_json
 from longtail.config import flatten_saved
 from longtail.training.checkpointing import RESUME_FREE_KEYS
 from longtail.errors import ConfigError
@@ -50,7 +51,7 @@ def _read_results(run_dir: Path) -> dict:
     path = run_dir / "results.json"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no results.json; `longtail report` takes finished run directories")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def recipe_key(config: dict, seen: Optional[set] = None) -> str:

@@ -5,7 +5,6 @@ Layer: run services. Imports the foundation, the building blocks and `inference`
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
@@ -15,7 +14,7 @@ import yaml
 from torch import nn
 
 from longtail.calibration import calibration_record, fit_temperature
-from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
+from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_json,
                                  remove_stale_temporaries, run_lock)
 from longtail.config import Config, from_dict, read_yaml
 from longtail.data import LTData, build_data
@@ -41,6 +40,8 @@ def eval_transform(data: LTData, tta: str) -> dict:
                           f"{data.image_size + LIFT_EXPAND}; {data.name}'s images go into this model as they are "
                           "(no data.resize_to), so there is nothing to crop from; use eval.tta flip or none")
     geometry = {"kind": "as_is"} if as_is else {"kind": "resize_center_crop", "resize": eval_resize(data.image_size)}
+    if isinstance(data.test, InMemorySplit) and not as_is:  # resized as floats on the device, not as 8-bit images
+        geometry["resize_on"] = "float"
     crops = {"tta_resize": data.image_size + LIFT_EXPAND} if tta == "lift_crops" else {}
     return {**geometry, "size": data.image_size, "mean": list(data.mean), "std": list(data.std), "tta": tta, **crops}
 
@@ -105,7 +106,7 @@ def load_model(path: str | Path, needs: tuple[str, ...] = ()) -> tuple[nn.Module
     if not isinstance(state, dict) or ("model" in state and "epoch" in state):
         raise ConfigError(f"{model_pt} is not an exported model (a plain state dict; checkpoint.pt and best.pt "
                           "are training checkpoints): pass the run directory or its model.pt")
-    return load_exported(spec, state).eval(), spec, model_pt
+    return load_exported(spec, state, str(model_pt.parent / "model.yaml")).eval(), spec, model_pt
 
 
 def load_run(path: str | Path, data_root: Optional[str] = None, download: bool = False) -> LoadedRun:
@@ -115,7 +116,7 @@ def load_run(path: str | Path, data_root: Optional[str] = None, download: bool =
     cfg = from_dict(read_yaml(run_dir / "config.yaml"))
     data = build_data(cfg.data, data_root, download)
     results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    results = read_json(results_path) if results_path.exists() else None
     return LoadedRun(cfg, model, spec, data, run_dir, results)
 
 

@@ -9,6 +9,7 @@ The requeued task runs the same `--resume` command, which continues from that ch
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -83,6 +84,20 @@ def _exited(proc: subprocess.Popen) -> bool:
         return True
 
 
+def check_slurm(options: dict, folder: Path) -> None:
+    """Before anything is written or submitted: SLURM's commands are here, and no value that goes into the
+    batch script holds a control character (a newline there would start a shell command of its own; submitit
+    shell-quotes each value, which covers `;`, `$(...)` and quotes)."""
+    for flag, value in (("--partition", options.get("partition")), ("--out", str(folder))):
+        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+            raise ConfigError(f"{flag} {value!r}: holds a control character (a newline, tab, ...), which cannot go "
+                              "into a SLURM batch script; remove it")
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if options.get("cluster", "slurm") == "slurm" and missing:
+        raise ConfigError(f"--slurm: SLURM is not available here ({' and '.join(missing)} not on PATH); run on a "
+                          "SLURM login node, or leave out --slurm (--jobs N runs the points on this machine)")
+
+
 def make_executor(folder: Path, options: dict) -> Any:
     """A submitit executor for the `--slurm` options: one SLURM task per GPU (at least one task)."""
     submitit = _submitit()
@@ -103,6 +118,7 @@ def make_executor(folder: Path, options: dict) -> Any:
 def submit(points: list, options: dict, data_root: Optional[str], download: bool,
            folder: Path) -> list:
     """Submit the points as one array; returns the submitit jobs in the points' order."""
+    check_slurm(options, folder)
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(folder, options)
     calls = [TrainPoint(train_command(p, data_root, download), str(folder / f"{p.name}.log"))

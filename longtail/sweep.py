@@ -219,6 +219,10 @@ def run_points(points: list[Point], out: str | Path, jobs: int = 1, slurm: Optio
     A failed point does not stop the others: the outcomes say which failed."""
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
+    if slurm is not None:
+        from longtail.slurm import check_slurm
+
+        check_slurm(slurm, Path(out) / "slurm")
     todo = check_points(points)
     total = len(points)
     outcomes = [Outcome(p, "skipped", results=read_results(p)) for p in points if p not in todo]

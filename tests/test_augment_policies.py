@@ -67,8 +67,29 @@ def test_geometric_ops():
     assert shifted[0, 0, 0, 2] == 1 and shifted.sum() == 1
     x = torch.rand(2, 3, 6, 6)
     assert torch.equal(policies.shear_x(x, torch.zeros(2)), x)
-    sheared = policies.shear_y(x, torch.tensor([1.0, 1.0]))  # row r of column c comes from row r + c
-    assert torch.equal(sheared[:, :, 0, 2], x[:, :, 2, 2]) and (sheared[:, :, 5, 1] == 0).all()
+    # about the top-left corner: row r of column c comes from row floor(r + 0.5 + c + 0.5) = r + c + 1
+    sheared = policies.shear_y(x, torch.tensor([1.0, 1.0]))
+    assert torch.equal(sheared[:, :, 0, 2], x[:, :, 3, 2]) and (sheared[:, :, 4, 1] == 0).all()
+
+
+@pytest.mark.parametrize("op,pillow_matrix", [("shear_x", lambda m: (1, m, 0, 0, 1, 0)),
+                                              ("shear_y", lambda m: (1, 0, 0, m, 1, 0)),
+                                              ("translate_x", lambda m: (1, 0, -int(m), 0, 1, 0)),
+                                              ("translate_y", lambda m: (1, 0, 0, 0, 1, -int(m)))])
+def test_affine_ops_match_pillow_pixel_for_pixel(op, pillow_matrix):
+    """AutoAugment's original ops are Pillow's img.transform(size, AFFINE, matrix) with NEAREST, fill 0."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    magnitudes = torch.tensor([0.3, -0.3, 0.1, -0.17, 5.0, -9.0])
+    if op.startswith("shear"):
+        magnitudes = magnitudes.clamp(-0.3, 0.3)
+    ours = getattr(policies, op)(images.float() / 255, magnitudes).mul(255).round().to(torch.uint8)
+    for image, m, mine in zip(images, magnitudes.tolist(), ours):
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy()).transform((32, 32), Image.AFFINE, pillow_matrix(m),
+                                                                         Image.NEAREST)
+        assert torch.equal(mine, torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)), (op, m)
 
 
 def test_colour_ops():
@@ -397,3 +418,15 @@ def test_the_mislas_stage1_recipe_mixes_and_trains_a_step(tmp_path, name, capsys
         results = fit(tiny, tmp_path / "run", data_root=str(tmp_path / "data"))
         assert results["config"]["data"]["mixup_alpha"] == 1.0
         assert "augmentation crop_flip + mixup 1," in capsys.readouterr().out  # the run's first line says so
+
+
+def test_rotate_matches_pillow_pixel_for_pixel():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (5, 3, 32, 32), generator=g, dtype=torch.uint8)
+    degrees = torch.tensor([10.0, -23.3, 30.0, 90.0, -7.1])
+    ours = policies.rotate(images.float() / 255, degrees).mul(255).round().to(torch.uint8)
+    for image, d, mine in zip(images, degrees.tolist(), ours):
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy()).rotate(d, resample=Image.NEAREST)
+        assert torch.equal(mine, torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)), d

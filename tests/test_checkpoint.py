@@ -1,13 +1,17 @@
 """Checkpoints and logs: `read_jsonl` tolerates only a torn last line; damaged checkpoints say so."""
+import errno
 import json
+import os
+import tempfile
 import zipfile
 
 import pytest
 import torch
 from torch import nn
 
-from longtail.checkpoint import atomic_torch_save, load_checkpoint, read_jsonl
-from longtail.errors import ConfigError
+from longtail.checkpoint import (append_line, atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
+                                 read_jsonl)
+from longtail.errors import ConfigError, LongtailError
 
 
 def _lines(*records) -> str:
@@ -99,3 +103,96 @@ def test_an_intact_but_unsafe_checkpoint_keeps_the_safety_message(tmp_path):
         load_checkpoint(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------- writes the file system refuses
+
+
+def _refuse(code):
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return refuse
+
+
+@pytest.mark.parametrize("where,code", [("replace", errno.ENOSPC), ("fsync", errno.ENOSPC), ("mkstemp", errno.EROFS),
+                                        ("mkstemp", errno.EACCES)])
+def test_a_refused_atomic_write_names_the_file_and_loses_nothing(tmp_path, monkeypatch, where, code):
+    path = tmp_path / "results.json"
+    path.write_text('{"old": true}')
+    target = tempfile if where == "mkstemp" else os
+    monkeypatch.setattr(target, where, _refuse(code))
+    with pytest.raises(LongtailError) as info:
+        atomic_write_json(path, {"new": True})
+    message = str(info.value)
+    assert message.startswith(f"cannot write {path}: {os.strerror(code)} ({errno.errorcode[code]}); nothing was lost: "
+                              "the previous results.json is unchanged")
+    assert "\n" not in message
+    assert path.read_text() == '{"old": true}' and sorted(tmp_path.iterdir()) == [path]  # no temporary left
+
+
+def test_a_refused_first_write_says_no_partial_file_was_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "replace", _refuse(errno.ENOSPC))
+    with pytest.raises(LongtailError, match=r"model.yaml: No space left on device \(ENOSPC\); nothing was lost: no "
+                                            "partial model.yaml was left"):
+        atomic_write_text(tmp_path / "model.yaml", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_os_errors_keep_their_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "replace", _refuse(errno.EIO))
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    assert not isinstance(info.value, LongtailError) and list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_append_names_the_log(tmp_path, monkeypatch):
+    import builtins
+
+    path = tmp_path / "metrics.jsonl"
+    append_line(path, '{"epoch": 1}')
+    monkeypatch.setattr(builtins, "open", _refuse(errno.ENOSPC))
+    with pytest.raises(LongtailError, match=r"cannot write .*metrics.jsonl: No space left on device \(ENOSPC\); "
+                                            "nothing was lost: metrics.jsonl keeps every complete line"):
+        append_line(path, '{"epoch": 2}')
+    monkeypatch.undo()
+    assert read_jsonl(path) == [{"epoch": 1}]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
+def test_a_read_only_directory_is_named(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("old")
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(LongtailError, match=r"cannot write .*model.yaml: Permission denied \(EACCES\); nothing"):
+            atomic_write_text(path, "new")
+    finally:
+        tmp_path.chmod(0o755)
+    assert path.read_text() == "old"
+
+
+def test_train_resume_and_eval_on_a_full_disk_end_in_one_line_and_keep_the_run(tmp_path, data_root, monkeypatch,
+                                                                                capsys):
+    from longtail.cli import main
+
+    run, config = tmp_path / "run", tmp_path / "tiny.yaml"
+    config.write_text("data: {name: fashion_mnist_lt, imbalance: 5, batch_size: 64, augment: none}\n"
+                      "model: {name: mlp, width: 8}\ntrain: {epochs: 1}\n")
+    common = ["--data-root", str(data_root), "--quiet"]
+    assert main(["train", str(config), "--out", str(run), *common]) == 0
+    capsys.readouterr()
+
+    def refused(command: list[str]) -> str:
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", _refuse(errno.ENOSPC))
+            assert main([*command, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "No space left on device (ENOSPC); nothing was lost" in err, err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        return err
+
+    assert f"cannot write {run / 'eval-test.json'}:" in refused(["eval", str(run)])
+    for name in ("model.pt", "model.yaml", "results.json"):  # as if killed before the export: --resume writes them
+        (run / name).unlink()
+    assert "longtail train: error: cannot write" in refused(["train", str(config), "--out", str(run), "--resume"])

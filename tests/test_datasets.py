@@ -113,13 +113,13 @@ def test_recorded_imbalance_is_measured_under_profile_none(c10):
 def test_thresholds_rule_says_which_default_applies_and_why(c10, tmp_path):
     root, _ = c10
     data = build_data(DataConfig(imbalance=10), root)
-    assert data.thresholds_rule == "10-class rule (> 1000 / < 200): 10 classes, at most 10"
+    assert data.thresholds_rule == "10-class protocol (> 1000 / < 200): cifar10_lt"
     d = describe(DataConfig(imbalance=10), root)
     assert d["thresholds_rule"] == data.thresholds_rule
-    assert "thresholds: 10-class rule (> 1000 / < 200): 10 classes, at most 10" in format_description(d)
+    assert "thresholds: 10-class protocol (> 1000 / < 200): cifar10_lt" in format_description(d)
     write_cifar100(tmp_path, train_per_class=10, test_per_class=1)
     c100 = build_data(DataConfig(name="cifar100_lt", imbalance=5), tmp_path)
-    assert c100.thresholds_rule == "standard (> 100 / < 20): 100 classes"
+    assert c100.thresholds_rule == "standard (> 100 / < 20): cifar100_lt, 100 classes"
 
 
 def test_cifar100_step_profile_and_labels(tmp_path):

@@ -55,7 +55,8 @@ def test_profile_none_records_the_measured_imbalance_and_thresholds_rule(tmp_pat
     data = build_data(cfg(), tmp_path)
     assert data.imbalance == 3.0 and cfg().imbalance == 100  # measured, not the unused data.imbalance
     assert build_data(cfg(val_per_class=1), tmp_path).imbalance == 5.0  # 5 / 1 after the hold-out
-    assert data.thresholds_rule == "10-class rule (> 1000 / < 200): 3 classes, at most 10"
+    assert data.thresholds_rule == "standard (> 100 / < 20): folder, 3 classes"
+    assert data.default_thresholds == (100, 20)  # 1000 / 200 is CIFAR-10-LT's protocol, not every 3-class set
     with pytest.raises(ConfigError, match="lower data.val_per_class to at most 1") as info:
         build_data(cfg(val_per_class=2), tmp_path)
     assert "data.imbalance" not in str(info.value)

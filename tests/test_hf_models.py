@@ -177,3 +177,50 @@ def test_cli_train_with_download_weights_and_a_local_directory_fetches_nothing(v
     assert code == 0 and not fetched and (tmp_path / "run" / "model.pt").exists()
     hf.download_weights("someone/some-clip")  # a hub id goes to the hub client, into its cache
     assert fetched == [("someone/some-clip",)]
+
+
+def test_download_weights_without_a_network_names_the_url_and_the_offline_alternative(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from longtail.cli import main
+
+    # Nothing listens on port 9: the connection is refused at once, as on a machine without a network.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "clip.yaml"
+    config.write_text(yaml.safe_dump({"data": {"name": "cifar10_lt"},
+                                      "model": {"name": "hf_clip", "pretrained": "openai/clip-vit-base-patch32"}}))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--download-weights"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "cannot fetch 'openai/clip-vit-base-patch32' from http://127.0.0.1:9/openai/clip-vit-base-patch32" in err
+    assert "set model.pretrained to the local checkpoint directory" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_on_image_files_gives_evals_probabilities_for_in_memory_data_resized_to_the_model(tmp_path):
+    """CIFAR images go into a 48-pixel CLIP resized as floats on the device; predict reads the same images as
+    PNG files and must prepare them with eval's own function (it resized the 8-bit image: up to 2.2e-3 apart)."""
+    from PIL import Image
+
+    from longtail.engine import collect_logits, fit, load_run
+    from longtail.predict import Predictor, load_input
+
+    root = tmp_path / "data"
+    write_cifar10(root, train_per_class=4, test_per_class=2)
+    ckpt = tmp_path / "clip48"
+    write_clip(ckpt, image_size=48)
+    cfg = load_config(None, ["model.name=hf_clip", f"model.pretrained={ckpt}", "data.imbalance=2", "data.batch_size=16",
+                             "data.augment=none", "train.epochs=1", "optim.name=adamw", "optim.lr=1e-3"])
+    fit(cfg, tmp_path / "run", data_root=str(root))
+    run = load_run(tmp_path / "run", str(root))
+    spec = yaml.safe_load((tmp_path / "run" / "model.yaml").read_text())
+    assert spec["transform"]["resize_on"] == "float" and spec["transform"]["size"] == 48
+    images = []
+    for i, image in enumerate(run.data.test.images):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(images[-1])
+    z, _ = collect_logits(run.model, run.data.test, torch.device("cpu"))
+    predictor = Predictor(tmp_path / "run", "train")  # logits calibrated to the training prior: no correction
+    probabilities = predictor.probabilities(torch.stack([load_input(p, spec) for p in images]))
+    torch.testing.assert_close(probabilities, z.double().softmax(1), rtol=0, atol=1e-6)

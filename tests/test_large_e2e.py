@@ -107,13 +107,14 @@ def test_imagenet_lt_list_files_train_with_size_warnings(tmp_path, caplog):
     base = tmp_path / "ImageNet_LT"
     for c in range(4):
         write_image(base / f"train/n{c:08d}/n{c:08d}_1.JPEG", c % 3, seed=c)
+    for c in range(5):  # one file per test line: an evaluation split may not list an image twice
         write_image(base / f"val/ILSVRC2012_val_{c:08d}.JPEG", c % 3, seed=50 + c)
     # Every one of the 1000 classes needs a training image; the handful of files is shared between them.
     (base / "ImageNet_LT_train.txt").write_text(
         "".join(f"train/n{c % 4:08d}/n{c % 4:08d}_1.JPEG {c}\n" for c in range(1000)))
     (base / "ImageNet_LT_val.txt").write_text("".join(f"val/ILSVRC2012_val_{c:08d}.JPEG {c}\n" for c in range(2)))
     (base / "ImageNet_LT_test.txt").write_text(
-        "".join(f"val/ILSVRC2012_val_{c % 4:08d}.JPEG {7 * c}\n" for c in range(5)))
+        "".join(f"val/ILSVRC2012_val_{c:08d}.JPEG {7 * c}\n" for c in range(5)))
     overrides = ["data.name=imagenet_lt", f"data.root={tmp_path}", "model.name=mlp", "model.width=16", *TINY_RUN,
                  "data.batch_size=50", "eval.batch_size=50"]
 

@@ -142,9 +142,10 @@ def test_a_48_pixel_clip_gets_cifar_resized_and_eval_reproduces_it(clip48, tmp_p
     spec = yaml.safe_load((tmp_path / "run" / "model.yaml").read_text())
     assert spec["image_size"] == 48
     assert spec["transform"] == {"kind": "resize_center_crop", "resize": 54, "size": 48, "mean": saved["data"]["mean"],
-                                 "std": saved["data"]["std"], "tta": "lift_crops", "tta_resize": 72}
+                                 "std": saved["data"]["std"], "tta": "lift_crops", "tta_resize": 72,
+                                 "resize_on": "float"}
     assert evaluate_run(tmp_path / "run", data_root=str(root))["top1"] == pytest.approx(results["top1"])
-    # predict applies model.yaml's transform to image files: the same five crops, up to Pillow-style uint8 rounding
+    # predict applies model.yaml's transform to image files with eval's own function: the same five crops
     from PIL import Image
 
     from longtail.engine import load_run
@@ -158,7 +159,7 @@ def test_a_48_pixel_clip_gets_cifar_resized_and_eval_reproduces_it(clip48, tmp_p
     predictor = Predictor(tmp_path / "run")
     from_files = predictor.probabilities(torch.stack([load_input(f, predictor.spec) for f in files]))
     in_memory = predictor.probabilities(test.to_input(test.images[:2], "cpu", train=False, tta="lift_crops"))
-    assert torch.allclose(from_files, in_memory, atol=1e-3)
+    torch.testing.assert_close(from_files, in_memory, rtol=0, atol=1e-6)
 
 
 def test_the_preprocessor_crop_size_is_the_input_size(clip48, tmp_path):

@@ -80,7 +80,9 @@ def test_profile_none_records_the_measured_imbalance(tmp_path):
     write_tiny(tmp_path)
     data = build_listfile(cfg(), tmp_path, TINY)  # data.imbalance keeps its default, 100
     assert data.imbalance == 5.0  # 5 / 1 train images, as ImageNet-LT's 1280 / 5 = 256
-    assert data.thresholds_rule == "10-class rule (> 1000 / < 200): 3 classes, at most 10"
+    # the 10-class protocol is CIFAR-10-LT's and Fashion-MNIST-LT's, not every dataset of <= 10 classes
+    assert data.thresholds_rule == "standard (> 100 / < 20): tiny, 3 classes"
+    assert data.default_thresholds == (100, 20)
     write_tiny(tmp_path / "flat", train_counts=[8, 8, 8])
     assert build_listfile(cfg(), tmp_path / "flat", TINY).imbalance == 1.0
     assert build_listfile(cfg(profile="exp", imbalance=8), tmp_path / "flat", TINY).imbalance == 8.0
@@ -299,3 +301,10 @@ def test_the_policy_and_cutout_run_in_the_workers_seeded_per_sample(tmp_path):
     assert first.shape == plain.shape and not torch.equal(first.sort(0).values, plain.sort(0).values)
     assert not torch.equal(first, torch.cat([x for x, _, _ in data.train.batches(4, sampler="instance", seed=3,
                                                                                  epoch=2)]))
+
+
+def test_a_test_list_naming_an_image_twice_is_refused(tmp_path):
+    base = write_tiny(tmp_path)
+    (base / "test.txt").write_text((base / "test.txt").read_text() + "test/c0/x.png 0\n")
+    with pytest.raises(ConfigError, match=r"tiny test split: image test/c0/x.png is listed twice \(lines 1 and 4 of "):
+        build_listfile(cfg(), tmp_path, TINY)

@@ -29,9 +29,9 @@ def two_class_logits(p_first: list[float]) -> torch.Tensor:
 
 
 def test_default_thresholds_follow_spec():
-    assert default_thresholds(10) == (1000, 200)
-    assert default_thresholds(100) == (100, 20)
-    assert default_thresholds(1000) == (100, 20)
+    assert default_thresholds("cifar10_lt") == default_thresholds("fashion_mnist_lt") == (1000, 200)
+    assert default_thresholds("cifar100_lt") == default_thresholds("imagenet_lt") == (100, 20)
+    assert default_thresholds("folder") == (100, 20)  # whatever its class count
 
 
 def test_group_boundaries_are_inclusive_for_medium():

@@ -145,7 +145,7 @@ def test_export_reload_round_trip(tmp_path, name, head):
     assert torch.equal(reloaded(x), model(x))
 
     spec["num_classes"] = 11
-    with pytest.raises(ConfigError, match="model.pt does not fit"):
+    with pytest.raises(ConfigError, match="num_classes 11, but the model.pt beside it has a 10-class head"):
         load_exported(spec, model.state_dict())
     with pytest.raises(ConfigError, match="model.yaml"):
         load_exported({"model": {"name": name}}, model.state_dict())

@@ -12,15 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchmetrics.functional.classification import binary_average_precision
 
 from fake_data import write_cifar10, write_fashion_mnist
 from longtail.analysis import analyze_run
+from longtail.cli import main
 from longtail.config import DataConfig, from_dict
 from longtail.data import build_data
 from longtail.data.describe import describe, format_description
-from longtail.data.multilabel import mosaic_images, mosaic_tiles, read_class_split, tile_probabilities
+from longtail.data.mosaic import mosaic_images, mosaic_tiles, tile_probabilities
+from longtail.data.multilabel import read_class_split
 from longtail.data.splits import class_aware_order, epoch_order, rank_slice
 from longtail.engine import evaluate_run, fit
 from longtail.errors import ConfigError
@@ -141,6 +144,15 @@ def test_f1_micro_and_macro_by_hand():
     # class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 1 fp 0 fn 1 -> 2/3; micro: tp 2 fp 1 fn 1 -> 4/6
     micro, macro = f1_scores(pred, true)
     assert micro == pytest.approx(100 * 4 / 6) and macro == pytest.approx(100 * 2 / 3)
+
+
+def test_f1_counts_a_logit_of_exactly_zero_as_negative_and_any_positive_logit_as_positive():
+    # DB-Loss's eval_F1 predicts logit > 0; 1e-20 rounds to sigmoid 0.5 exactly in float64.
+    logits = torch.tensor([[0.0, 1e-20], [0.0, 1e-20]])
+    targets = torch.tensor([[1, 1], [0, 1]])
+    m = summarize_multilabel(logits, targets, [50, 10], ([0], [1], []))
+    # class 0: no prediction, 1 positive -> F1 0; class 1: both predicted, both positive -> F1 1
+    assert m["macro_f1"] == pytest.approx(50.0) and m["micro_f1"] == pytest.approx(100 * 4 / 5)
 
 
 def test_summarize_multilabel_groups_and_skips_classes_without_test_positives():
@@ -349,6 +361,38 @@ def test_unlabelled_images_are_kept_as_negatives_or_refused(tmp_path, caplog):
         build_data(cfg)
 
 
+def test_a_training_list_without_any_label_is_refused_and_unseen_classes_are_named(tmp_path, caplog, capsys):
+    cfg = write_list_dataset(tmp_path, ["img/1.png", "img/2.png"])
+    with pytest.raises(ConfigError, match=r"multilabel_list: no training image has any label \(.*train.txt\)"):
+        build_data(cfg)
+    # through the CLI: one line, exit 2, no run directory
+    config = tmp_path / "run.yaml"
+    data = {k: getattr(cfg, k) for k in ("name", "root", "profile", "train_list", "test_list", "class_names",
+                                         "image_size")}
+    config.write_text(yaml.safe_dump({"data": data, "loss": {"name": "bce"}, "model": {"name": "mlp", "width": 8},
+                                      "train": {"epochs": 1}}))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no training image has any label" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    with caplog.at_level(logging.WARNING):
+        build_data(write_list_dataset(tmp_path / "b", ["img/1.png dog", "img/2.png"]))
+    assert "2 of 3 classes have no positive training image, so nothing teaches them: cat, bird" in caplog.text
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_an_evaluation_list_naming_an_image_twice_is_refused(tmp_path, split):
+    cfg = write_list_dataset(tmp_path, ["img/0.png cat", "img/1.png dog,bird"])
+    (tmp_path / "eval.txt").write_text("img/2.png cat\nimg/3.png dog\n\nimg/2.png cat\n")
+    setattr(cfg, f"{split}_list", "eval.txt")
+    with pytest.raises(ConfigError, match=rf"multilabel_list {split} split: image img/2.png is listed twice "
+                                          r"\(lines 1 and 4 of .*eval.txt\)"):
+        build_data(cfg)
+    cfg.test_list, cfg.val_list = "test.txt", None
+    (tmp_path / "train.txt").write_text("img/0.png cat\nimg/0.png cat\n")  # training repeats are a choice
+    assert len(build_data(cfg).train) == 2
+
+
 def test_csv_list_needs_its_header(tmp_path):
     with pytest.raises(ConfigError, match=r"train.csv:1: a CSV list starts with the header 'path,labels'"):
         build_data(write_list_dataset(tmp_path, ["file,tags", "img/0.png,cat"], csv=True))
@@ -413,16 +457,19 @@ def test_class_split_must_partition_the_classes_and_pickles_are_restricted(tmp_p
         read_class_split(tmp_path / "evil.pkl", 3)
 
 
-def write_coco(root: Path) -> None:
+def box(image_id: int, category_id: int, bbox=(1.0, 2.0, 5.0, 4.0), area: float = 20.0, crowd: int = 0) -> dict:
+    return {"image_id": image_id, "category_id": category_id, "bbox": list(bbox), "area": area, "iscrowd": crowd}
+
+
+def write_coco(root: Path, extra_train_annotations: tuple = ()) -> None:
     base = root / "coco"
     cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 2, "name": "bicycle"}]
     train = {"images": [{"id": 10, "file_name": "a.jpg"}, {"id": 11, "file_name": "b.jpg"},
                         {"id": 12, "file_name": "c.jpg"}],
-             "annotations": [{"image_id": 10, "category_id": 1}, {"image_id": 10, "category_id": 3},
-                             {"image_id": 11, "category_id": 2}, {"image_id": 12, "category_id": 1}],
+             "annotations": [box(10, 1), box(10, 3), box(11, 2), box(12, 1), *extra_train_annotations],
              "categories": cats}
     val = {"images": [{"id": 20, "file_name": "v.jpg"}, {"id": 21, "file_name": "w.jpg"}],
-           "annotations": [{"image_id": 20, "category_id": 3}], "categories": cats}
+           "annotations": [box(20, 3)], "categories": cats}
     (base / "annotations").mkdir(parents=True)
     (base / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
     (base / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
@@ -446,6 +493,30 @@ def test_coco_mlt_reads_instances_json_in_id_list_order_with_categories_by_id(tm
     (tmp_path / "coco" / "longtail2017" / "img_id.pkl").write_bytes(pickle.dumps([12, 99], protocol=2))
     with pytest.raises(ConfigError, match=r"img_id.pkl:2: image id '99' is not an image of"):
         build_data(DataConfig(name="coco_mlt", profile="none"), tmp_path)
+
+
+def test_coco_labels_skip_degenerate_boxes_and_keep_crowd_ones_as_db_losss_reader(tmp_path):
+    write_coco(tmp_path, extra_train_annotations=(
+        box(12, 2, area=0.0), box(12, 2, bbox=(0, 0, 0.5, 9)), box(12, 2, bbox=(0, 0, 9, 0.9)),  # all skipped
+        box(11, 3, area=900.0, crowd=1)))  # a crowd box counts
+    data = build_data(DataConfig(name="coco_mlt", profile="none", image_size=8), tmp_path)
+    assert data.train.labels.tolist() == [[1, 0, 0], [1, 0, 1], [0, 1, 1]]  # c.jpg stays person only
+
+
+@pytest.mark.parametrize("broken,match", [
+    (lambda r: r["images"][1].pop("file_name"), r"images\[1\] has no 'file_name'"),
+    (lambda r: r["annotations"][2].pop("category_id"), r"annotations\[2\] \(id None\) has no 'category_id'"),
+    (lambda r: r["annotations"][0].update(category_id=77), r"annotations\[0\].*category_id 77 is not one"),
+    (lambda r: r["annotations"][0].update(bbox="wide"), r"annotations\[0\].*bbox 'wide'"),
+])
+def test_coco_entries_without_the_keys_read_are_errors_naming_the_entry(tmp_path, broken, match):
+    write_coco(tmp_path)
+    path = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    record = json.loads(path.read_text())
+    broken(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"instances_train2017.json: " + match):
+        build_data(DataConfig(name="coco_mlt", profile="none", image_size=8), tmp_path)
 
 
 def test_multilabel_datasets_refuse_a_profile(tmp_path):

@@ -154,6 +154,30 @@ def test_bad_models_and_inputs_are_refused(run, tmp_path):
         Predictor(out, "uniformm")
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s["data"].update(class_names=s["data"]["class_names"][:9]),
+     "data.class_names holds 9 entries for num_classes 10; give one per class"),
+    (lambda s: s.update(num_classes="ten"), "num_classes: 'ten' is not a whole number in 1..1000000"),
+    (lambda s: s.update(num_classes="1e11"), "num_classes: '1e11' is not a whole number"),  # YAML 1.1: a string
+    (lambda s: s.update(num_classes=10**11), "num_classes: 100000000000 is not a whole number"),
+    (lambda s: s.update(num_classes=12), "num_classes 12, but the model.pt beside it has a 10-class head"),
+    (lambda s: s.update(image_size=10**6), "image_size: 1000000 is not a whole number in 1..8192"),
+])
+def test_an_edited_model_yaml_is_refused_before_anything_is_built(run, tmp_path, capsys, edit, message):
+    from longtail.cli import main
+
+    _, out, images, _ = run
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(out / "model.pt", model / "model.pt")
+    spec = yaml.safe_load((out / "model.yaml").read_text())
+    edit(spec)
+    (model / "model.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["predict", str(model), str(images / "00.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{model / 'model.yaml'}: {message}" in err
+
+
 def test_an_approximately_uniform_model_is_taken_as_uniform(run, tmp_path):
     root, out, images, _ = run
     model = tmp_path / "model"

@@ -85,6 +85,18 @@ def test_a_directory_without_results_is_an_error(tmp_path):
         report([str(tmp_path)])
 
 
+@pytest.mark.parametrize("content", [b"", b'{"top1": 50.0, "balan', b"[1, 2]"])
+def test_a_truncated_or_empty_results_json_is_one_line_naming_it(tmp_path, capsys, content):
+    from longtail.cli import main
+
+    good = _run(tmp_path, "good", [], 50.0)
+    bad = _run(tmp_path, "bad", [], 40.0)
+    (Path(bad) / "results.json").write_bytes(content)
+    assert main(["report", good, bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{Path(bad) / 'results.json'}" in err
+
+
 def test_data_column_shows_the_measured_imbalance_under_profile_none(tmp_path):
     exp = _run(tmp_path, "exp", ["data.imbalance=50"], 60.0)
     natural = _run(tmp_path, "natural", ["data.profile=none", "data.name=imagenet_lt", "model.name=resnet50"], 40.0)

@@ -23,7 +23,7 @@ def test_results_record_measured_imbalance_and_thresholds_rule(tmp_path):
     write_fashion_mnist(tmp_path / "data", train_per_class=12, test_per_class=2)
     natural = _results(tmp_path, "natural", ["data.profile=none"])
     assert natural["imbalance"] == 1.0  # balanced natural counts, not data.imbalance's 100
-    assert natural["thresholds_rule"] == "10-class rule (> 1000 / < 200): 10 classes, at most 10"
+    assert natural["thresholds_rule"] == "10-class protocol (> 1000 / < 200): fashion_mnist_lt"
     given = _results(tmp_path, "exp", ["data.imbalance=4", "eval.thresholds=[10,5]"])
     assert given["imbalance"] == 4.0 and given["thresholds"] == [10, 5]
     assert given["thresholds_rule"] == "eval.thresholds from the config"

@@ -68,6 +68,64 @@ def test_the_batch_script_asks_for_the_partition_time_gpus_and_the_array(setup, 
     assert 'loss.name="la"' in call.command
 
 
+def _fake_slurm(bin_dir: Path, runs_script_in: Path) -> None:
+    """sbatch that keeps the script and runs it with sh (as SLURM's job would), srun that does nothing."""
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {runs_script_in}/submitted.sh\n'
+                                    f'(cd {runs_script_in} && sh "$1")\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+
+
+def test_shell_metacharacters_in_out_reach_the_batch_script_quoted_and_do_not_run(setup, tmp_path, monkeypatch):
+    root, config = setup
+    _fake_slurm(tmp_path / "bin", tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    out = tmp_path / "sw;touch pwned1;$(touch pwned2)`touch pwned3`"
+    points = plan(str(config), [], parse_grid(["loss.name=[ce]"]), [0], out)
+    submit(points, {"partition": "gpu;touch pwned4", "time": 5}, str(root / "data"), False, out / "slurm")
+    script = (tmp_path / "submitted.sh").read_text()
+    assert "#SBATCH --partition='gpu;touch pwned4'" in script.splitlines()
+    assert not list(tmp_path.glob("pwned*"))  # the script ran, and none of the commands did
+
+
+@pytest.mark.parametrize("option,value", [("partition", "gpu\ntouch pwned"), ("out", "sw\rx")])
+def test_control_characters_in_partition_or_out_are_refused_before_anything_is_written(setup, tmp_path, monkeypatch,
+                                                                                     capsys, option, value):
+    from longtail.cli import main
+
+    import longtail.slurm
+
+    def no_submission(*args, **kwargs):
+        raise AssertionError("submitted")
+
+    _, config = setup
+    _fake_slurm(tmp_path / "bin", tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setattr(longtail.slurm, "run_slurm", no_submission)
+    out = tmp_path / (value if option == "out" else "sw")
+    extra = ["--partition", value] if option == "partition" else []
+    assert main(["sweep", str(config), "--grid", "loss.name=[ce]", "--out", str(out), "--slurm", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--{option} " in err and "control character" in err
+    assert not out.exists() and not (tmp_path / "submitted.sh").exists()
+
+
+def test_slurm_where_there_is_none_is_one_line(setup, tmp_path, monkeypatch, capsys):
+    from longtail.cli import main
+
+    _, config = setup
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch, no srun
+    out = tmp_path / "sw"
+    assert main(["sweep", str(config), "--grid", "loss.name=[ce]", "--out", str(out), "--slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("longtail sweep: error: --slurm: SLURM is not available here (sbatch and srun not on PATH); run on "
+                   "a SLURM login node, or leave out --slurm (--jobs N runs the points on this machine)")
+    assert not out.exists()
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []

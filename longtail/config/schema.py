@@ -213,7 +213,7 @@ class EvalConfig:
     split: Literal["test", "val"] = "test"
     select: Literal["final", "best_val", "best_test"] = "final"
     thresholds: Optional[list[int]] = None  # [many, few]; null: dataset default
-    f1_threshold: float = 0.5  # multi-label: a label is predicted when sigmoid(logit) >= this
+    f1_threshold: float = 0.5  # multi-label: a label is predicted when sigmoid(logit) > this (logit > 0 at 0.5)
     ece_bins: int = 15
     tta: Literal["none", "flip", "lift_crops"] = "none"  # lift_crops: LIFT's five crops, logits averaged
     batch_size: int = 512

@@ -52,10 +52,10 @@ def from_raw(name: str, raw: RawDataset, data_cfg: DataConfig, mean: tuple[float
     return LTData(
         name=name, num_classes=num_classes, class_counts=subset.counts, train=train, val=val, test=test,
         mean=mean, std=std, in_channels=raw.train_images.shape[1], image_size=raw.train_images.shape[2],
-        default_thresholds=default_thresholds(num_classes), indices=train.indices,
+        default_thresholds=default_thresholds(name), indices=train.indices,
         indices_sha256=indices_sha256(subset.train), val_indices=val.indices if val is not None else None,
         class_names=raw.class_names, imbalance=recorded_imbalance(data_cfg, subset.counts),
-        thresholds_rule=default_thresholds_rule(num_classes),
+        thresholds_rule=default_thresholds_rule(name, num_classes),
     )
 
 
@@ -85,4 +85,4 @@ def _fashion_mnist_lt(data_cfg: DataConfig, root: Path, download: bool) -> LTDat
         download_fashion_mnist(root / FASHION_MNIST_DIRS[0])
     return from_raw(data_cfg.name, read_fashion_mnist(root), data_cfg, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
-from longtail.data import folder, listfile, multilabel  # noqa: E402,F401  (they register their datasets)
+from longtail.data import folder, listfile, mosaic, multilabel  # noqa: E402,F401  (they register their datasets)

@@ -58,6 +58,24 @@ def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
 
 
+def resize_shorter_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a float batch so that the shorter side is `size` (the aspect kept), antialiased when
+    downsizing (as Pillow); for square images the same as `resize_batch`."""
+    h, w = x.shape[-2:]
+    out = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    return F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=size < min(h, w))
+
+
+def eval_geometry(x: torch.Tensor, size: int, tta: str = "none") -> torch.Tensor:
+    """The evaluation geometry of images resized to a model's size, on float N x C x h x w in [0, 1]: the shorter
+    side resized to 256/224 x size and the centre crop; `tta: lift_crops`: resized to size + 24 and LIFT's five
+    crops (N x 5 x C x size x size). `eval` (in-memory data) and `predict` (model.yaml's transform `resize_on:
+    float`) both call it, so predict gives eval's probabilities."""
+    if tta == "lift_crops":
+        return five_crops(resize_shorter_batch(x, size + LIFT_EXPAND), size)
+    return center_crop(resize_shorter_batch(x, eval_resize(size)), size)
+
+
 def to_model_size(x: torch.Tensor, size: int | None, augment: str, train: bool,
                   generator: torch.Generator | None = None, tta: str = "none") -> torch.Tensor:
     """The geometric first step of in-memory input preparation (float N x C x h x w on the device, before any
@@ -76,8 +94,4 @@ def to_model_size(x: torch.Tensor, size: int | None, augment: str, train: bool,
         if augment != "none":
             x = crop_flip(x, generator, crop=augment == "crop_flip")
         return x if size is None else resize_batch(x, size)
-    if size is None:
-        return x
-    if tta == "lift_crops":
-        return five_crops(resize_batch(x, size + LIFT_EXPAND), size)
-    return center_crop(resize_batch(x, eval_resize(size)), size)
+    return x if size is None else eval_geometry(x, size, tta)

@@ -107,12 +107,12 @@ def recorded_imbalance(data_cfg: DataConfig, class_counts: list[int]) -> float:
     return float(data_cfg.imbalance)
 
 
-def default_thresholds_rule(num_classes: int) -> str:
-    """Why `default_thresholds(num_classes)` is what it is, in words for results.json and `longtail data`."""
-    many, few = default_thresholds(num_classes)
+def default_thresholds_rule(dataset: str, num_classes: int) -> str:
+    """Why `default_thresholds(dataset)` is what it is, in words for results.json and `longtail data`."""
+    many, few = default_thresholds(dataset)
     if (many, few) == (100, 20):
-        return f"standard (> {many} / < {few}): {num_classes} classes"
-    return f"10-class rule (> {many} / < {few}): {num_classes} classes, at most 10"
+        return f"standard (> {many} / < {few}): {dataset}, {num_classes} classes"
+    return f"10-class protocol (> {many} / < {few}): {dataset}"
 
 
 def normalisation_stats(given: Optional[list[float]], default: tuple[float, ...], key: str) -> tuple[float, ...]:

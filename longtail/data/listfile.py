@@ -80,6 +80,19 @@ class ImageList:
                          self.list_file)
 
 
+def refuse_duplicates(items: ImageList, split: str) -> None:
+    """An evaluation split scores each image once: an image listed twice is an error naming it and both lines."""
+    first: dict[str, int] = {}
+    for i, path in enumerate(items.paths):
+        if path in first:
+            j = first[path]
+            lines = f"lines {items.origin[j] + 1} and {items.origin[i] + 1} of {items.list_file}" if items.list_file \
+                else f"entries {j + 1} and {i + 1}"
+            raise ConfigError(f"{split} split: image {path} is listed twice ({lines}); an evaluation split scores "
+                              "each image once, so remove the repeated line")
+        first[path] = i
+
+
 class BadSamples:
     """Bad samples: the first raises in `error` mode; `skip` mode counts them and logs the first few."""
 
@@ -317,6 +330,9 @@ def make_splits(name: str, cfg: DataConfig, base: Path, num_classes: int, train:
     std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
     if len(mean) != 3 or len(std) != 3:
         raise ConfigError(f"data.mean / data.std: need 3 values (RGB), got {len(mean)} / {len(std)}")
+    for split, items in (("val", val), ("test", test)):
+        if items is not None:
+            refuse_duplicates(items, f"{name} {split}")
     empty = np.flatnonzero(np.bincount(train.labels, minlength=num_classes) == 0)
     if len(empty):
         raise ConfigError(f"{name}: {len(empty)} of {num_classes} classes have no training image "
@@ -338,11 +354,11 @@ def make_splits(name: str, cfg: DataConfig, base: Path, num_classes: int, train:
     return LTData(
         name=name, num_classes=num_classes, class_counts=train_split.class_counts(), train=train_split,
         val=val_split, test=test_split, mean=mean, std=std, in_channels=3, image_size=cfg.image_size,
-        default_thresholds=default_thresholds(num_classes), indices=train_split.indices,
+        default_thresholds=default_thresholds(name), indices=train_split.indices,
         indices_sha256=indices_sha256(train_split.indices), val_indices=val_split.indices if val_split is not None else None,
         class_names=class_names or [str(c) for c in range(num_classes)],
         imbalance=recorded_imbalance(cfg, train_split.class_counts()),
-        thresholds_rule=default_thresholds_rule(num_classes),
+        thresholds_rule=default_thresholds_rule(name, num_classes),
     )
 
 

@@ -3,9 +3,8 @@
 - `multilabel_list`: your own lists, `relative/path label,label,...` per line or a CSV with `path` and
   `labels` columns, class names from `data.class_names`;
 - `voc_mlt`, `coco_mlt`: DB-Loss's VOC-MLT and COCO-MLT (Wu et al., ECCV 2020) from the original
-  VOC / COCO annotations and DB-Loss's image-id lists and head / medium / tail class split;
-- `cifar10_mosaic_mlt`, `fashion_mnist_mosaic_mlt`: 2 x 2 mosaics of real CIFAR-10 / Fashion-MNIST images with
-  long-tailed label frequencies.
+  VOC / COCO annotations and DB-Loss's image-id lists and head / medium / tail class split.
+The CIFAR-10 / Fashion-MNIST mosaics are in `longtail.data.mosaic`.
 
 Bad lines, unknown labels and missing images raise a ConfigError naming file and line, or are skipped
 and counted with `data.on_bad_sample: skip`. An image with no label is an all-negative sample (counted
@@ -14,7 +13,6 @@ in the log), or an error with `data.on_unlabelled: error`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import xml.etree.ElementTree as ET
@@ -22,19 +20,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from longtail.config import DataConfig
-from longtail.data.core import (CIFAR_MEAN, CIFAR_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, LTData, indices_sha256,
-                                missing_dataset, normalisation_stats, register_dataset)
-from longtail.data.cifar import CIFAR10_DIR, RawDataset, read_cifar10
-from longtail.data.download import CIFAR10, download_archive, download_fashion_mnist
-from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
+from longtail.data.core import LTData, indices_sha256, normalisation_stats, register_dataset
 from longtail.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
 from longtail.data.policies import ImagePolicy
-from longtail.data.listfile import BadSamples, FileSplit, ImageList, PathRemap, check_size, missing_files
+from longtail.data.listfile import (BadSamples, FileSplit, ImageList, PathRemap, check_size, missing_files,
+                                    refuse_duplicates)
 from longtail.data.safe_pickle import load_pickle
-from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -201,6 +194,18 @@ def file_data(name: str, cfg: DataConfig, base: Path, class_names: list[str], tr
     for split_name, items in (("train", train), ("val", val), ("test", test)):
         if items is not None:
             count_unlabelled(items, f"{name} {split_name}", cfg.on_unlabelled)
+            if split_name != "train":
+                refuse_duplicates(items, f"{name} {split_name}")
+    positives = train.labels.sum(axis=0)
+    if not positives.any():
+        where = f" ({train.list_file})" if train.list_file else ""
+        raise ConfigError(f"{name}: no training image has any label{where}; a multi-label training list gives each "
+                          "image's labels after its path "
+                          "(`relative/path label,label,...`)")
+    unseen = [class_names[k] for k in np.flatnonzero(positives == 0)]
+    if unseen:
+        log.warning("%s: %d of %d classes have no positive training image, so nothing teaches them: %s", name,
+                    len(unseen), len(class_names), ", ".join(unseen))
     mean = normalisation_stats(cfg.mean, IMAGENET_MEAN, "data.mean")
     std = normalisation_stats(cfg.std, IMAGENET_STD, "data.std")
     num_classes = len(class_names)
@@ -295,7 +300,9 @@ def _voc_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
 def read_coco(instances: Path, image_dir: str, keep: Optional[list[str]], id_file: Optional[Path],
               bad: BadSamples) -> tuple[ImageList, list[str]]:
     """Images of an `instances_*.json` (those of `keep`, in its order, else all in file order), each labelled
-    with the categories of all its annotations (crowd ones too); classes are the categories by id."""
+    with the categories of its annotations as DB-Loss's reader takes them: a box with area <= 0, width < 1 or
+    height < 1 is skipped, crowd boxes count; classes are the categories by id. An image or annotation entry
+    without the keys read here is an error naming it."""
     if not instances.is_file():
         raise ConfigError(f"{instances} does not exist: COCO 2017's annotations (see docs/multilabel.md)")
     try:
@@ -305,10 +312,23 @@ def read_coco(instances: Path, image_dir: str, keep: Optional[list[str]], id_fil
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{instances}: not a COCO instances file (images, annotations, categories): {exc}") from None
     column = {c["id"]: k for k, c in enumerate(categories)}
-    labels: dict[int, set] = {img["id"]: set() for img in images}
-    files = {img["id"]: img["file_name"] for img in images}
-    for ann in annotations:
-        if ann["image_id"] in labels and ann["category_id"] in column:
+    files = {}
+    for n, img in enumerate(images):
+        _check_entry(img, ("id", "file_name"), f"{instances}: images[{n}]")
+        files[img["id"]] = img["file_name"]
+    labels: dict[int, set] = {i: set() for i in files}
+    for n, ann in enumerate(annotations):
+        where = f"{instances}: annotations[{n}] (id {ann.get('id') if isinstance(ann, dict) else None})"
+        _check_entry(ann, ("image_id", "category_id", "bbox", "area"), where)
+        if ann["category_id"] not in column:
+            raise ConfigError(f"{where}: category_id {ann['category_id']!r} is not one of the file's categories")
+        try:
+            _, _, w, h = ann["bbox"]
+            degenerate = ann["area"] <= 0 or w < 1 or h < 1
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: bbox {ann['bbox']!r} / area {ann['area']!r}: expected [x, y, width, height] "
+                              "and a number") from None
+        if ann["image_id"] in labels and not degenerate:
             labels[ann["image_id"]].add(column[ann["category_id"]])
     order = [img["id"] for img in images] if keep is None else []
     if keep is not None:
@@ -323,6 +343,12 @@ def read_coco(instances: Path, image_dir: str, keep: Optional[list[str]], id_fil
                       len(categories)), np.asarray([line for line, _ in kept], dtype=np.int64),
                       str(id_file) if id_file is not None else "")
     return items, [c["name"] for c in categories]
+
+
+def _check_entry(entry: object, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in entry] if isinstance(entry, dict) else list(keys)
+    if missing:
+        raise ConfigError(f"{where} has no {missing[0]!r}: a COCO instances file's entries need {', '.join(keys)}")
 
 
 @register_dataset("coco_mlt")
@@ -348,88 +374,3 @@ def _coco_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
     test_bad.summary()
     groups = read_class_split(base / "longtail2017" / "class_split.pkl", len(names))
     return file_data("coco_mlt", cfg, base, names, train, None, test, groups)
-
-
-# ----------------------------------------------------------------------------- CIFAR-10 / Fashion-MNIST mosaics
-
-MOSAIC_GROUPS = ([0, 1, 2], [3, 4, 5], [6, 7, 8, 9])  # head / medium / tail by the profile's class rank
-
-
-def tile_probabilities(num_classes: int, imbalance: float) -> np.ndarray:
-    """The tile-class distribution: p_k proportional to IF^(-k / (C - 1)), CIFAR-LT's exponential profile."""
-    p = float(imbalance) ** (-np.arange(num_classes) / (num_classes - 1))
-    return p / p.sum()
-
-
-def mosaic_tiles(labels: np.ndarray, probs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n x 4 source-image indices: tile classes drawn i.i.d. from `probs`, each class's tiles taking its images
-    in a seeded shuffled order, cycled when a class needs more tiles than it has images."""
-    classes = rng.choice(len(probs), size=(n, 4), p=probs)
-    tiles = np.empty((n, 4), dtype=np.int64)
-    for k in range(len(probs)):
-        where = classes == k
-        own = rng.permutation(np.flatnonzero(labels == k))
-        tiles[where] = own[np.arange(int(where.sum())) % len(own)]
-    return tiles
-
-
-def mosaic_images(images: np.ndarray, tiles: np.ndarray) -> np.ndarray:
-    """N x C x H x W uint8 from C x H x W sources: each source image averaged over 2 x 2 pixel blocks (rounded)
-    to H/2 x W/2, placed top-left, top-right, bottom-left, bottom-right."""
-    _, c, h, w = images.shape
-    small = images.reshape(-1, c, h // 2, 2, w // 2, 2).astype(np.uint16).sum(axis=(3, 5))
-    small = ((small + 2) // 4).astype(np.uint8)
-    t = small[tiles]  # n x 4 x 3 x 16 x 16
-    top = np.concatenate([t[:, 0], t[:, 1]], axis=3)
-    bottom = np.concatenate([t[:, 2], t[:, 3]], axis=3)
-    return np.concatenate([top, bottom], axis=2)
-
-
-def mosaic_data(cfg: DataConfig, raw: RawDataset, mean: tuple[float, ...], std: tuple[float, ...]) -> LTData:
-    """Training mosaics with tile classes from the exp profile, test mosaics with uniform ones (docs/multilabel.md)."""
-    if cfg.profile != "exp":
-        raise ConfigError(f"data.profile: {cfg.name} draws tile classes from the exp profile; got {cfg.profile}")
-    if cfg.val_per_class > 0:
-        raise ConfigError(f"data.val_per_class: {cfg.name} has no per-class hold-out; set it to 0")
-    num_classes = len(raw.class_names)
-    # Separate seeded streams: the test mosaics do not change with the training image count or profile.
-    train_tiles = mosaic_tiles(raw.train_labels, tile_probabilities(num_classes, cfg.imbalance),
-                               cfg.mosaic_train_images, np.random.default_rng([cfg.subset_seed, 0]))
-    test_tiles = mosaic_tiles(raw.test_labels, np.full(num_classes, 1 / num_classes), cfg.mosaic_test_images,
-                              np.random.default_rng([cfg.subset_seed, 1]))
-    mean, std = normalisation_stats(cfg.mean, mean, "data.mean"), normalisation_stats(cfg.std, std, "data.std")
-
-    def split(images: np.ndarray, labels: np.ndarray, tiles: np.ndarray) -> InMemorySplit:
-        multi = torch.from_numpy(multi_hot([sorted(set(row)) for row in labels[tiles].tolist()], num_classes))
-        return InMemorySplit(torch.from_numpy(mosaic_images(images, tiles)), multi, torch.arange(len(tiles)),
-                             mean, std, cfg.augment, num_classes, ImagePolicy.from_config(cfg))
-
-    train = split(raw.train_images, raw.train_labels, train_tiles)
-    test = split(raw.test_images, raw.test_labels, test_tiles)
-    return LTData(
-        name=cfg.name, num_classes=num_classes, class_counts=train.class_counts(), train=train, val=None, test=test,
-        mean=mean, std=std, in_channels=raw.train_images.shape[1], image_size=raw.train_images.shape[2],
-        default_thresholds=THRESHOLDS, indices=train.indices,
-        indices_sha256=hashlib.sha256(np.ascontiguousarray(train_tiles, dtype="<i8").tobytes()).hexdigest(),
-        val_indices=None, class_names=raw.class_names, imbalance=float(cfg.imbalance),
-        thresholds_rule=f"{cfg.name}: head classes 0-2, medium 3-5, tail 6-9 (the profile's rank)",
-        task="multi_label", class_groups=MOSAIC_GROUPS,
-    )
-
-
-@register_dataset("cifar10_mosaic_mlt")
-def _cifar10_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
-    if not (root / CIFAR10_DIR).is_dir():
-        if not download:
-            raise missing_dataset(cfg.name, root / CIFAR10_DIR)
-        download_archive(CIFAR10, root, CIFAR10_DIR)
-    return mosaic_data(cfg, read_cifar10(root), CIFAR_MEAN, CIFAR_STD)
-
-
-@register_dataset("fashion_mnist_mosaic_mlt")
-def _fashion_mnist_mosaic_mlt(cfg: DataConfig, root: Path, download: bool) -> LTData:
-    if not find_idx(fashion_mnist_dir(root), FASHION_MNIST_FILES[0]).exists():
-        if not download:
-            raise missing_dataset(cfg.name, root / FASHION_MNIST_DIRS[0])
-        download_fashion_mnist(root / FASHION_MNIST_DIRS[0])
-    return mosaic_data(cfg, read_fashion_mnist(root), FASHION_MNIST_MEAN, FASHION_MNIST_STD)

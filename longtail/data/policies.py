@@ -9,8 +9,9 @@ fifteen ops and Cutout here are a few lines each.
 
 The ops and magnitude bins are those of torchvision's `AutoAugment` / `RandAugment` (facts, own code):
 - geometric ops (shear, translate, rotate) map output pixels to input pixels by nearest neighbour and
-  fill what falls outside with 0 (torchvision's default fill); shear is about the top-left corner (PIL's
-  affine), rotation about the centre;
+  fill what falls outside with 0 (torchvision's default fill), as Pillow's affine transform does: the input
+  pixel holding matrix @ (output pixel centre), so shear is about the image's top-left corner (not the top-left
+  pixel's centre), rotation about the centre;
 - enhancement ops blend with a degenerate image by the factor 1 + m (m signed): Brightness with black,
   Color with the greyscale image, Contrast with its mean grey, Sharpness with a 3x3 smoothing (border kept);
 - Posterize and Equalize work on the 8-bit values round(255 x); Solarize inverts values >= a threshold;
@@ -101,13 +102,14 @@ def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> t
 
 
 def _affine(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """Output pixel (col, row) takes the input pixel nearest to matrix @ (col, row, 1); outside: 0.
+    """Output pixel (col, row) takes the input pixel that holds the point matrix @ (col + 0.5, row + 0.5, 1), in
+    coordinates where pixel (i, j) spans [i, i + 1) x [j, j + 1) (Pillow's AFFINE with NEAREST); outside: 0.
     matrix: n x 2 x 3 on x's device."""
     n, c, h, w = x.shape
     rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-    cols, rows = cols.flatten().to(matrix), rows.flatten().to(matrix)
-    # Elementwise, not a matmul: TF32 matmuls would blur the coordinates that are rounded to pixels.
-    src = torch.round(matrix[..., 0:1] * cols + matrix[..., 1:2] * rows + matrix[..., 2:3])  # n x 2 x HW
+    cols, rows = cols.flatten().to(matrix) + 0.5, rows.flatten().to(matrix) + 0.5
+    # Elementwise, not a matmul: TF32 matmuls would blur the coordinates that are floored to pixels.
+    src = torch.floor(matrix[..., 0:1] * cols + matrix[..., 1:2] * rows + matrix[..., 2:3])  # n x 2 x HW
     sx, sy = src[:, 0].long(), src[:, 1].long()
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     flat = (sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1))[:, None, :].expand(n, c, h * w)
@@ -142,7 +144,7 @@ def translate_y(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     """Counter-clockwise by `degrees` about the image centre (rows grow downwards)."""
     h, w = x.shape[-2:]
-    cx, cy = (w - 1) / 2, (h - 1) / 2
+    cx, cy = w / 2, h / 2  # in pixel-edge coordinates (`_affine`)
     t = degrees * math.pi / 180
     cos, sin = torch.cos(t), torch.sin(t)
     # Input = centre + R(t) (output - centre), R(t) = [[cos, -sin], [sin, cos]] in (col, row) coordinates.

@@ -96,11 +96,36 @@ def model_spec(model_cfg: ModelConfig, model: nn.Module, num_classes: int, in_ch
     return {"model": spec, "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
 
 
-def load_exported(spec: dict, state_dict: dict) -> nn.Module:
+# Bounds on what model.yaml may ask for, checked before anything is allocated (an edited num_classes: 1e11
+# would otherwise try to build a 12.8 TB head).
+SIZE_LIMITS = {"num_classes": 10**6, "in_channels": 16, "image_size": 8192}
+
+
+def check_exported_sizes(spec: dict, state_dict: dict, where: str = "model.yaml") -> None:
+    """Refuse a model.yaml whose sizes are not whole numbers in range, whose class names or counts do not number
+    num_classes, or whose num_classes is not the number of rows of model.pt's head."""
+    for key, limit in SIZE_LIMITS.items():
+        value = spec[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ConfigError(f"{where}: {key}: {value!r} is not a whole number in 1..{limit}")
+    n = spec["num_classes"]
+    head = state_dict.get("head.weight")
+    if isinstance(head, torch.Tensor) and head.shape[0] != n:
+        raise ConfigError(f"{where}: num_classes {n}, but the model.pt beside it has a {head.shape[0]}-class head")
+    data = spec.get("data")
+    for key in ("class_names", "class_counts"):
+        given = data.get(key) if isinstance(data, dict) else None
+        if given is not None and (not isinstance(given, list) or len(given) != n):
+            count = len(given) if isinstance(given, list) else type(given).__name__
+            raise ConfigError(f"{where}: data.{key} holds {count} entries for num_classes {n}; give one per class")
+
+
+def load_exported(spec: dict, state_dict: dict, where: str = "model.yaml") -> nn.Module:
     """Rebuild the architecture `spec` (a loaded `model.yaml`) describes and load `state_dict` into it."""
     keys = ("model", "num_classes", "in_channels", "image_size")
     if not isinstance(spec, dict) or any(k not in spec for k in keys) or not isinstance(spec["model"], dict):
-        raise ConfigError(f"model.yaml: expected a mapping with keys {', '.join(keys)} ('model' a mapping)")
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(keys)} ('model' a mapping)")
+    check_exported_sizes(spec, state_dict, where)
     model_cfg = from_dict({"model": {**spec["model"], "pretrained": None}}).model
     model = build_model(model_cfg, spec["num_classes"], spec["in_channels"], spec["image_size"])
     adapters = spec.get("adapters")

@@ -52,9 +52,16 @@ def download_weights(hub_id: str) -> None:
     if Path(hub_id).expanduser().is_dir():
         return
     _transformers()
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
-    snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    try:
+        snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except (OSError, HfHubHTTPError, ValueError) as exc:  # no network, an unknown id, an invalid one
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--download-weights: cannot fetch {hub_id!r} from {constants.ENDPOINT}/{hub_id} ({cause}); "
+                          "offline, download it on a machine with a network and set model.pretrained to the local "
+                          "checkpoint directory (config.json + model.safetensors)") from None
 
 
 def checkpoint_dir(pretrained: str) -> Path:

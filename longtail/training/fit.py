@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from longtail import distributed as dist
-from longtail.checkpoint import atomic_write_json, load_checkpoint, run_lock
+from longtail.checkpoint import append_line, atomic_write_json, load_checkpoint, run_lock
 from longtail.config import Config, read_yaml
 from longtail.errors import ConfigError
 from longtail.finetune import parameter_counts
@@ -261,8 +261,7 @@ def _tensorboard(out: Path) -> Any:
 
 
 def _log_epoch(out: Path, writer: Any, record: dict, epochs: int, eta: str) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(out / "metrics.jsonl", json.dumps(record))
     if writer is not None:
         for split in ("val", "test"):
             for key, value in record.get(split, {}).items():
