@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tiny
-from crash_method import CrashAt
+from crash_method import killed_at
 from longtail import engine
 from longtail.cli import FAST, main
 from longtail.config import load_config
@@ -93,11 +93,7 @@ def test_fast_sets_its_keys_and_an_explicit_override_wins(tmp_path, data_root, m
 def test_each_restarted_segment_of_a_run_records_where_it_ran(tmp_path, data_root):
     out = tmp_path / "run"
     cfg = load_config(None, [*TINY_MLP, "train.checkpoint_every=5"])
-    cfg.method.name = "crash_test"
-    CrashAt.calls, CrashAt.crash_at = 0, 13 + 9  # epoch 2, after the checkpoint at global step 10 (epoch 2, step 5)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, out, data_root=data_root)
-    CrashAt.crash_at = 0
+    killed_at(fit, cfg, out, data_root, 13 + 9)  # in epoch 2, after a mid-epoch checkpoint
     results = fit(cfg, out, resume=True, data_root=data_root)
     first, second = results["segments"]
     assert (first["epoch"], first["step"]) == (0, 0)

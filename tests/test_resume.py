@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from crash_method import CrashAt
+from crash_method import CrashAt, killed_at
 from longtail import engine
 from longtail.checkpoint import atomic_torch_save, load_checkpoint
 from longtail.config import load_config
@@ -129,13 +129,9 @@ def test_stop_signals_are_configurable(monkeypatch):
 def test_mid_epoch_checkpoints_resume_bit_for_bit(tmp_path, data_root, reference):
     out = tmp_path / "run"
     cfg = load_config(None, [*TINY, "train.checkpoint_every=5"])
-    cfg.method.name = "crash_test"
-    CrashAt.calls, CrashAt.crash_at = 0, 13 + 9  # epoch 2, after the checkpoint at global step 20 (epoch 2, step 7)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, out, data_root=data_root)
+    killed_at(fit, cfg, out, data_root, 13 + 9)  # epoch 2, after the checkpoint at global step 20 (epoch 2, step 7)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["partial"]["epoch"] == 1 and state["partial"]["batch"] == 7 and state["partial"]["steps_done"] == 20
-    CrashAt.crash_at = 0
     fit(cfg, out, resume=True, data_root=data_root)
     _assert_same_run(out, reference)
 
