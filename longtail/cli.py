@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", "top-k class names with probabilities for image files, from an exported model", cmd_predict)
     p.add_argument("model", help="run directory or a model.pt beside its model.yaml")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, list files (.txt, one path per line)")
-    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--topk", type=int, default=None, help="classes shown per image (default 5, or every class of a "
+                   "model with fewer)")
     p.add_argument("--prior", default=None,
                    help="deployment class prior: uniform (default), train, or a file of one probability or count per "
                         "line in class-id order (single-label models)")
