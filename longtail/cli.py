@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LongtailError as exc:
-        print(f"longtail {args.command}: {'stopped' if getattr(exc, 'exit_code', 2) == 143 else 'error'}: {exc}",
+        print(f"longtail {args.command}: {'stopped' if getattr(exc, 'exit_code', 2) in (130, 143) else 'error'}: {exc}",
               file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except BrokenPipeError:  # output piped into `head` and closed early
