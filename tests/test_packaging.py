@@ -27,9 +27,10 @@ def test_pyproject_names_every_package_and_ships_configs_as_recipes():
 @pytest.mark.e2e
 def test_the_wheel_installed_elsewhere_lists_reproduces_and_trains_by_recipe_name(tmp_path, data_root):
     source = tmp_path / "source"  # a copy, so the build leaves no build/ or egg-info in the checkout
-    for name in ("longtail", "configs", "pyproject.toml", "README.md"):
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    for name in ("longtail", "configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     # Without PYTHONPATH (which points the suite at a checkout): pip must see neither that copy nor its metadata.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"LONGTAIL_DATA": str(data_root)}
     wheels = tmp_path / "wheels"

@@ -172,8 +172,9 @@ def test_the_documented_resnet_key_layout_is_the_backbones(tmp_path):
     for stage, blocks in enumerate((3, 4, 6, 3), 1):
         for block in range(blocks):
             for k in (1, 2, 3):
+                bn = f"layer{stage}.{block}.bn{k}"
                 names += [f"layer{stage}.{block}.conv{k}.weight",
-                          *(f"layer{stage}.{block}.bn{k}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))]
+                          *(f"{bn}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))]
         names += [f"layer{stage}.0.downsample.0.weight",
                   *(f"layer{stage}.0.downsample.1.{p}" for p in ("weight", "bias", "running_mean", "running_var"))]
     model = build_model(ModelConfig(name="resnet50"), 10, 3, 64)

@@ -89,7 +89,8 @@ def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
     if stopping:
         cause = "Ctrl-C" if loop.stop.signum == signal.SIGINT else f"signal {loop.stop.signum}"
         raise Preempted(f"stopped by {cause} after step {i // accum + 1} of epoch {epoch + 1}; "
-                        f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume", loop.stop.signum)
+                        f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume",
+                        loop.stop.signum)
 
 
 def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] = None) -> dict:
