@@ -133,3 +133,10 @@ def test_config_doc_gives_every_key_with_its_default():
         assert set(documented[section]) == set(values), section
         for key, value in values.items():
             assert yaml.safe_load(documented[section][key]) == value, f"{section}.{key}"
+
+
+def test_user_docs_cite_papers_and_docs_not_internal_notes():
+    """Users have neither the project's SPEC nor ../shared: the docs cite the paper or the project's docs."""
+    for path in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        text = path.read_text()
+        assert not re.search(r"\bSPEC\b|\.\./shared", text), path
