@@ -1,4 +1,4 @@
-"""The EWB paper's evidence as numbers (SPEC §2.4): how separable, how aligned and how large features
+"""The EWB paper's evidence (Hasegawa & Sato, ICLR 2024) as numbers: how separable, how aligned and how large features
 and classifier vectors are, and what weight decay does to BatchNorm scales.
 
 All statistics are computed in float64 on penultimate features taken with the eval transform.

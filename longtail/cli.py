@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import longtail
 from longtail.errors import LongtailError
 from longtail.progress import set_quiet
 
+
+RECIPE = "a YAML config file or a shipped recipe's name (longtail configs lists them), e.g. cifar10_lt/ce"
+SETTINGS = ("Every setting is a section.key: `longtail config RECIPE` prints a recipe's, `--diff` what it changes; "
+            "docs/config.md lists them all with their defaults and allowed values.")
 
 # bfloat16 autocast (float32's range: no loss scaling) with NHWC convolutions: the fastest setting that keeps
 # float32's accuracy on a CPU with native bfloat16 (AMX, AVX512-BF16) and on a recent GPU (docs/cli.md#speed).
@@ -18,18 +23,63 @@ FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from longtail.config import load_config
+    from longtail.config import find_recipe, load_config
     from longtail.training.fit import fit
 
     # --fast comes first so an explicit override still wins; the saved config.yaml names each key it set.
     cfg = load_config(args.config, [*(FAST if args.fast else []), *args.overrides])
-    out = args.out or str(Path("runs") / Path(args.config).parent.name / Path(args.config).stem)
+    recipe = find_recipe(args.config)  # a shipped recipe's name gives the same runs/<dataset>/<config> as its file
+    out = args.out or str(Path("runs") / recipe.parent.name / recipe.stem)
     if args.download_weights and cfg.model.pretrained is not None:
         from longtail.models.hf import HF_MODELS, download_weights
 
         if cfg.model.name in HF_MODELS:  # into the hub cache, where model.pretrained then resolves offline
             download_weights(cfg.model.pretrained)
     fit(cfg, out, resume=args.resume, data_root=args.data_root, download=args.download)
+
+
+def cmd_configs(args: argparse.Namespace) -> None:
+    from longtail.config.recipes import list_recipes, recipes_dir
+
+    found = list_recipes(args.pattern)
+    if not found:
+        raise LongtailError(f"configs: no recipe matches {args.pattern!r} (in {recipes_dir()})")
+    width = max(len(name) for name, _ in found)
+    for name, description in found:
+        print(f"{name:<{width}}  {description}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from longtail.config import Config, load_config
+
+    resolved = load_config(args.config, args.overrides).to_dict()
+    if args.diff:
+        defaults = Config().to_dict()
+        resolved = {section: changed for section, values in resolved.items()
+                    if (changed := {k: v for k, v in values.items() if v != defaults[section][k]})}
+    print(yaml.safe_dump(resolved, sort_keys=False), end="")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    import typing
+
+    from longtail.config import ModelConfig
+    from longtail.models import MODELS, CosineHead, ETFHead, LinearHead
+
+    def one_line(obj: object) -> str:
+        return " ".join((obj.__doc__ or "").split())
+
+    print("backbones (model.name):")
+    width = max(len(name) for name in MODELS)
+    for name in sorted(MODELS):
+        print(f"  {name:<{width}}  {one_line(MODELS[name])}")
+    print("  or your own: model.name=package.module:factory (docs/extending.md)")
+    print("heads (model.head):")
+    heads = {"linear": LinearHead, "cosine": CosineHead, "etf": ETFHead}
+    for name in typing.get_args(typing.get_type_hints(ModelConfig)["head"]):
+        print(f"  {name:<{width}}  {one_line(heads[name])}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -138,10 +188,12 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtail", description="Long-tailed image recognition: train, evaluate, analyse.")
+    parser.add_argument("--version", action="version", version=f"longtail {longtail.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, summary: str, func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=summary)
+    def command(name: str, summary: str, func: Callable[[argparse.Namespace], None],
+                epilog: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, epilog=epilog)
         p.add_argument("--quiet", action="store_true", help="print only the result: no progress, no per-epoch lines")
         p.set_defaults(func=func)
         return p
@@ -150,16 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-root", help="dataset directory (default: data.root, $LONGTAIL_DATA, ~/.cache/longtail-data)")
         p.add_argument("--download", action="store_true", help="fetch the official archive when it is missing")
 
-    p = command("train", "train a config; writes a run directory", cmd_train)
-    p.add_argument("config", help="YAML config, e.g. configs/cifar10_lt/ce.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.05")
-    p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>)")
+    p = command("train", "train a config; writes a run directory", cmd_train, epilog=SETTINGS)
+    p.add_argument("config", help=RECIPE)
+    p.add_argument("overrides", nargs="*", help="dotted overrides without dashes, e.g. train.epochs=5 optim.lr=0.05")
+    p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>, the folder the two-stage "
+                   "recipes' method.init_from names)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     p.add_argument("--fast", action="store_true", help="train in bfloat16 autocast with channels_last (" +
                    " ".join(FAST) + "): about 2.8x faster on a CPU with AMX, same accuracy (docs/cli.md#speed)")
     p.add_argument("--download-weights", action="store_true",
                    help="hf_clip / hf_vit: fetch model.pretrained (a hub id) into the Hugging Face cache first")
     data_options(p)
+
+    p = command("configs", "list the shipped recipes, with what each trains", cmd_configs)
+    p.add_argument("pattern", nargs="?", help="a word or glob the name must match, e.g. cifar10_lt or '*/ldam*'")
+
+    p = command("config", "print a recipe's resolved settings as YAML (a dry run: nothing trains)", cmd_config,
+                epilog=SETTINGS)
+    p.add_argument("config", nargs="?", help=RECIPE + " (default: the defaults alone)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+    p.add_argument("--diff", action="store_true", help="only the settings that differ from the defaults")
+
+    p = command("models", "list the backbones (model.name) and heads (model.head)", cmd_models)
 
     p = command("eval", "re-evaluate a run's exported model; writes eval-<split>.json", cmd_eval)
     p.add_argument("run", help="run directory or a model.pt inside one")
@@ -170,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", "top-k class names with probabilities for image files, from an exported model", cmd_predict)
     p.add_argument("model", help="run directory or a model.pt beside its model.yaml")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, list files (.txt, one path per line)")
-    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--topk", type=int, default=None, help="classes shown per image (default 5, or every class of a "
+                   "model with fewer)")
     p.add_argument("--prior", default=None,
                    help="deployment class prior: uniform (default), train, or a file of one probability or count per "
                         "line in class-id order (single-label models)")
@@ -250,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options too (`train CONFIG --out DIR train.epochs=5`).
     args, extra = parser.parse_known_args(argv)
     if extra:
+        dashed = [item for item in extra if item.startswith("-") and "." in item.split("=", 1)[0]]
+        if dashed:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}; overrides take no dashes: write "
+                         f"{dashed[0].lstrip('-')}")
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
@@ -257,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LongtailError as exc:
-        print(f"longtail {args.command}: {'stopped' if getattr(exc, 'exit_code', 2) == 143 else 'error'}: {exc}",
+        print(f"longtail {args.command}: {'stopped' if getattr(exc, 'exit_code', 2) in (130, 143) else 'error'}: {exc}",
               file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except BrokenPipeError:  # output piped into `head` and closed early

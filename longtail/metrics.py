@@ -1,4 +1,4 @@
-"""Evaluation metrics for long-tailed recognition (SPEC §1.3).
+"""Evaluation metrics for long-tailed recognition (docs/protocol.md#evaluation).
 
 Everything is computed in float64 on the CPU from the full set of per-sample logits, so numbers are
 exact and do not depend on batch size or on how many processes evaluated. Accuracies and ECE are

@@ -149,10 +149,12 @@ class Predictor:
             return torch.sigmoid(z.double().cpu())
         return torch.softmax(z.double().cpu() + self.shift, dim=1)
 
-    def predict(self, paths: Sequence[Path], topk: int = 5) -> Iterator[dict]:
+    def predict(self, paths: Sequence[Path], topk: Optional[int] = None) -> Iterator[dict]:
         """{"input": path, "predictions": [{"class", "id", "probability"}, ...]} per image, most probable first;
-        multi-label: the classes scored at or above the threshold (at most `topk`), possibly none."""
+        multi-label: the classes scored at or above the threshold (at most `topk`), possibly none.
+        `topk` None: 5, or every class of a model with fewer."""
         names = self.spec["data"]["class_names"]
+        topk = min(5, len(names)) if topk is None else topk
         if not 1 <= topk <= len(names):
             raise ConfigError(f"--topk {topk}: the model has {len(names)} classes; give 1..{len(names)}")
         for start in range(0, len(paths), BATCH_SIZE):

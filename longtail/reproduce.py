@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 
 from longtail.config import flatten, flatten_saved, load_config, read_yaml
+from longtail.config.recipes import recipes_dir
 from longtail.errors import ConfigError
 from longtail.sweep import Point, raise_failures, run_points
 
@@ -41,9 +42,8 @@ MATCH_KEYS = ("data.name", "data.imbalance", "loss.name", "method.name", "model.
 
 
 def tables_dir() -> Path:
-    """configs/tables of the current directory, else of the checkout this package runs from."""
-    here = Path("configs/tables")
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "configs" / "tables"
+    """The shipped tables: configs/tables of the checkout, or their copy in an installed wheel."""
+    return recipes_dir() / "tables"
 
 
 def list_tables() -> str:

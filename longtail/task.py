@@ -48,7 +48,7 @@ def more_weights_single(targets: torch.Tensor, prior: torch.Tensor) -> torch.Ten
 
 
 def more_weights_multi(targets: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """The mean prior of each sample's positive labels; a sample with none takes the smallest prior (SPEC §3)."""
+    """The mean prior of each sample's positive labels; a sample with none takes the smallest prior (docs/multilabel.md, MORE with multi-label data)."""
     positives = (targets > 0).to(prior.dtype)
     count = positives.sum(dim=1)
     mean_prior = (positives @ prior) / count.clamp(min=1)

@@ -14,7 +14,7 @@ import yaml
 
 from fake_data import write_cifar10, write_fashion_mnist
 from longtail import methods, models
-from longtail.cli import build_parser
+from longtail.cli import build_parser, main
 from longtail.config import Config
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
@@ -98,6 +98,24 @@ def test_cli_doc_names_every_command_and_option():
                     assert flag in text, f"longtail {command} {flag}"
 
 
+README_ROW = re.compile(r"^\| `longtail (\w+)(.*?)` \|", re.M)
+
+
+def test_every_command_line_of_the_readme_table_is_one_the_cli_takes(capsys):
+    """Each row's command, run with --help in-process, exists and offers every flag the row names; and every
+    command is in the table."""
+    rows = README_ROW.findall((REPO / "README.md").read_text())
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    assert {command for command, _ in rows} == set(sub.choices)
+    for command, rest in rows:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0, command
+        shown = capsys.readouterr().out
+        for flag in re.findall(r"--[a-z][a-z-]*", rest):
+            assert re.search(rf"{flag}(?![\w-])", shown), f"README: longtail {command} {flag} is no option of it"
+
+
 def _documented_defaults(text: str) -> dict[str, dict[str, str]]:
     """{section: {key: default as written}} from the `## \\`section\\`` tables of config.md."""
     found: dict[str, dict[str, str]] = {}
@@ -115,3 +133,10 @@ def test_config_doc_gives_every_key_with_its_default():
         assert set(documented[section]) == set(values), section
         for key, value in values.items():
             assert yaml.safe_load(documented[section][key]) == value, f"{section}.{key}"
+
+
+def test_user_docs_cite_papers_and_docs_not_internal_notes():
+    """Users have neither the project's SPEC nor ../shared: the docs cite the paper or the project's docs."""
+    for path in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        text = path.read_text()
+        assert not re.search(r"\bSPEC\b|\.\./shared", text), path

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from fake_data import write_fashion_mnist
+from longtail.cli import main
 from longtail.config import DataConfig, load_config
 from longtail.data import build_data
 from longtail.data.idx import FASHION_MNIST_CLASSES
@@ -205,7 +206,7 @@ def _write_folder(root, counts, test_per_class=2):
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 
 
-def test_image_files_get_the_runs_evaluation_transform(tmp_path):
+def test_image_files_get_the_runs_evaluation_transform(tmp_path, capsys):
     _write_folder(tmp_path / "d", {"ant": 8, "moth": 5, "zebra": 3})
     overrides = ["data.name=folder", f"data.root={tmp_path / 'd'}", "data.profile=none", "data.image_size=16",
                  "data.batch_size=8", "data.augment=none", "model.name=mlp", "model.width=8", "train.epochs=1"]
@@ -224,6 +225,11 @@ def test_image_files_get_the_runs_evaluation_transform(tmp_path):
     assert torch.allclose(predictor.probabilities(x), z.double().softmax(1), atol=1e-6)
     records = list(predictor.predict(paths, topk=3))
     assert all({p["class"] for p in r["predictions"]} == {"ant", "moth", "zebra"} for r in records)
+    # A model of fewer than 5 classes: by default every class is shown, no --topk needed.
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run"), *map(str, paths[:2]), "--json"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(r["predictions"]) for r in shown] == [3, 3]
 
 
 def test_list_file_datasets_name_their_classes_from_a_file(tmp_path):

@@ -51,11 +51,13 @@ class SignalAt(Method):
     calls = 0
     stop_at = 0
     signum = signal.SIGTERM
+    times = 1
 
     def loss(self, model, x, y, progress):
         SignalAt.calls += 1
         if SignalAt.calls == SignalAt.stop_at:
-            os.kill(os.getpid(), SignalAt.signum)
+            for _ in range(SignalAt.times):
+                os.kill(os.getpid(), SignalAt.signum)
         return super().loss(model, x, y, progress)
 
 
@@ -116,6 +118,29 @@ def test_a_stop_signal_checkpoints_mid_epoch_and_the_resumed_run_is_identical(tm
     cfg = _signal_cfg()
     fit(cfg, out, resume=True, data_root=data_root)
     _assert_same_run(out, reference)
+
+
+def test_ctrl_c_checkpoints_like_a_stop_signal_and_a_second_stops_at_once(tmp_path, data_root, reference, capsys):
+    out = tmp_path / "run"
+    SignalAt.calls, SignalAt.stop_at, SignalAt.signum, SignalAt.times = 0, 17, signal.SIGINT, 1
+    with pytest.raises(Preempted, match="stopped by Ctrl-C after step 4 of epoch 2; .*--resume") as stopped:
+        fit(_signal_cfg(), out, data_root=data_root)
+    assert stopped.value.exit_code == 130
+    assert "press Ctrl-C again to stop at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    assert load_checkpoint(out / "checkpoint.pt")["partial"]["batch"] == 4
+    SignalAt.stop_at = 0
+    fit(_signal_cfg(), out, resume=True, data_root=data_root)
+    _assert_same_run(out, reference)
+
+    twice = tmp_path / "twice"
+    SignalAt.calls, SignalAt.stop_at, SignalAt.times = 0, 17, 2
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(_signal_cfg(), twice, data_root=data_root)
+    finally:
+        SignalAt.times = 1
+    assert "partial" not in load_checkpoint(twice / "checkpoint.pt")  # stopped at once: epoch 1's checkpoint only
 
 
 def test_stop_signals_are_configurable(monkeypatch):

@@ -4,11 +4,12 @@ Every key has its default in `config.schema`, so the resolved `config.yaml` a ru
 Choices are `Literal` types, checked here as the sections are built; the value checks types cannot express
 are `config.checks`. Validation happens before any work starts and names the bad key.
 
-Layer: foundation. Imports only `errors` (and its own schema and checks); every other module may import it.
+Layer: foundation. Imports only `errors` (and its own schema, checks and recipes); every other module may import it.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from longtail.config.checks import HEAD_ONLY_METHODS, check_values  # noqa: F401
+from longtail.config.recipes import find_recipe, read_recipe, read_yaml  # noqa: F401
 from longtail.config.schema import (Config, DataConfig, EvalConfig, FinetuneConfig, LossConfig,  # noqa: F401
                                     MethodConfig, ModelConfig, MoreConfig, OptimConfig, PosthocConfig,
                                     ScheduleConfig, TrainConfig)
@@ -74,6 +76,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 
+def all_keys() -> list[str]:
+    """Every dotted key of the config (`data.name`, ...)."""
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(section.default_factory)]
+
+
+def closest_keys(typed: str, n: int = 2) -> list[str]:
+    """The known keys nearest to a mistyped one, in its own section or any other (`train.warmup` ->
+    `schedule.warmup_epochs`); a mistyped section (`trian`) gets the nearest section names."""
+    if "." not in typed:
+        return difflib.get_close_matches(typed, [f.name for f in dataclasses.fields(Config)], n)
+    section, key = typed.split(".", 1)
+
+    def score(known: str) -> float:  # by the key's name; of two as close, the one in the typed section
+        other_section, other_key = known.split(".", 1)
+        return (difflib.SequenceMatcher(None, key, other_key).ratio() + 0.2 * (key in other_key)
+                + 0.05 * (other_section == section))
+
+    ranked = sorted(all_keys(), key=score, reverse=True)
+    best = score(ranked[0])
+    return [k for k in ranked[:n] if score(k) >= max(0.6, best - 0.1)]
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
@@ -82,10 +107,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
-            f"known keys: {', '.join(sorted(known))}"
-        )
+        typed = f"{prefix + '.' if prefix else ''}{unknown[0]}"
+        close = closest_keys(typed)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown key '{typed}' in {where}; {hint}known keys: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -122,19 +147,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
-    return raw
-
-
 def from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw, "")
     check_values(cfg)
@@ -142,8 +154,8 @@ def from_dict(raw: dict) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults), apply `k=v` overrides, validate."""
-    raw = read_yaml(path) if path is not None else {}
+    """Read a YAML config or a shipped recipe by name (or start from defaults), apply `k=v` overrides, validate."""
+    raw = read_recipe(find_recipe(path)) if path is not None else {}
     return from_dict(apply_overrides(raw, list(overrides or [])))
 
 

@@ -54,6 +54,7 @@ def check_values(cfg: Config) -> None:
     if any(m < 0 for m in cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones: every entry must be >= 0 (a fraction of training below 1, "
                           f"else an epoch), got {cfg.schedule.milestones}")
+    _check_milestones(cfg.schedule.milestones)
     if not 0 < cfg.more.rank_ratio <= 1:
         raise ConfigError(f"more.rank_ratio: must be in (0, 1], got {cfg.more.rank_ratio}")
     if not 0 <= cfg.loss.cb_bce_beta < 1:
@@ -84,6 +85,19 @@ def check_values(cfg: Config) -> None:
         raise ConfigError("data.mean and data.std: must have the same number of channels")
     if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
         raise ConfigError(f"data.std: every entry must be > 0, got {cfg.data.std}")
+
+
+def _check_milestones(milestones: list[float]) -> None:
+    """Fractions of training (below 1) or epoch numbers, not both, increasing: [0.5, 1.0] would be epoch 5 and
+    then epoch 1 at 10 epochs."""
+    fractions = [m < 1 for m in milestones]
+    how = ("write all as fractions of training, e.g. [0.8, 0.9], or all as epoch numbers, e.g. [160, 180]; the end "
+           "of training needs no milestone (the run stops there), and a fraction must stay below 1")
+    if any(fractions) and not all(fractions):
+        raise ConfigError(f"schedule.milestones: {milestones} mixes fractions of training (below 1) with epoch "
+                          f"numbers (1 and above: 1.0 is epoch 1); {how}")
+    if any(a >= b for a, b in zip(milestones, milestones[1:])):
+        raise ConfigError(f"schedule.milestones: {milestones} must be increasing; {how}")
 
 
 def _check_finetune(cfg: Config) -> None:

@@ -64,7 +64,8 @@ class ModelConfig:
     head: Literal["linear", "cosine", "etf"] = "linear"
     head_scale: float = 1.0
     head_bias: bool = True
-    # resnets: a torchvision-format state dict file; hf_clip / hf_vit: a checkpoint directory or hub id
+    # resnets: a state dict file (key layout: docs/large_datasets.md#pretrained-backbones); hf_clip / hf_vit: a
+    # checkpoint directory or hub id
     pretrained: Optional[str] = None
     hf_config: Optional[dict[str, Any]] = None  # hf_clip / hf_vit: the architecture config (model.yaml records it)
     # hf_clip: text initialises the cosine head with CLIP's text embeddings of the class names in `prompts`

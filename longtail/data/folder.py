@@ -53,7 +53,7 @@ def build_folder(cfg: DataConfig, root: str | Path) -> LTData:
         raise ConfigError("data.class_names: a folder dataset names its classes by their folders (sorted); the key is "
                           "for list-file datasets (imagenet_lt, places_lt, inat2018), whose lists hold only ids")
     layout = ("data.name=folder reads <data.root>/train/<class>/<image> and <data.root>/test/<class>/<image> "
-              "(and optionally val/); set data.root to such a directory")
+              "(and optionally val/); point --data-root DIR (or data.root, when training) at such a directory")
     if not (base / "train").is_dir() or not (base / "test").is_dir():
         raise ConfigError(f"{base}: no train/ and test/ folders; {layout}")
     classes = class_names(base / "train")

@@ -1,4 +1,4 @@
-"""Long-tailed profiles: how many images each class keeps, and which ones (SPEC §1.1).
+"""Long-tailed profiles: how many images each class keeps, and which ones (docs/protocol.md).
 
 Works on any labels array in file order (CIFAR, Fashion-MNIST, folder datasets).
 """

@@ -280,6 +280,8 @@ def _factory(name: str):
                               f"{in_channels}; use an RGB dataset")
         return HFBackbone(name, net, model_cfg.clip_feature)
 
+    build.__doc__ = (f"{'CLIP' if name == 'hf_clip' else 'ViT'}'s image tower (the hf extra); model.pretrained: a "
+                     "checkpoint directory or a hub id, fetched by `train --download-weights`")
     return build
 
 

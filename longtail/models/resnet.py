@@ -85,7 +85,8 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
     def load_backbone(self, path: str | Path) -> None:
-        """Load a torchvision-format state dict; keep its `fc.*` tensors for `init_head`."""
+        """Load a state dict with torchvision's names (docs/large_datasets.md#pretrained-backbones); keep its
+        `fc.*` tensors for `init_head`."""
         try:
             state = load_checkpoint(path)
         except ConfigError as exc:
@@ -112,7 +113,8 @@ class ResNet(nn.Module):
                     problems.append(f"{title}: {shown}")
             raise ConfigError(
                 f"model.pretrained: {path} does not fit this backbone ({'; '.join(problems)}); "
-                "expected a torchvision-format state dict of the same architecture (conv1, bn1, layer1..4, fc)"
+                "expected a state dict of the same architecture (conv1, bn1, layer1..4, fc; the key layout is in "
+                "docs/large_datasets.md#pretrained-backbones)"
             )
         self.load_state_dict(backbone, strict=False)
         self._pretrained_fc = fc
@@ -144,20 +146,24 @@ def _build(model_cfg: ModelConfig, in_channels: int, bottleneck: bool, layers: t
 
 @register("resnet10")
 def resnet10(num_classes: int, in_channels: int, image_size: int, model_cfg: ModelConfig) -> ResNet:
-    """One basic block per stage, 512-d features (the OLTR / decoupling ImageNet-LT baseline)."""
+    """One basic block per stage, 512-d features (the OLTR / decoupling ImageNet-LT baseline); model.pretrained:
+    a state dict file."""
     return _build(model_cfg, in_channels, False, (1, 1, 1, 1))
 
 
 @register("resnet50")
 def resnet50(num_classes: int, in_channels: int, image_size: int, model_cfg: ModelConfig) -> ResNet:
+    """Bottleneck [3, 4, 6, 3], 2048-d features; model.pretrained: a state dict file (docs/large_datasets.md)."""
     return _build(model_cfg, in_channels, True, (3, 4, 6, 3))
 
 
 @register("resnext50_32x4d")
 def resnext50_32x4d(num_classes: int, in_channels: int, image_size: int, model_cfg: ModelConfig) -> ResNet:
+    """ResNeXt-50 32x4d (grouped bottlenecks), 2048-d features; model.pretrained: a state dict file."""
     return _build(model_cfg, in_channels, True, (3, 4, 6, 3), groups=32, width_per_group=4)
 
 
 @register("resnet152")
 def resnet152(num_classes: int, in_channels: int, image_size: int, model_cfg: ModelConfig) -> ResNet:
+    """Bottleneck [3, 8, 36, 3], 2048-d features (Places-LT's backbone); model.pretrained: a state dict file."""
     return _build(model_cfg, in_channels, True, (3, 8, 36, 3))

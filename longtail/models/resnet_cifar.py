@@ -123,11 +123,13 @@ class ResNet34Cifar(nn.Module):
 
 @register("resnet32")
 def resnet32(num_classes: int, in_channels: int, image_size: int, model_cfg: ModelConfig) -> ResNet32:
+    """The CIFAR ResNet-32 of LDAM-DRW and WB (3 stages of 5 basic blocks), 64-d features, trained from scratch."""
     no_pretrained(model_cfg)
     return ResNet32(in_channels)
 
 
 @register("resnet34_cifar")
 def resnet34_cifar(num_classes: int, in_channels: int, image_size: int, model_cfg: ModelConfig) -> ResNet34Cifar:
+    """ResNet-34 with a 3x3 stride-1 stem for 32-pixel images, 512-d features, trained from scratch."""
     no_pretrained(model_cfg)
     return ResNet34Cifar(in_channels)

@@ -14,7 +14,7 @@ import torch
 
 from longtail import distributed as dist
 from longtail.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, read_jsonl
-from longtail.config import Config, flatten, flatten_saved, save_config
+from longtail.config import Config, flatten, flatten_saved, read_yaml, save_config
 from longtail.errors import ConfigError
 from longtail.runtime import restore_rng, rng_state
 from longtail.training.optim import lr_factor
@@ -87,14 +87,43 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
                   and not (k in RESOLVED_KEYS and new.get(k) is None))
 
 
+def shown_differences(saved: dict, cfg: Config, differ: list[str]) -> str:
+    old, new = flatten_saved(saved), flatten(cfg.to_dict())
+    more = f", and {len(differ) - 5} more" if len(differ) > 5 else ""
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5]) + more
+
+
+def free_directory(out: Path) -> Path:
+    """`out-2`, `out-3`, ...: the first that does not exist, for a second run of a recipe beside the first."""
+    n = 2
+    while Path(f"{out}-{n}").exists():
+        n += 1
+    return Path(f"{out}-{n}")
+
+
 def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     differ = config_differences(saved, cfg)
     if differ:
-        old, new = flatten_saved(saved), flatten(cfg.to_dict())
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
-        raise ConfigError(f"--resume: the config differs from the one saved in {path} ({shown}); resume with the "
-                          f"same config (only {', '.join(sorted(RESUME_FREE_KEYS))} may differ) or start a new "
-                          "--out directory")
+        raise ConfigError(f"--resume: the config differs from the one saved in {path} "
+                          f"({shown_differences(saved, cfg, differ)}); resume with the same config (only "
+                          f"{', '.join(sorted(RESUME_FREE_KEYS))} may differ), or train this one beside it with "
+                          f"--out {free_directory(path.parent)} and no --resume")
+
+
+def occupied(out: Path, cfg: Config) -> ConfigError:
+    """The refusal of a new run in a directory that holds one: --resume only when that run is of this config,
+    else a free directory to pass as --out."""
+    beside = f"--out {free_directory(out)}"
+    try:
+        saved = read_yaml(out / "config.yaml")
+        differ = config_differences(saved, cfg)
+    except ConfigError:  # no config.yaml, or one this version cannot read: not a run to continue
+        return ConfigError(f"--out {out} already holds a run; pass {beside} (a free directory) to train this one")
+    if not differ:
+        return ConfigError(f"--out {out} already holds a run of this config; pass --resume to continue it (or show "
+                           f"its results if it finished), or {beside} for a second run")
+    return ConfigError(f"--out {out} already holds a run of another config ({shown_differences(saved, cfg, differ)}); "
+                       f"pass {beside} (a free directory) to train this one beside it")
 
 
 def start_fresh(cfg: Config, out: Path) -> None:

@@ -32,10 +32,10 @@ from longtail.provenance import environment, native_bf16, segment
 from longtail.methods import training_folds
 from longtail.rundir import calibrate, export_model, load_model, score_model
 from longtail.task import get_task, task_of
-from longtail.training.checkpointing import (check_resumable, restore_best, resume_loop, save_checkpoint, start_fresh,
-                                             truncate_metrics)
+from longtail.training.checkpointing import (check_resumable, occupied, restore_best, resume_loop, save_checkpoint,
+                                             start_fresh, truncate_metrics)
 from longtail.training.loop import build_loop, needs_two_samples, train_one_epoch
-from longtail.training.optim import effective_batch_size, effective_lr, resolved_schedule
+from longtail.training.optim import describe_schedule, effective_batch_size, effective_lr, resolved_schedule
 from longtail.training.setup import Run, setup
 from longtail.training.state import run_eta
 from longtail.training.stopping import Preempted
@@ -58,7 +58,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
 def _fit(cfg: Config, out: Path, resume: bool, data_root: Optional[str], download: bool) -> dict:
     ckpt_path, results_path = out / "checkpoint.pt", out / "results.json"
     if not resume and (ckpt_path.exists() or results_path.exists()):
-        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
+        raise occupied(out, cfg)
     if resume and (out / "config.yaml").exists():  # before any work; again once setup resolved the nulls
         check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
     if resume and results_path.exists():
@@ -110,7 +110,7 @@ def _fit(cfg: Config, out: Path, resume: bool, data_root: Optional[str], downloa
     say(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
         f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
         f"loss {cfg.loss.name}, augmentation {augmentation_summary(cfg)}, {cfg.train.epochs} epochs of "
-        f"{loop.steps_per_epoch} steps on {device} (schedule resolved to {resolved_schedule(cfg)})")
+        f"{loop.steps_per_epoch} steps on {device} (schedule: {describe_schedule(cfg)})")
     trainable, total = parameter_counts(model)
     say(f"parameters: {trainable:,} trainable of {total:,} (finetune.mode {cfg.finetune.mode})")
     hint = precision_hint(cfg, device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,10 @@ def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
             "elapsed": ep.elapsed_before + time.perf_counter() - ep.start,
             "rank": rank_state(loop.model, ep.aug_gen, ep.sums, ep.seen)})
     if stopping:
-        raise Preempted(f"stopped by signal {loop.stop.signum} after step {i // accum + 1} of epoch {epoch + 1}; "
-                        f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume")
+        cause = "Ctrl-C" if loop.stop.signum == signal.SIGINT else f"signal {loop.stop.signum}"
+        raise Preempted(f"stopped by {cause} after step {i // accum + 1} of epoch {epoch + 1}; "
+                        f"{loop.out / 'checkpoint.pt'} holds it: rerun the same command with --resume",
+                        loop.stop.signum)
 
 
 def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] = None) -> dict:

@@ -45,6 +45,26 @@ def resolved_schedule(cfg: Config) -> dict:
     return resolved
 
 
+def describe_schedule(cfg: Config) -> str:
+    """The resolved schedule in words, for a run's first log line: `lr 0.1, warm-up 5 epochs, x0.01 after epochs
+    160, 180`."""
+    resolved, schedule = resolved_schedule(cfg), cfg.schedule
+    parts = [f"lr {effective_lr(cfg):g}"]
+    if resolved["warmup_epochs"]:
+        parts.append(f"warm-up {resolved['warmup_epochs']:g} epochs")
+    if schedule.name == "multistep" and resolved["milestones"]:
+        epochs = resolved["milestones"]
+        parts.append(f"x{schedule.gamma:g} after epoch{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))}")
+    elif schedule.name == "cosine":
+        parts.append(f"cosine to {schedule.min_lr:g} at epoch {cfg.train.epochs}"
+                     + (", changed once an epoch" if schedule.step_per == "epoch" else ""))
+    elif schedule.name == "constant":
+        parts.append("then constant")
+    if resolved["drw_start_epoch"] is not None:
+        parts.append(f"class re-weighting (DRW) after epoch {resolved['drw_start_epoch']}")
+    return ", ".join(parts)
+
+
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
     """Multiplier of the base lr at optimiser step `step`: linear warm-up, then multistep or cosine. A function of
     the step alone, so a resumed run (LambdaLR's step count restored, mid-epoch too) follows the same lrs."""

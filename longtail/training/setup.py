@@ -49,6 +49,8 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
         raise ConfigError(f"train.amp with train.amp_dtype: float16 needs a CUDA device and this run is on {device}; "
                           "on a CPU use train.amp_dtype=bfloat16 (or --fast), or train.amp=false")
     seed_everything(cfg.train.seed)
+    if cfg.data.root is not None:  # saved absolute, so that `longtail eval` finds the data from any directory
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.model.name in HF_MODELS and cfg.data.mean is None and cfg.data.std is None:
         cfg.data.mean, cfg.data.std = hf_normalisation(cfg.model)  # the checkpoint's, not the dataset's
     data = build_data(cfg.data, data_root, download)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from typing import Any, Optional
 
@@ -16,9 +17,12 @@ from longtail.errors import ConfigError, LongtailError
 
 
 class Preempted(LongtailError):
-    """A stop signal (preemption, requeue) ended training after a checkpoint; rerun with --resume."""
+    """A stop signal (preemption, requeue) or Ctrl-C ended training after a checkpoint; rerun with --resume."""
 
-    exit_code = 143  # 128 + SIGTERM: what a scheduler expects of a job that stopped on its signal
+    def __init__(self, message: str, signum: Optional[int] = None):
+        super().__init__(message)
+        # 128 + the signal: what a scheduler expects of a job that stopped on its SIGTERM, a shell of a Ctrl-C
+        self.exit_code = 130 if signum == signal.SIGINT else 143
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -35,7 +39,8 @@ def stop_signals() -> list[signal.Signals]:
 
 
 class StopFlag:
-    """Set by a stop signal; read by the step loop at its next check, where the ranks agree on it."""
+    """Set by a stop signal or a first Ctrl-C; read by the step loop at its next check, where the ranks agree on
+    it. A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -45,10 +50,21 @@ class StopFlag:
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
             for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._set)
+            # Ctrl-C too, unless someone else handles or ignores it (a job started with SIGINT ignored)
+            if signal.SIGINT not in self._previous and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def _set(self, signum: int, frame: Any) -> None:
         self.signum = signum
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if dist.is_main():
+            print("Ctrl-C: checkpointing at the next step, then stopping (rerun with --resume to continue); "
+                  "press Ctrl-C again to stop at once, without a checkpoint", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

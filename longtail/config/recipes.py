@@ -1,0 +1,102 @@
+"""Recipes: the YAML configs under configs/ in a checkout, shipped in the wheel as `longtail/recipes`.
+
+A recipe is named by its path below that folder without `.yaml` (`cifar10_lt/ldam_drw`); a file that
+exists always wins over a name. A recipe may start from another with `base:` (a path relative to its own
+file, or a recipe name): its sections are the base's with its own keys laid over them.
+
+Layer: foundation. Imports only `errors`.
+"""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import yaml
+
+from longtail.errors import ConfigError
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def recipes_dir() -> Path:
+    """The shipped copy in an installed wheel, else configs/ of the checkout the package runs from."""
+    shipped = PACKAGE / "recipes"
+    return shipped if shipped.is_dir() else PACKAGE.parent / "configs"
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def find_recipe(name: str | Path) -> Path:
+    """`name` when it is a file; else the shipped recipe of that name (`cifar10_lt/ce`, `cifar10_lt/ce.yaml`,
+    or `configs/cifar10_lt/ce.yaml` as the README writes it, from any directory)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    root = recipes_dir()
+    rest = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+    for candidate in (root / rest, root / rest.with_name(rest.name + ".yaml")):
+        if not rest.is_absolute() and candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {path} does not exist, and no shipped recipe is named {str(name)!r}; "
+                      "`longtail configs` lists the recipes")
+
+
+def read_recipe(path: str | Path, inside: tuple[Path, ...] = ()) -> dict:
+    """A recipe file with its `base:` chain laid under it, one mapping of sections."""
+    path = Path(path)
+    raw = read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected a recipe name or a path to a YAML file, got {base!r}")
+    beside = path.parent / base
+    base_path = next((p for p in (beside, beside.with_name(beside.name + ".yaml")) if p.is_file()), None)
+    base_path = base_path or find_recipe(base)
+    if base_path.resolve() in (*inside, path.resolve()):
+        raise ConfigError(f"{path}: base: {base} leads back to {path}; a recipe cannot inherit from itself")
+    merged = read_recipe(base_path, (*inside, path.resolve()))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def describe(path: Path, limit: int = 100) -> str:
+    """What a recipe trains: the first sentence of its opening comment (which may run over several lines)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = next((i + 1 for i, c in enumerate(text) if c == "." and text[i + 1:i + 2] in ("", " ")), len(text))
+    sentence = text[:end]
+    return sentence if len(sentence) <= limit else sentence[:limit - 3].rstrip() + "..."
+
+
+def list_recipes(pattern: str | None = None) -> list[tuple[str, str]]:
+    """(name, description) of the shipped recipes whose name matches `pattern` (a glob, or a plain word
+    matched anywhere in the name); the paper tables are `longtail reproduce --list`'s."""
+    root = recipes_dir()
+    if pattern and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+    found = []
+    for path in sorted(root.glob("*/*.yaml")):
+        name = path.relative_to(root).with_suffix("").as_posix()
+        if path.parent.name != "tables" and (not pattern or fnmatch.fnmatch(name, pattern)):
+            found.append((name, describe(path)))
+    return found
