@@ -110,9 +110,6 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} sets the lr of low-rank parts, and "
                           f"finetune.mode={ft.mode} without MORE has none; use finetune.mode=lora or "
                           "more.enabled=true, or leave it null")
-    if ft.lr_lowrank is not None and cfg.more.lowrank_lr is not None:
-        raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} and more.lowrank_lr: {cfg.more.lowrank_lr} both set "
-                          "the lr of the same low-rank parts; set only one")
     if ft.lr_adapter is not None and ft.mode != "adaptformer":
         raise ConfigError(f"finetune.lr_adapter: {ft.lr_adapter} sets the lr of AdaptFormer's adapters, and "
                           f"finetune.mode={ft.mode} has none; use finetune.mode=adaptformer or leave it null")

@@ -219,16 +219,15 @@ class More(Method):
         return self.inner.train_split(split, model)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
+        """The inner method's groups, A and B in a group of their own with `more.lowrank_weight_decay`; their lr
+        (`finetune.lr_lowrank`) is set with the other parts' lrs, by `finetune.part_groups`."""
         groups = self.inner.param_groups(model)
-        if self.more.lowrank_lr is None and self.more.lowrank_weight_decay is None:
+        if self.more.lowrank_weight_decay is None:
             return groups  # A and B train like W_g (SPEC §3 default)
         lowrank = lowrank_parameters(model)
         ids = {id(p) for p in lowrank}
         split = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
-        wd = self.more.lowrank_weight_decay
-        group = {"params": lowrank, "weight_decay": self.cfg.optim.weight_decay if wd is None else wd}
-        if self.more.lowrank_lr is not None:
-            group["lr"] = self.more.lowrank_lr
+        group = {"params": lowrank, "weight_decay": self.more.lowrank_weight_decay}
         return [g for g in split if g["params"]] + [group]
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
