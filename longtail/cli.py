@@ -19,10 +19,12 @@ FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true"
 
 def cmd_train(args: argparse.Namespace) -> None:
     from longtail.config import load_config
+    from longtail.methods import check_config
     from longtail.training.fit import fit
 
     # --fast comes first so an explicit override still wins; the saved config.yaml names each key it set.
     cfg = load_config(args.config, [*(FAST if args.fast else []), *args.overrides])
+    check_config(cfg)  # the method's own rules too, before --download-weights fetches anything
     out = args.out or str(Path("runs") / Path(args.config).parent.name / Path(args.config).stem)
     if args.download_weights and cfg.model.pretrained is not None:
         from longtail.models.hf import HF_MODELS, download_weights

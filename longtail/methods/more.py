@@ -205,6 +205,27 @@ class More(Method):
         self.amplitude = cfg.more.amplitude * info.num_classes
         self.class_prior = info.prior.to(info.device)
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """One low-rank part per layer: with LoRA it is LoRA's, and a finetune.mode that trains no weight matrix
+        leaves MORE nothing to decompose."""
+        ft = cfg.finetune
+        if ft.mode in ("linear", "bias", "adaptformer"):
+            what = {"linear": "trains only the head", "bias": "trains only biases and the head",
+                    "adaptformer": "trains only the adapters and the head"}[ft.mode]
+            raise ConfigError(f"more.enabled: finetune.mode={ft.mode} {what}, so no trained weight matrix is left "
+                              "for MORE's low-rank part; use finetune.mode=full or lora with MORE, or "
+                              "more.enabled=false")
+        if ft.mode != "lora":
+            return
+        default = MoreConfig()
+        for key in ("rank_ratio", "scale", "layers", "exclude"):
+            if getattr(cfg.more, key) != getattr(default, key):
+                raise ConfigError(
+                    f"more.{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part, shaped by "
+                    f"finetune.lora_rank, lora_alpha and targets; remove more.{key}={getattr(cfg.more, key)!r} "
+                    "or use finetune.mode=full")
+
     def prepare(self, model: nn.Module) -> nn.Module:
         model = self.inner.prepare(model)
         if self.cfg.finetune.mode == "lora":
