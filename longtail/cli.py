@@ -24,10 +24,12 @@ FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true"
 
 def cmd_train(args: argparse.Namespace) -> None:
     from longtail.config import find_recipe, load_config
+    from longtail.methods import check_config
     from longtail.training.fit import fit
 
     # --fast comes first so an explicit override still wins; the saved config.yaml names each key it set.
     cfg = load_config(args.config, [*(FAST if args.fast else []), *args.overrides])
+    check_config(cfg)  # the method's own rules too, before --download-weights fetches anything
     recipe = find_recipe(args.config)  # a shipped recipe's name gives the same runs/<dataset>/<config> as its file
     out = args.out or str(Path("runs") / recipe.parent.name / recipe.stem)
     if args.download_weights and cfg.model.pretrained is not None:
@@ -53,8 +55,11 @@ def cmd_config(args: argparse.Namespace) -> None:
     import yaml
 
     from longtail.config import Config, load_config
+    from longtail.methods import check_config
 
-    resolved = load_config(args.config, args.overrides).to_dict()
+    cfg = load_config(args.config, args.overrides)
+    check_config(cfg)  # refused here as `train` would refuse it
+    resolved = cfg.to_dict()
     if args.diff:
         defaults = Config().to_dict()
         resolved = {section: changed for section, values in resolved.items()

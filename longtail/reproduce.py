@@ -29,6 +29,7 @@ from typing import Any, Optional
 from longtail.config import flatten, flatten_saved, load_config, read_yaml
 from longtail.config.recipes import recipes_dir
 from longtail.errors import ConfigError
+from longtail.methods import check_config
 from longtail.sweep import Point, raise_failures, run_points
 
 BUDGETS = ("smoke", "short", "full")
@@ -124,7 +125,7 @@ def plan_table(rows: list[Row], seeds: list[int], budget: str, out: Path) -> lis
             overrides = [*row.overrides, *budget_overrides(row, budget), f"train.seed={seed}"]
             if row.init_from:
                 overrides.append(f"method.init_from={out / f'{row.init_from},seed={seed}'}")
-            load_config(row.config, overrides)  # a bad row stops the table before anything runs
+            check_config(load_config(row.config, overrides))  # a bad row stops the table before anything runs
             phases[phase].append(Point(f"{row.id},seed={seed}", str(row.config), overrides, out / f"{row.id},seed={seed}"))
     return phases
 

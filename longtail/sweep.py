@@ -25,6 +25,7 @@ import yaml
 from longtail.config import load_config, read_yaml
 from longtail.errors import ConfigError, LongtailError
 from longtail.jobs import Outcome, Point, last_error, read_results, train_command
+from longtail.methods import check_config
 from longtail.task import get_task
 
 
@@ -77,7 +78,7 @@ def plan(config: str, overrides: list[str], grid: list[tuple[str, list]], seeds:
             name = ",".join([*varied, f"seed={seed}"]).replace("/", "_")
             # A string value is passed quoted (JSON is YAML), so `ce` stays the string "ce" and `null` is null.
             own = [f"{key}={json.dumps(value)}" for (key, _), value in zip(grid, values)] + [f"train.seed={seed}"]
-            load_config(config, [*overrides, *own])  # a bad value stops the sweep before any point runs
+            check_config(load_config(config, [*overrides, *own]))  # a bad value stops the sweep before any point runs
             points.append(Point(name, config, [*overrides, *own], Path(out) / name))
     return points
 

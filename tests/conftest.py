@@ -20,6 +20,25 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A tiny random CLIP checkpoint in the hub's format (tests/hf_tiny.py) and the CLIPModel it holds, written
+    once for the session; tests read both and never change them (copy the directory to edit a file)."""
+    pytest.importorskip("transformers")
+    from hf_tiny import write_clip
+    path = tmp_path_factory.mktemp("clip")
+    return path, write_clip(path)
+
+
+@pytest.fixture(scope="session")
+def vit_dir(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A tiny random ViT checkpoint (tests/hf_tiny.py) and its ViTModel, as `clip_dir`."""
+    pytest.importorskip("transformers")
+    from hf_tiny import write_vit
+    path = tmp_path_factory.mktemp("vit")
+    return path, write_vit(path)
+
+
 @pytest.fixture(autouse=True)
 def _status_lines_back_on():
     """`longtail ... --quiet` (cli.main in-process) silences status lines for the whole process: turn them back

@@ -22,6 +22,7 @@ from longtail.losses import ConfiguredLoss, MultiLabelLoss, ldam_loss
 from longtail.methods.more import sample_weights
 from longtail.mixing import Mixer, MixedTargets, beta, cutmix_box
 from longtail.task import MULTI_LABEL
+from tiny import TINY_MLP
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -356,10 +357,8 @@ def test_cutout_is_allowed_for_head_only_stages_like_crop_flip():
 # ----------------------------------------------------------------------------- the engine: exact under resume
 
 
-TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=crop_flip",
-        "model.name=mlp", "model.width=32", "train.epochs=2", "optim.lr=0.05", "eval.batch_size=64",
-        "train.log_every=2", "schedule.name=cosine", "data.policy=randaugment", "data.cutout=8",
-        "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0"]
+TINY = [*TINY_MLP, "data.augment=crop_flip", "train.epochs=2", "train.log_every=2", "schedule.name=cosine",
+        "data.policy=randaugment", "data.cutout=8", "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0"]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from fake_data import write_fashion_mnist
 from launch import run_forked
 from longtail import distributed
 from longtail.config import load_config
+from tiny import TINY_MLP
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                                 reason="this torch build has no gloo backend for CPU processes")]
@@ -104,8 +105,7 @@ def _spy_worker(rank: int, port: int, root: str, out: str, queue) -> None:
         setattr(tdist, name, spy(name, getattr(tdist, name)))
     from longtail.engine import fit
 
-    common = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-              "model.name=mlp", "model.width=16", "train.epochs=1", "eval.batch_size=32", "data.val_per_class=3"]
+    common = [*TINY_MLP, "model.width=16", "train.epochs=1", "eval.batch_size=32", "data.val_per_class=3"]
     # Evaluation, BN averaging, mean_over_ranks, barriers, tracking (features), accumulation under DDP,
     # mid-epoch checkpoints (object gather), the post-hoc tau search; then stage 2 on cached features and
     # the tau-norm search.

@@ -17,10 +17,9 @@ from longtail.config import load_config
 from longtail.engine import fit
 from longtail.errors import ConfigError
 from longtail.methods import posthoc
+from tiny import TINY_MLP
 
-TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-        "data.val_per_class=5", "model.name=mlp", "model.width=32", "train.epochs=1", "optim.lr=0.05",
-        "eval.batch_size=256"]
+TINY = [*TINY_MLP, "data.val_per_class=5", "train.epochs=1", "eval.batch_size=256"]
 
 
 @pytest.fixture(scope="module")

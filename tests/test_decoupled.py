@@ -17,6 +17,7 @@ from longtail.methods.decoupled import CRT, LWS, TauNorm, tau_normalized
 from longtail.methods.posthoc import tau_grid
 from longtail.models import build_model
 from longtail.models.heads import LinearHead
+from tiny import TINY_MLP
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODEL = ["model.name=mlp", "model.width=16"]
@@ -118,8 +119,7 @@ def test_decoupled_heads_refuse_a_cosine_head(tmp_path):
 
 def test_lws_end_to_end_exports_a_plain_linear_model(tmp_path):
     write_fashion_mnist(tmp_path / "data", train_per_class=30, test_per_class=5)
-    base = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-            "model.name=mlp", "model.width=32", "eval.batch_size=256"]
+    base = [*TINY_MLP, "eval.batch_size=256"]
     model = build_model(load_config(None, base).model, 10, 1, 28)
     atomic_torch_save(model.state_dict(), tmp_path / "stage1.pt")
     overrides = [*base, "method.name=lws", f"method.init_from={tmp_path / 'stage1.pt'}", "data.sampler=class_balanced",
@@ -137,7 +137,7 @@ def test_lws_end_to_end_exports_a_plain_linear_model(tmp_path):
 
 def test_tau_norm_end_to_end_trains_nothing_and_records_its_tau(tmp_path):
     write_fashion_mnist(tmp_path / "data", train_per_class=30, test_per_class=5)
-    base = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.augment=none", "model.name=mlp", "model.width=32"]
+    base = TINY_MLP
     model = build_model(load_config(None, base).model, 10, 1, 28)
     atomic_torch_save(model.state_dict(), tmp_path / "stage1.pt")
     overrides = [*base, "method.name=tau_norm", f"method.init_from={tmp_path / 'stage1.pt'}", "method.tau_norm_tau=null",

@@ -27,16 +27,14 @@ from longtail.data.idx import read_idx
 from longtail.data.splits import SAMPLERS, InMemorySplit, epoch_order
 from longtail.engine import effective_lr, lr_factor
 from longtail.errors import ConfigError
+from tiny import TINY_MLP
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                                 reason="this torch build has no gloo backend for CPU processes")]
 
 TEST_IMAGES = 99  # odd: the 2-process evaluation pads one duplicate, which must not be counted
-TRAIN = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=mlp", "model.width=32",
-    "train.epochs=3", "optim.lr=0.05", "optim.lr_scaling=linear", "schedule.name=cosine", "eval.batch_size=16",
-    "more.enabled=true",
-]
+TRAIN = [*TINY_MLP, "data.augment=crop_flip", "train.epochs=3", "optim.lr_scaling=linear", "schedule.name=cosine",
+         "eval.batch_size=16", "more.enabled=true"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 
 # `longtail` with rank 1 raising in its LONGTAIL_TEST_FAIL_AT-th training forward, while rank 0 goes on

@@ -15,6 +15,7 @@ from longtail.methods.base import RunInfo
 from longtail.methods.ewb import EWB
 from longtail.models import build_model
 from longtail.models.heads import simplex_etf
+from tiny import TINY_MLP
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -58,11 +59,8 @@ def test_etf_needs_enough_feature_dimensions():
 
 def test_ewb_trains_end_to_end_and_logs_the_feature_term(tmp_path):
     write_fashion_mnist(tmp_path / "data", train_per_class=30, test_per_class=5)
-    overrides = [
-        "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-        "model.name=mlp", "model.width=32", "model.head=etf", "method.name=ewb", "optim.weight_decay=0.005",
-        "optim.lr=0.05", "train.epochs=1", "eval.batch_size=256",
-    ]
+    overrides = [*TINY_MLP, "model.head=etf", "method.name=ewb", "optim.weight_decay=0.005", "train.epochs=1",
+                 "eval.batch_size=256"]
     fit(load_config(None, overrides), tmp_path / "run", data_root=str(tmp_path / "data"))
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["feature_reg"] > 0 and record["feature_norm"] > 0

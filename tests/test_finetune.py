@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from fake_data import write_cifar10
-from hf_tiny import clip_config, vit_config, write_clip
+from hf_tiny import clip_config, vit_config
 from longtail.config import load_config
 from longtail.errors import ConfigError
 from longtail.finetune import apply_finetune, parameter_counts
 from longtail.lowrank import general_only, lowrank_parts, merge
-from longtail.methods import register_method
+from longtail.methods import check_config, register_method
 from longtail.methods.base import Method
 from longtail.models import build_model
 
@@ -117,7 +117,7 @@ def test_a_model_without_default_targets_needs_them():
 @pytest.mark.parametrize("mode", ["linear", "bias"])
 def test_more_is_refused_where_no_weight_matrix_trains(mode):
     with pytest.raises(ConfigError, match=f"finetune.mode={mode} trains only"):
-        load_config(None, ["more.enabled=true", f"finetune.mode={mode}"])
+        check_config(load_config(None, ["more.enabled=true", f"finetune.mode={mode}"]))
 
 
 @pytest.mark.parametrize("override", ["more.rank_ratio=0.2", "more.scale=2", "more.layers=[Linear]",
@@ -125,17 +125,16 @@ def test_more_is_refused_where_no_weight_matrix_trains(mode):
 def test_lora_with_more_refuses_mores_own_shape(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part"):
-        load_config(None, ["more.enabled=true", "finetune.mode=lora", override])
+        check_config(load_config(None, ["more.enabled=true", "finetune.mode=lora", override]))
 
 
-def test_lora_and_more_run_end_to_end_and_export_merged(tmp_path):
+def test_lora_and_more_run_end_to_end_and_export_merged(tmp_path, clip_dir):
     from safetensors.torch import load_file
 
     from longtail.engine import fit, load_model, setup
 
-    root, ckpt = tmp_path / "data", tmp_path / "clip"
+    root, ckpt = tmp_path / "data", clip_dir[0]
     write_cifar10(root, train_per_class=6, test_per_class=2)
-    write_clip(ckpt)
     args = ["model.name=hf_clip", f"model.pretrained={ckpt}", "finetune.mode=lora", "finetune.lora_rank=2",
             "more.enabled=true", "data.imbalance=2", "data.batch_size=16", "data.augment=none", "train.epochs=1",
             "optim.name=adamw", "optim.lr=1e-2", "eval.batch_size=64"]
@@ -248,12 +247,11 @@ class StopAfter(Method):
 register_method("stop_after_test", f"{__name__}:StopAfter")
 
 
-def test_lora_and_more_resume_bit_for_bit_after_a_stop_signal(tmp_path):
+def test_lora_and_more_resume_bit_for_bit_after_a_stop_signal(tmp_path, clip_dir):
     from longtail.engine import Preempted, fit
 
-    root, ckpt = tmp_path / "data", tmp_path / "clip"
+    root, ckpt = tmp_path / "data", clip_dir[0]
     write_cifar10(root, train_per_class=8, test_per_class=1)
-    write_clip(ckpt)
     args = ["model.name=hf_clip", f"model.pretrained={ckpt}", "finetune.mode=lora", "finetune.lora_rank=2",
             "more.enabled=true", "method.name=stop_after_test", "data.imbalance=2", "data.batch_size=8",
             "train.epochs=2", "optim.name=adamw", "optim.lr=1e-2", "eval.batch_size=64"]
@@ -306,7 +304,7 @@ def test_adaptformer_exports_its_adapters_and_reloads(tmp_path):
 
 def test_adaptformer_refuses_more_and_non_mlp_targets():
     with pytest.raises(ConfigError, match="finetune.mode=adaptformer trains only the adapters"):
-        load_config(None, ["more.enabled=true", "finetune.mode=adaptformer"])
+        check_config(load_config(None, ["more.enabled=true", "finetune.mode=adaptformer"]))
     with pytest.raises(ConfigError, match="adaptformer needs MLP blocks"):
         build("hf_vit", "finetune.mode=adaptformer", "finetune.targets=[nope]")
 

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as tdist
 
 from fake_data import write_cifar10
-from hf_tiny import write_clip
 from launch import launch
 from test_distributed import SIGNAL_DRIVER, TORCHRUN
 
@@ -25,10 +24,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (tdist.is_available() and 
 PER_CLASS, IMBALANCE, BATCH = 8, 2, 8
 
 
-def test_two_process_lora_more_with_grad_checkpoint_resumes_bit_for_bit(tmp_path):
-    root, ckpt = tmp_path / "data", tmp_path / "clip"
+def test_two_process_lora_more_with_grad_checkpoint_resumes_bit_for_bit(tmp_path, clip_dir):
+    root, ckpt = tmp_path / "data", clip_dir[0]
     write_cifar10(root, train_per_class=PER_CLASS, test_per_class=2)
-    write_clip(ckpt)
     config = tmp_path / "empty.yaml"
     config.write_text("")
     env = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from fake_data import write_cifar10
-from hf_tiny import write_clip, write_vit
+from hf_tiny import write_clip
 from longtail.config import load_config
 from longtail.errors import ConfigError
 from longtail.models import build_model
@@ -26,18 +26,6 @@ X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 def model_cfg(name, pretrained, *extra):
     return load_config(None, [f"model.name={name}", f"model.pretrained={pretrained}", *extra]).model
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip")
-    return path, write_clip(path)
-
-
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vit")
-    return path, write_vit(path)
 
 
 def test_clip_features_are_the_projected_image_embedding(clip_dir):

@@ -19,14 +19,11 @@ from longtail.config import load_config
 from longtail.engine import collect_logits, fit, load_run
 from longtail.metrics import expected_calibration_error
 from longtail.models import build_model
+from tiny import TINY_MLP
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
-LDAM = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "model.name=mlp", "model.width=32", "train.epochs=3", "optim.lr=0.05", "eval.batch_size=64",
-    "loss.name=ldam", "loss.drw_start=0.6",
-]
+LDAM = [*TINY_MLP, "train.epochs=3", "loss.name=ldam", "loss.drw_start=0.6"]
 
 
 def _trained_and_exported(out, data_root):

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from fake_data import write_cifar10
-from hf_tiny import write_clip
 from longtail.config import load_config
 from longtail.engine import effective_lr, fit, load_model, lr_factor, setup
 from longtail.errors import ConfigError
 from longtail.finetune import Adapter
+from longtail.methods import check_config
 from test_finetune import X, build, trainable
 from test_resume import TINY, CrashAt, _assert_same_run
 from test_zero_shot import NAMES, args
@@ -26,12 +26,6 @@ pytest.importorskip("transformers")
 
 LIFT_ADAPTER = ["finetune.mode=adaptformer", "finetune.adapter_style=lift", "finetune.adapter_dim=4",
                 "finetune.adapter_scale=1.0"]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip")
-    return path, write_clip(path)
 
 
 @pytest.mark.parametrize("name", ["hf_clip", "hf_vit"])
@@ -191,4 +185,4 @@ def test_lift_adapter_needs_the_layernorm_before_its_block():
 
 def test_zero_shot_refuses_the_pre_projection_feature(clip_dir):
     with pytest.raises(ConfigError, match="model.clip_feature: pre_projection gives logits other than CLIP's"):
-        load_config(None, args(clip_dir[0], "method.name=zero_shot", "model.clip_feature=pre_projection"))
+        check_config(load_config(None, args(clip_dir[0], "method.name=zero_shot", "model.clip_feature=pre_projection")))

@@ -104,11 +104,7 @@ def test_drw_switches_weights_on_at_the_resolved_epoch():
     assert by_epoch.weight(0.74) is None and by_epoch.weight(0.75) is not None
 
 
-def test_build_loss_every_name_and_errors():
-    for name in losses.NAMES:
-        fn = losses.build_loss(LossConfig(name=name), COUNTS, epochs=5)
-        value = fn(Z, Y, 0.0)
-        assert value.ndim == 0 and torch.isfinite(value)
+def test_build_loss_and_errors():  # every name: tests/test_loss_contract.py
     assert losses.build_loss(LossConfig(name="cb"), COUNTS, 5)(Z, Y, 0.0).item() == pytest.approx(
         losses.class_balanced_ce(Z, Y, COUNTS).item(), rel=1e-6
     )

@@ -27,15 +27,12 @@ def stage1(tmp_path_factory, data_root):
     return out
 
 
-def _zero_shot_run(tmp_path):
-    pytest.importorskip("transformers")
+def _zero_shot_run(tmp_path, clip):
     from fake_data import write_cifar10
-    from hf_tiny import write_clip
 
-    write_clip(tmp_path / "clip")
     write_cifar10(tmp_path / "data", train_per_class=4, test_per_class=2)
     overrides = ["data.name=cifar10_lt", "data.imbalance=2", "data.batch_size=8", "eval.batch_size=16",
-                 "model.name=hf_clip", f"model.pretrained={tmp_path / 'clip'}", "model.head=cosine",
+                 "model.name=hf_clip", f"model.pretrained={clip}", "model.head=cosine",
                  "model.head_init=text", "method.name=zero_shot", "train.epochs=1"]
     return load_config(None, overrides), tmp_path / "data"
 
@@ -43,7 +40,7 @@ def _zero_shot_run(tmp_path):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_finalizes_exports_and_reloads(name, tmp_path, data_root, request):
     if name == "zero_shot":  # CLIP's text tower names the classes: a tiny CLIP on fake CIFAR-10
-        cfg, root = _zero_shot_run(tmp_path)
+        cfg, root = _zero_shot_run(tmp_path, request.getfixturevalue("clip_dir")[0])
     else:
         stage = [f"method.init_from={request.getfixturevalue('stage1')}"] if name in HEAD_ONLY_METHODS else []
         cfg, root = load_config(None, [*ONE_EPOCH, f"method.name={name}", *stage, *NEEDS.get(name, [])]), data_root

@@ -6,14 +6,15 @@ import json
 import yaml
 
 from longtail.config import load_config
+from longtail.errors import ConfigError
 from longtail.engine import fit
 from longtail.methods import METHODS, register_method, training_folds
 from longtail.methods.base import Method
+from tiny import TINY_MLP
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
-TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=32", "model.name=mlp", "model.width=16",
-        "train.epochs=1", "eval.batch_size=64"]
+TINY = [*TINY_MLP, "data.batch_size=32", "model.width=16", "train.epochs=1"]
 
 
 class Doubling(Method):
@@ -53,3 +54,35 @@ def test_a_registered_method_records_its_folds_and_logs_its_diagnostics(tmp_path
     assert spec["folds"] == [{"kind": "head_doubled"}]
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["head_norm"] > 0 and "track" in record
+
+
+class NeedsSgd(Method):
+    """A method with a config rule of its own (`Method.check_config`)."""
+
+    @classmethod
+    def check_config(cls, cfg):
+        if cfg.optim.name != "sgd":
+            raise ConfigError(f"optim.name: needs_sgd_test_only trains with sgd, got {cfg.optim.name}")
+
+
+def test_a_methods_own_config_rule_refuses_before_anything_is_written(tmp_path, data_root, capsys):
+    from longtail.cli import main
+    from longtail.sweep import plan
+
+    register_method("needs_sgd_test_only", f"{__name__}:NeedsSgd")
+    try:
+        bad = [*TINY, "method.name=needs_sgd_test_only", "optim.name=adamw"]
+        with pytest.raises(ConfigError, match="optim.name: needs_sgd_test_only trains with sgd, got adamw"):
+            fit(load_config(None, bad), tmp_path / "run", data_root=data_root)
+        config = tmp_path / "tiny.yaml"
+        config.write_text("")
+        assert main(["train", str(config), "--out", str(tmp_path / "cli"), "--quiet", *bad]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "longtail train: error: optim.name: needs_sgd_test_only trains with sgd, got adamw"]
+        with pytest.raises(ConfigError, match="needs_sgd_test_only trains with sgd"):  # before any point runs
+            plan(str(config), [*TINY, "method.name=needs_sgd_test_only"], [("optim.name", ["sgd", "adamw"])], None,
+                 tmp_path / "sweep")
+        fit(load_config(None, [*TINY, "method.name=needs_sgd_test_only"]), tmp_path / "good", data_root=data_root)
+    finally:
+        del METHODS["needs_sgd_test_only"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "tiny.yaml"]  # the refused ones wrote nothing

@@ -417,15 +417,63 @@ def test_param_groups_split_lowrank_params_only_when_asked():
     method = More(Method(cfg, info, lambda z, y, p: z.sum()), cfg, info)
     model = method.prepare(make_model("user")[0])
     assert len(method.param_groups(model)) == 1
-    cfg.more.lowrank_lr, cfg.more.lowrank_weight_decay = 0.01, 0.0
+    cfg.more.lowrank_weight_decay = 0.0
     groups = method.param_groups(model)
     lowrank = groups[-1]
-    assert lowrank["lr"] == 0.01 and lowrank["weight_decay"] == 0.0
+    assert lowrank["weight_decay"] == 0.0 and "lr" not in lowrank  # the lr is finetune.lr_lowrank's
     assert {id(p) for p in lowrank["params"]} == {id(p) for p in lowrank_parameters(model)}
     listed = [id(p) for g in groups for p in g["params"]]
     assert sorted(listed) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
-    cfg.more.lowrank_lr = None
-    assert "lr" not in method.param_groups(model)[-1]
+
+
+def _groups(raw: dict) -> list[dict]:
+    """The optimiser's parameter groups the training loop builds for `raw` (method, then the parts' lrs)."""
+    from longtail.finetune import part_groups
+
+    cfg = from_dict(raw)
+    info = make_info(cfg)
+    method = More(Method(cfg, info, lambda z, y, p: z.sum()), cfg, info)
+    model = method.prepare(make_model("user")[0])
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = part_groups(model, method.param_groups(model), cfg)
+    return [{**g, "params": [names[id(p)] for p in g["params"]]} for g in groups]
+
+
+@pytest.mark.parametrize("extra", [{}, {"optim": {"wd_exclude_bn_bias": True}},
+                                   {"finetune": {"lr_head": 0.3}, "more": {"lowrank_weight_decay": 0.0}}])
+def test_more_lowrank_lr_is_a_deprecated_alias_of_finetune_lr_lowrank(extra, caplog):
+    new = {**extra, "more": {"enabled": True, **extra.get("more", {})},
+           "finetune": {"lr_lowrank": 0.01, **extra.get("finetune", {})}}
+    old = {**new, "more": {**new["more"], "lowrank_lr": 0.01},
+           "finetune": {k: v for k, v in new["finetune"].items() if k != "lr_lowrank"}}
+    with caplog.at_level("WARNING", logger="longtail.config"):
+        assert from_dict(old) == from_dict(new)
+    assert [r.getMessage() for r in caplog.records] == [
+        "more.lowrank_lr is deprecated: read as finetune.lr_lowrank=0.01; use finetune.lr_lowrank"]  # one line
+    assert _groups(old) == _groups(new)  # the same parameters, in the same order, with the same lr and decay
+    lowrank = [g for g in _groups(old) if any(n.endswith((".0.A", ".0.B")) for n in g["params"])]
+    assert lowrank and {g["lr"] for g in lowrank} == {0.01}
+
+
+def test_more_lowrank_lr_is_ignored_without_more_and_refused_beside_finetune_lr_lowrank(caplog):
+    with caplog.at_level("WARNING", logger="longtail.config"):
+        cfg = from_dict({"more": {"lowrank_lr": 0.01}})  # it never acted without MORE
+    assert cfg.finetune.lr_lowrank is None and "ignored; use finetune.lr_lowrank" in caplog.text
+    caplog.clear()
+    assert from_dict({"more": {"enabled": True, "lowrank_lr": None}}) == from_dict({"more": {"enabled": True}})
+    assert not caplog.records  # every config.yaml saved before holds the null: no warning for it
+    with pytest.raises(ConfigError, match=r"finetune.lr_lowrank: 0.1 and more.lowrank_lr: 0.01 both set"):
+        from_dict({"more": {"enabled": True, "lowrank_lr": 0.01}, "finetune": {"lr_lowrank": 0.1}})
+
+
+def test_a_saved_config_with_more_lowrank_lr_matches_its_finetune_lr_lowrank_config():
+    from longtail.config import load_config
+    from longtail.training.checkpointing import config_differences
+
+    saved = load_config(None, ["more.enabled=true"]).to_dict()
+    saved["more"]["lowrank_lr"] = 0.01  # config.yaml as runs saved it before the key became an alias
+    assert config_differences(saved, load_config(None, ["more.enabled=true", "finetune.lr_lowrank=0.01"])) == []
+    assert config_differences(saved, load_config(None, ["more.enabled=true"])) == ["finetune.lr_lowrank"]
 
 
 def test_finalize_merges_before_the_inner_method_folds():

@@ -27,6 +27,7 @@ from longtail.lowrank import add_lowrank, lowrank_ratios
 from longtail.methods.more import class_discrepancy, group_means
 from longtail.models import build_model
 from longtail.task import MULTI
+from tiny import TINY_MLP
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
@@ -135,9 +136,7 @@ def test_two_processes_give_the_single_process_values(tmp_path):
     assert results[0] == [None if v is None else pytest.approx(v, rel=1e-5, abs=1e-6) for v in single]
 
 
-TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-        "model.name=mlp", "model.width=16", "train.epochs=4", "optim.lr=0.05", "eval.batch_size=64",
-        "more.enabled=true", "train.device=cpu"]
+TINY = [*TINY_MLP, "model.width=16", "train.epochs=4", "more.enabled=true", "train.device=cpu"]
 
 
 @pytest.fixture(scope="module")

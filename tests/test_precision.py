@@ -18,10 +18,7 @@ from longtail.training import fit as fit_module
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
-TINY_CNN = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=resnet32",
-    "train.epochs=1", "optim.lr=0.05", "eval.batch_size=64", "data.augment=none",
-]
+TINY_CNN = [*tiny.TINY_MLP, "model.name=resnet32", "train.epochs=1"]
 TINY_MLP = [*tiny.TINY_MLP, "train.epochs=2"]
 
 AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n"

@@ -15,11 +15,9 @@ from longtail.engine import collect_logits
 from longtail.methods.posthoc import search_tau
 from longtail.models import build_model
 from longtail.progress import Progress, duration, mode, say, track
+from tiny import TINY_MLP
 
-TINY = [
-    "data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "data.augment=none",
-    "model.name=mlp", "model.width=32", "train.epochs=2", "train.log_every=3", "eval.batch_size=64",
-]
+TINY = [*TINY_MLP, "train.epochs=2", "train.log_every=3"]
 
 
 class Terminal(io.StringIO):

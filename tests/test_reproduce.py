@@ -11,6 +11,7 @@ import longtail
 from fake_data import write_cifar100
 from longtail.errors import ConfigError
 from longtail.reproduce import BUDGETS, Row, list_tables, load_table, plan_table, render, tables_dir
+from tiny import TINY_MLP
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
@@ -112,8 +113,7 @@ def test_smoke_budget_runs_a_whole_table_with_its_two_stage_rows(tmp_path):
 
 # --------------------------------------------------------------------------- reproduce TABLE --from DIR
 
-TINY = ["data.name=fashion_mnist_lt", "data.imbalance=5", "data.batch_size=16", "model.name=mlp", "model.width=32",
-        "train.epochs=2", "optim.lr=0.05", "eval.batch_size=64", "train.log_every=2"]
+TINY = [*TINY_MLP, "train.epochs=2", "train.log_every=2"]
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from fake_data import write_cifar10
-from hf_tiny import write_clip
 from longtail.config import load_config
 from longtail.errors import ConfigError
+from longtail.methods import check_config
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
 transformers = pytest.importorskip("transformers")
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip")
-    return path, write_clip(path)
 
 
 def test_text_head_is_the_normalised_mean_of_prompt_embeddings(clip_dir):
@@ -84,4 +78,4 @@ def text_rows(path):
 ])
 def test_text_head_settings_are_checked(clip_dir, extra, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, args(clip_dir[0], *extra))
+        check_config(load_config(None, args(clip_dir[0], *extra)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,8 @@ from longtail.config.schema import (Config, DataConfig, EvalConfig, FinetuneConf
                                     MethodConfig, ModelConfig, MoreConfig, OptimConfig, PosthocConfig,
                                     ScheduleConfig, TrainConfig)
 from longtail.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -147,8 +150,36 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _read_deprecated(raw: dict) -> dict:
+    """Deprecated keys read as the keys that replaced them, so old configs and run directories still load.
+
+    more.lowrank_lr: the low-rank parts' lr is finetune.lr_lowrank, beside the other parts' lrs (lr_head,
+    lr_adapter), and it is the one key that also reaches LoRA's parts without MORE. The old key acted only
+    with more.enabled true; a null (every config.yaml saved before) is the default and is dropped silently.
+    """
+    more = raw.get("more")
+    if not isinstance(more, dict) or "lowrank_lr" not in more:
+        return raw
+    more = dict(more)
+    value = more.pop("lowrank_lr")
+    raw = {**raw, "more": more}
+    if value is None:
+        return raw
+    finetune = raw.get("finetune") if isinstance(raw.get("finetune"), dict) else {}
+    if finetune.get("lr_lowrank") is not None:
+        raise ConfigError(f"finetune.lr_lowrank: {finetune['lr_lowrank']} and more.lowrank_lr: {value} both set "
+                          "the lr of the same low-rank parts; set only finetune.lr_lowrank (more.lowrank_lr is "
+                          "deprecated)")
+    if more.get("enabled") is not True:
+        log.warning("more.lowrank_lr is deprecated and acts only with more.enabled true, so %s is ignored; use "
+                    "finetune.lr_lowrank", value)
+        return raw
+    log.warning("more.lowrank_lr is deprecated: read as finetune.lr_lowrank=%s; use finetune.lr_lowrank", value)
+    return {**raw, "finetune": {**finetune, "lr_lowrank": value}}
+
+
 def from_dict(raw: dict) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, _read_deprecated(raw), "")
     check_values(cfg)
     return cfg
 

@@ -1,11 +1,12 @@
 """The config's value checks that types alone cannot express, run by `longtail.config` before any work starts;
-each error names the key and what is accepted.
+each error names the key and what is accepted. A rule of one method (zero_shot's, MORE's against finetune.*)
+is that method's `check_config`, run by `longtail.methods.check_config`.
 
 Layer: foundation. Imports only `errors` and the config schema.
 """
 from __future__ import annotations
 
-from longtail.config.schema import Config, MoreConfig
+from longtail.config.schema import Config
 from longtail.errors import ConfigError
 
 
@@ -101,7 +102,7 @@ def _check_milestones(milestones: list[float]) -> None:
 
 
 def _check_finetune(cfg: Config) -> None:
-    """finetune.* against itself and against MORE: one low-rank part per layer."""
+    """finetune.* against itself (MORE's rules against it: `More.check_config`)."""
     ft = cfg.finetune
     if ft.lora_rank < 1 or ft.lora_alpha <= 0:
         raise ConfigError(f"finetune.lora_rank / lora_alpha: must be >= 1 / > 0, got {ft.lora_rank} / {ft.lora_alpha}")
@@ -124,9 +125,6 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} sets the lr of low-rank parts, and "
                           f"finetune.mode={ft.mode} without MORE has none; use finetune.mode=lora or "
                           "more.enabled=true, or leave it null")
-    if ft.lr_lowrank is not None and cfg.more.lowrank_lr is not None:
-        raise ConfigError(f"finetune.lr_lowrank: {ft.lr_lowrank} and more.lowrank_lr: {cfg.more.lowrank_lr} both set "
-                          "the lr of the same low-rank parts; set only one")
     if ft.lr_adapter is not None and ft.mode != "adaptformer":
         raise ConfigError(f"finetune.lr_adapter: {ft.lr_adapter} sets the lr of AdaptFormer's adapters, and "
                           f"finetune.mode={ft.mode} has none; use finetune.mode=adaptformer or leave it null")
@@ -134,20 +132,6 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.mode: method.name={cfg.method.name} loads a stage-1 model.pt, freezes its "
                           "backbone and retrains the classifier itself; set finetune.mode in the stage-1 run and "
                           "leave it full here")
-    if not cfg.more.enabled or ft.mode == "full":
-        return
-    if ft.mode in ("linear", "bias", "adaptformer"):
-        what = {"linear": "trains only the head", "bias": "trains only biases and the head",
-                "adaptformer": "trains only the adapters and the head"}[ft.mode]
-        raise ConfigError(f"more.enabled: finetune.mode={ft.mode} {what}, so no trained weight matrix is left for "
-                          "MORE's low-rank part; use finetune.mode=full or lora with MORE, or more.enabled=false")
-    default = MoreConfig()
-    for key in ("rank_ratio", "scale", "layers", "exclude"):
-        if getattr(cfg.more, key) != getattr(default, key):
-            raise ConfigError(
-                f"more.{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part, shaped by "
-                f"finetune.lora_rank, lora_alpha and targets; remove more.{key}={getattr(cfg.more, key)!r} "
-                "or use finetune.mode=full")
 
 
 # Stages that keep a stage-1 backbone frozen: what each trains instead.
@@ -191,11 +175,5 @@ def _check_text_head(cfg: Config) -> None:
     if m.clip_feature != "projected" and m.name != "hf_clip":
         raise ConfigError(f"model.clip_feature: {m.clip_feature} chooses hf_clip's feature, and model.name is "
                           f"{m.name}; leave it at projected")
-    if m.clip_feature != "projected" and cfg.method.name == "zero_shot":
-        raise ConfigError(f"model.clip_feature: {m.clip_feature} gives logits other than CLIP's zero-shot ones, "
-                          "which method.name zero_shot evaluates; use model.clip_feature projected")
     if not m.prompts or any("{}" not in p for p in m.prompts):
         raise ConfigError(f"model.prompts: every template needs a {{}} for the class name, got {m.prompts}")
-    if cfg.method.name == "zero_shot" and (m.head_init != "text" or cfg.more.enabled):
-        raise ConfigError("method.name: zero_shot evaluates the text-initialised head untrained; it needs "
-                          "model.head_init text and more.enabled false")

@@ -129,7 +129,6 @@ class MoreConfig:
     layers: list[str] = field(default_factory=lambda: ["Conv2d", "Linear"])
     exclude: list[str] = field(default_factory=list)  # fnmatch patterns on module names
     scale: float = 1.0  # s in W = W_g + s * B A
-    lowrank_lr: Optional[float] = None  # null: optim.lr
     lowrank_weight_decay: Optional[float] = None  # null: optim.weight_decay
 
 

@@ -33,6 +33,17 @@ def method_class(name: str) -> type[Method]:
     return getattr(importlib.import_module(module), cls)
 
 
+def check_config(cfg: Config) -> None:
+    """The configured method's own rules (`Method.check_config`), and MORE's when it is enabled. `longtail.config`
+    cannot import the methods, so what loads a config to run it calls this too, before any work starts:
+    `training.setup`, the train command (before --download-weights), sweep and reproduce (before any point)."""
+    method_class(cfg.method.name).check_config(cfg)
+    if cfg.more.enabled:
+        from longtail.methods.more import More
+
+        More.check_config(cfg)
+
+
 def build_method(cfg: Config, info: RunInfo, base_loss: LossFn) -> Method:
     method = method_class(cfg.method.name)(cfg, info, base_loss)
     if cfg.more.enabled:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from longtail.config import Config
+from longtail.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (logits, targets, progress) -> loss
 
@@ -50,6 +51,11 @@ class Method:
         self.cfg = cfg
         self.info = info
         self.base_loss = base_loss
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse a config this method cannot run, with a `ConfigError` naming the key, before any work starts
+        (`longtail.methods.check_config`: `longtail.config` cannot import the methods). Nothing by default."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap, freeze or replace parts of the model before the optimiser is built."""
@@ -115,6 +121,15 @@ class Method:
 
 class ZeroShot(Method):
     """CLIP zero-shot: the text-initialised head (model.head_init: text) evaluated as it is, nothing trained."""
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.model.clip_feature != "projected":
+            raise ConfigError(f"model.clip_feature: {cfg.model.clip_feature} gives logits other than CLIP's zero-shot "
+                              "ones, which method.name zero_shot evaluates; use model.clip_feature projected")
+        if cfg.model.head_init != "text" or cfg.more.enabled:
+            raise ConfigError("method.name: zero_shot evaluates the text-initialised head untrained; it needs "
+                              "model.head_init text and more.enabled false")
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return []

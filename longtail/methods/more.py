@@ -205,6 +205,27 @@ class More(Method):
         self.amplitude = cfg.more.amplitude * info.num_classes
         self.class_prior = info.prior.to(info.device)
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """One low-rank part per layer: with LoRA it is LoRA's, and a finetune.mode that trains no weight matrix
+        leaves MORE nothing to decompose."""
+        ft = cfg.finetune
+        if ft.mode in ("linear", "bias", "adaptformer"):
+            what = {"linear": "trains only the head", "bias": "trains only biases and the head",
+                    "adaptformer": "trains only the adapters and the head"}[ft.mode]
+            raise ConfigError(f"more.enabled: finetune.mode={ft.mode} {what}, so no trained weight matrix is left "
+                              "for MORE's low-rank part; use finetune.mode=full or lora with MORE, or "
+                              "more.enabled=false")
+        if ft.mode != "lora":
+            return
+        default = MoreConfig()
+        for key in ("rank_ratio", "scale", "layers", "exclude"):
+            if getattr(cfg.more, key) != getattr(default, key):
+                raise ConfigError(
+                    f"more.{key}: with finetune.mode=lora MORE's low-rank part is the LoRA part, shaped by "
+                    f"finetune.lora_rank, lora_alpha and targets; remove more.{key}={getattr(cfg.more, key)!r} "
+                    "or use finetune.mode=full")
+
     def prepare(self, model: nn.Module) -> nn.Module:
         model = self.inner.prepare(model)
         if self.cfg.finetune.mode == "lora":
@@ -219,16 +240,15 @@ class More(Method):
         return self.inner.train_split(split, model)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
+        """The inner method's groups, A and B in a group of their own with `more.lowrank_weight_decay`; their lr
+        (`finetune.lr_lowrank`) is set with the other parts' lrs, by `finetune.part_groups`."""
         groups = self.inner.param_groups(model)
-        if self.more.lowrank_lr is None and self.more.lowrank_weight_decay is None:
+        if self.more.lowrank_weight_decay is None:
             return groups  # A and B train like W_g (SPEC §3 default)
         lowrank = lowrank_parameters(model)
         ids = {id(p) for p in lowrank}
         split = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
-        wd = self.more.lowrank_weight_decay
-        group = {"params": lowrank, "weight_decay": self.cfg.optim.weight_decay if wd is None else wd}
-        if self.more.lowrank_lr is not None:
-            group["lr"] = self.more.lowrank_lr
+        group = {"params": lowrank, "weight_decay": self.more.lowrank_weight_decay}
         return [g for g in split if g["params"]] + [group]
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,14 @@ def resume_loop(loop: Loop, state: dict, path: Path) -> tuple[int, Optional[dict
                           f"{partial['world']} processes, and this run has {dist.world_size()}: a mid-epoch "
                           f"position is a position in each process's share of the epoch. Resume with "
                           f"{partial['world']} processes (checkpoints written at epoch ends resume with any number)")
+    saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    built = [len(g["params"]) for g in loop.optimizer.param_groups]
+    if saved != built:  # torch would raise, or hand one group's momenta to another's parameters
+        raise ConfigError(f"--resume: the optimiser in {path} holds parameter groups of {saved} parameters, and this "
+                          f"version of longtail builds {built} from the same config: the groups changed (with "
+                          "more.lowrank_lr, now finetune.lr_lowrank, and finetune.lr_head the head's low-rank part "
+                          "took lr_head); finish the run with the version that started it or start a new --out "
+                          "directory")
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
     # The schedule is rebuilt at this run's step rather than loaded: steps per epoch and the linearly

@@ -29,7 +29,7 @@ from longtail.models import scale_head
 from longtail.priors import logit_prior
 from longtail.progress import say
 from longtail.provenance import environment, native_bf16, segment
-from longtail.methods import training_folds
+from longtail.methods import check_config, training_folds
 from longtail.rundir import calibrate, export_model, load_model, score_model
 from longtail.task import get_task, task_of
 from longtail.training.checkpointing import (check_resumable, occupied, restore_best, resume_loop, save_checkpoint,
@@ -50,6 +50,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optio
     holds `out_dir`'s lock from before its first read to its end: a second writer is refused.
     """
     out = Path(out_dir)
+    check_config(cfg)  # the method's own rules, before the directory is locked or read
     # Under torchrun the writing rank holds it; the others write nothing into the directory.
     with run_lock(out) if dist.is_main() else contextlib.nullcontext():
         return _fit(cfg, out, resume, data_root, download)

@@ -18,7 +18,7 @@ from longtail.data import LTData, build_data, resize_inputs
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
 from longtail.finetune import apply_finetune
-from longtail.methods import build_method
+from longtail.methods import build_method, check_config
 from longtail.methods.base import RunInfo
 from longtail.models import build_model
 from longtail.models.hf import HF_MODELS, init_text_head
@@ -42,6 +42,7 @@ class Run:
 
 
 def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, run_dir: Optional[Path] = None) -> Run:
+    check_config(cfg)  # the method's own rules, before the data, the device or the process group
     device = select_device(cfg.train.device)
     device = dist.init_from_env(device.type) or device
     if cfg.train.amp and cfg.train.amp_dtype == "float16" and device.type != "cuda":
