@@ -330,3 +330,18 @@ def test_a_run_killed_mid_phase_resumes_bit_for_bit_and_frozen_parts_keep_no_sta
     lowrank_shapes = sorted(tuple(v.shape) for k, v in model_state.items() if k.endswith((".A", ".B")))
     buffers = sorted(tuple(s["momentum_buffer"].shape) for s in state["optimizer"]["state"].values())
     assert buffers == lowrank_shapes
+
+
+@pytest.mark.e2e
+def test_importance_ranks_are_measured_on_the_training_split_and_recorded(tmp_path, data_root):
+    from longtail.engine import fit
+
+    out = tmp_path / "run"
+    results = fit(load_config(None, [*TINY_MLP, "train.epochs=1", "more.enabled=true",
+                                     "more.rank_allocation=importance"]), out, data_root=data_root)
+    ranks = results["method_record"]["more_ranks"]
+    assert set(ranks) == {"body.0", "body.3", "body.6", "head"}
+    uniform = {"body.0": 3, "body.3": 3, "body.6": 3, "head": 1}  # round(0.1 * min(out, fan_in)), width 32
+    assert ranks != uniform and abs(sum(ranks.values()) - sum(uniform.values())) <= len(uniform)
+    trained = load_checkpoint(out / "checkpoint.pt")["model"]
+    assert {n: trained[f"{n}.parametrizations.weight.0.A"].shape[0] for n in ranks} == ranks
