@@ -51,14 +51,18 @@ def _factored_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor
     Building B A costs out * r * in multiply-adds per forward (and again in backward), the factored form
     rows * r * (in + out). On an MLP with a batch of 128 the product alone cost as much as the layer;
     a large batch through a small layer favours building the weight, so the cheaper form is chosen per call.
+    Several parts on one weight (MORE's `more.groups`) each add their own term.
     """
-    part = module.parametrizations.weight[0]
+    chain = module.parametrizations.weight
+    parts = [p for p in chain if p.enabled]
     fan_in, out = module.in_features, module.out_features
     rows = x.numel() // fan_in
-    if not part.enabled or rows * (fan_in + out) >= fan_in * out:
+    if not parts or len(parts) < len(chain) or rows * (fan_in + out) >= fan_in * out:
         return F.linear(x, module.weight, module.bias)
-    weight_g = module.parametrizations.weight.original
-    return F.linear(x, weight_g, module.bias) + part.scale * F.linear(F.linear(x, part.A), part.B)
+    y = F.linear(x, chain.original, module.bias)
+    for part in parts:
+        y = y + part.scale * F.linear(F.linear(x, part.A), part.B)
+    return y
 
 
 def add_lowrank(module: nn.Module, rank: int, scale: float, generator: torch.Generator,
@@ -84,17 +88,21 @@ def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lowrank_ratios(model: nn.Module) -> dict[str, float]:
-    """||s B A||_F / ||W_g||_F of every decomposed layer, keyed by module path: how much the part weighs."""
+    """||s B A||_F / ||W_g||_F of every decomposed layer, keyed by module path: how much the part weighs
+    (several parts on one weight: their sum)."""
     ratios = {}
     for name, module in model.named_modules():
         if not parametrize.is_parametrized(module, "weight"):
             continue
-        for part in module.parametrizations.weight:
-            if isinstance(part, LowRank):
-                b, a = part.B.detach().double(), part.A.detach().double()
-                # ||B A||_F^2 = tr(B^T B A A^T): two r x r products, never the out x fan_in matrix B A.
-                delta = abs(part.scale) * ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt()
-                ratios[name] = float(delta / module.parametrizations.weight.original.detach().double().norm())
+        parts = [p for p in module.parametrizations.weight if isinstance(p, LowRank)]
+        if parts:
+            # sum_g s_g B_g A_g = s_1 [B_1 .. (s_G / s_1) B_G] [A_1; ..; A_G]: one pair of stacked factors.
+            s = parts[0].scale
+            b = torch.cat([p.B.detach().double() * (p.scale / s) for p in parts], dim=1)
+            a = torch.cat([p.A.detach().double() for p in parts], dim=0)
+            # ||B A||_F^2 = tr(B^T B A A^T): two r x r products, never the out x fan_in matrix B A.
+            delta = abs(s) * ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt()
+            ratios[name] = float(delta / module.parametrizations.weight.original.detach().double().norm())
     return ratios
 
 
@@ -112,7 +120,8 @@ def general_only(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _switched(parts: list[LowRank], states: list[bool]) -> Iterator[None]:
+def switched(parts: list[LowRank], states: list[bool]) -> Iterator[None]:
+    """Inside the block each of `parts` is on or off as `states` says; afterwards as it was."""
     saved = [part.enabled for part in parts]
     for part, state in zip(parts, states):
         part.enabled = state
@@ -133,7 +142,7 @@ def recompute_as_forward(model: nn.Module) -> Callable[[], tuple[ContextManager,
     """
     def context_fn() -> tuple[ContextManager, ContextManager]:
         parts = lowrank_parts(model)
-        return nullcontext(), _switched(parts, [part.enabled for part in parts])
+        return nullcontext(), switched(parts, [part.enabled for part in parts])
 
     return context_fn
 

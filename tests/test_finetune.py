@@ -109,9 +109,21 @@ def test_targets_that_match_nothing_are_an_error():
 
 
 def test_a_model_without_default_targets_needs_them():
-    cfg = load_config(None, ["model.name=mlp", "finetune.mode=lora"])
+    cfg = load_config(None, ["model.name=resnet10", "finetune.mode=lora"])
     with pytest.raises(ConfigError, match="ships no default LoRA targets"):
         apply_finetune(build_model(cfg.model, num_classes=10, in_channels=1, image_size=28), cfg)
+
+
+@pytest.mark.parametrize("name, kind", [("mlp", nn.Linear), ("resnet32", nn.Conv2d)])
+def test_lora_targets_every_backbone_layer_of_the_mlp_and_resnet32_by_default(name, kind):
+    cfg = load_config(None, [f"model.name={name}", "finetune.mode=lora", "finetune.lora_rank=2"])
+    model = apply_finetune(build_model(cfg.model, num_classes=10, in_channels=3, image_size=32), cfg)
+    backbone = [m for n, m in model.named_modules() if isinstance(m, kind) and not n.startswith("head")]
+    assert backbone and all(hasattr(m, "parametrizations") for m in backbone)
+    assert all(not m.parametrizations.weight.original.requires_grad for m in backbone)  # W_g frozen
+    assert not hasattr(model.head, "parametrizations") and all(p.requires_grad for p in model.head.parameters())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {n for n in trained if n.startswith("head.") or n.endswith((".A", ".B"))}
 
 
 @pytest.mark.parametrize("mode", ["linear", "bias"])

@@ -189,11 +189,11 @@ def test_every_recipe_has_a_config_per_dataset_and_model_and_the_omission_is_doc
                                                 for p in (CONFIGS / d).glob("wb_stage1*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_wb_configs_use_the_paper_settings(stage1_path):
-    s1 = load_config(stage1_path)  # SPEC 2.1
+    s1 = load_config(stage1_path)  # WB stage 1
     assert (s1.method.name, s1.loss.name, s1.optim.name, s1.optim.lr) == ("erm", "ce", "sgd", 0.01)
     assert (s1.optim.weight_decay, s1.optim.wd_exclude_bn_bias) == (5e-3, False)  # on every parameter
     assert (s1.data.batch_size, s1.schedule.name, s1.train.epochs) == (64, "cosine", 200)
-    s2 = load_config(stage1_path.with_name(stage1_path.name.replace("wb_stage1", "wb_stage2")))  # SPEC 2.2
+    s2 = load_config(stage1_path.with_name(stage1_path.name.replace("wb_stage1", "wb_stage2")))  # WB stage 2
     assert s2.method.name == "wb_stage2" and s2.method.init_from == f"runs/{stage1_path.parent.name}/{stage1_path.stem}"
     assert (s2.loss.name, s2.loss.beta, s2.method.cb_variant) == ("cb", 0.9999, "ce")
     assert (s2.optim.weight_decay, s2.optim.lr, s2.schedule.name, s2.train.epochs) == (0.1, 0.01, "cosine", 10)

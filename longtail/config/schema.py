@@ -130,6 +130,13 @@ class MoreConfig:
     exclude: list[str] = field(default_factory=list)  # fnmatch patterns on module names
     scale: float = 1.0  # s in W = W_g + s * B A
     lowrank_weight_decay: Optional[float] = None  # null: optim.weight_decay
+    # Variants (docs/methods/more.md#variants), each off at its default:
+    general_lr_scale: float = 1.0  # the lr of everything but the low-rank parts, times this (0: frozen)
+    freeze_general_at: Optional[float] = None  # fraction of training: general part first, then low-rank parts only
+    general_loss_weight: float = 0.0  # prior-weighted cross-entropy of the general-only logits
+    groups: int = 1  # frequency bands of classes, one low-rank part each
+    orthogonal_weight: float = 0.0  # penalty ||s B A W_g^T||^2 / ||W_g||^2
+    rank_allocation: Literal["uniform", "importance"] = "uniform"
 
 
 @dataclass

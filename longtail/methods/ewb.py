@@ -1,4 +1,4 @@
-"""The EWB one-stage recipe (SPEC §2.3), the simpler replacement of weight balancing's two stages.
+"""The EWB one-stage recipe (EWB, Hasegawa & Sato ICLR 2024), the simpler replacement of weight balancing's two stages.
 
 Loss = CE + lambda_wd / 2 * ||theta||^2 + lambda_fr / 2 * mean_i ||f_i||^2 with a fixed simplex-ETF
 head. The weight-decay term is the optimiser's (coupled SGD) weight decay; the feature term is added

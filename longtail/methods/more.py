@@ -1,4 +1,4 @@
-"""MORE (model rebalancing, SPEC §3): the discrepancy loss and its schedule on top of `longtail.lowrank`.
+"""MORE (model rebalancing, NeurIPS 2025): the discrepancy loss and its schedule on top of `longtail.lowrank`.
 
 Each selected weight becomes W = W_g + s * B A (`longtail.lowrank`, the same part LoRA uses). Every step
 runs the model twice: with the low-rank part (full) and without it (general only). L_MORE, the
@@ -19,8 +19,11 @@ from torch import nn
 from longtail.config import HEAD_ONLY_METHODS, Config, MoreConfig
 from longtail.errors import ConfigError
 from longtail.inference import run_split
-from longtail.lowrank import add_lowrank, general_only, lowrank_parameters, lowrank_parts, lowrank_ratios, merge
+from longtail.lowrank import (add_lowrank, general_only, lowrank_parameters, lowrank_parts, lowrank_ratios, merge,
+                              switched)
 from longtail.methods.base import Method, RunInfo
+from longtail.methods.more_variants import (band_prior, check_variants, frequency_bands, general_loss, importance_ranks,
+                                            orthogonal_penalty, phase_boundary)
 from longtail.mixing import MixedTargets
 from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task, multilabel_groups
 
@@ -46,10 +49,9 @@ def layer_types(names: list[str]) -> tuple[type[nn.Module], ...]:
     return tuple(SUPPORTED_LAYERS[n] for n in names)
 
 
-def decompose(model: nn.Module, more: MoreConfig, seed: int = 0) -> list[str]:
-    """Add a low-rank part to every selected trainable weight in place; returns the module names."""
+def selected_layers(model: nn.Module, more: MoreConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs `more.layers` and `more.exclude` select, trainable weights only."""
     kinds = layer_types(more.layers)
-    generator = torch.Generator().manual_seed(seed)
     chosen = []
     for name, module in model.named_modules():
         if not isinstance(module, kinds) or any(fnmatch.fnmatchcase(name, p) for p in more.exclude):
@@ -64,8 +66,18 @@ def decompose(model: nn.Module, more: MoreConfig, seed: int = 0) -> list[str]:
             f"more: no trainable layer of kinds {more.layers} is left after more.exclude={more.exclude}; "
             "loosen more.exclude or set more.enabled=false"
         )
-    for _, module in chosen:
-        add_lowrank(module, lowrank_rank(module.weight.shape, more.rank_ratio), more.scale, generator)
+    return chosen
+
+
+def decompose(model: nn.Module, more: MoreConfig, seed: int = 0, ranks: Optional[dict[str, int]] = None) -> list[str]:
+    """Add `more.groups` low-rank parts to every selected trainable weight in place; returns the module names.
+    `ranks` (module name -> r) replaces the `rank_ratio` rule (`more.rank_allocation: importance`)."""
+    chosen = selected_layers(model, more)
+    generator = torch.Generator().manual_seed(seed)
+    for name, module in chosen:
+        rank = ranks[name] if ranks is not None else lowrank_rank(module.weight.shape, more.rank_ratio)
+        for _ in range(more.groups):
+            add_lowrank(module, rank, more.scale, generator)
     return [name for name, _ in chosen]
 
 
@@ -188,6 +200,7 @@ class More(Method):
     def __init__(self, inner: Method, cfg: Config, info: RunInfo):
         super().__init__(cfg, info, inner.base_loss)
         layer_types(cfg.more.layers)  # refuse unsupported kinds before any work starts
+        check_variants(cfg, info)
         if cfg.method.name in SECOND_STAGES:
             raise ConfigError(
                 f"more.enabled: MORE trains a whole model in one stage, but method.name={cfg.method.name} retrains "
@@ -204,6 +217,10 @@ class More(Method):
         self.more = cfg.more
         self.amplitude = cfg.more.amplitude * info.num_classes
         self.class_prior = info.prior.to(info.device)
+        bands = frequency_bands(info.class_counts, cfg.more.groups)
+        self.band_priors = [band_prior(self.class_prior, band) for band in bands]
+        self.general: list[nn.Parameter] = []  # what trains besides the low-rank parts (`prepare`)
+        self.boundary = phase_boundary(cfg)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -232,9 +249,32 @@ class More(Method):
             # One low-rank part per layer: LoRA's parts (added with the model, W_g frozen) are MORE's.
             if not lowrank_parts(model):
                 raise ConfigError("more.enabled with finetune.mode=lora: the model carries no LoRA part to rebalance")
-            return model
-        decompose(model, self.more, seed=self.cfg.train.seed)
+        else:
+            ranks = None
+            if self.more.rank_allocation == "importance":
+                uniform = {name: lowrank_rank(m.weight.shape, self.more.rank_ratio)
+                           for name, m in selected_layers(model, self.more)}
+                ranks = importance_ranks(model, uniform, self.probe_loss)
+                self.info.extra["more_ranks"] = ranks
+            decompose(model, self.more, seed=self.cfg.train.seed, ranks=ranks)
+        lowrank = {id(p) for p in lowrank_parameters(model)}
+        self.general = [p for p in model.parameters() if p.requires_grad and id(p) not in lowrank]
+        if self.more.general_lr_scale == 0:
+            for p in self.general:  # frozen for the whole run: left out of the optimiser
+                p.requires_grad_(False)
         return model
+
+    def probe_loss(self, model: nn.Module, batches: int = 4) -> torch.Tensor:
+        """The base loss on the first `batches` training batches (the evaluation transform, the run's seed): what
+        `more.rank_allocation: importance` measures the layers by."""
+        split, total = self.info.data.train, 0
+        self.inner.train_mode(model)
+        for i, (x, y, _) in enumerate(split.batches(self.cfg.data.batch_size, seed=self.cfg.train.seed)):
+            if i == batches:
+                break
+            features, logits = self.inner.forward(model, split.to_input(x, "cpu", train=False).double())
+            total = total + self.inner.criterion(features, logits, y, 0.0)[0]
+        return total
 
     def train_split(self, split: Any, model: nn.Module) -> Any:
         return self.inner.train_split(split, model)
@@ -243,12 +283,16 @@ class More(Method):
         """The inner method's groups, A and B in a group of their own with `more.lowrank_weight_decay`; their lr
         (`finetune.lr_lowrank`) is set with the other parts' lrs, by `finetune.part_groups`."""
         groups = self.inner.param_groups(model)
-        if self.more.lowrank_weight_decay is None:
-            return groups  # A and B train like W_g (SPEC §3 default)
+        more = self.more
+        if more.lowrank_weight_decay is None and more.general_lr_scale == 1:
+            return groups  # A and B train like W_g (the default)
         lowrank = lowrank_parameters(model)
         ids = {id(p) for p in lowrank}
         split = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
-        group = {"params": lowrank, "weight_decay": self.more.lowrank_weight_decay}
+        if more.general_lr_scale != 1:  # `build_optimizer` multiplies the lr the group would have
+            split = [{**g, "lr_scale": more.general_lr_scale} for g in split]
+        wd = more.lowrank_weight_decay
+        group = {"params": lowrank, "weight_decay": self.cfg.optim.weight_decay if wd is None else wd}
         return [g for g in split if g["params"]] + [group]
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,18 +303,56 @@ class More(Method):
     ) -> tuple[torch.Tensor, dict]:
         return self.inner.criterion(features, logits, y, progress)
 
+    def set_phase(self, model: nn.Module, first: bool) -> None:
+        """`more.freeze_general_at`: before it the general parameters train and the low-rank parts are frozen,
+        after it the other way round. A frozen parameter gets no gradient, so the optimiser skips it."""
+        for p in self.general:
+            p.requires_grad_(first)
+        for p in lowrank_parameters(model):
+            p.requires_grad_(not first)
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[torch.Tensor, dict]:
+        more, task = self.more, self.info.task
+        boundary = self.boundary
+        first = boundary is not None and progress < boundary
+        if boundary is not None:
+            self.set_phase(model, first)
         features, z_full = self.inner.forward(model, x)
         loss, logs = self.inner.criterion(features, z_full, y, progress)
-        a = alpha(self.more.schedule, self.amplitude, progress)
-        # The general pass needs a graph only when L_MORE's gradient flows through it (alpha != 0, not detached).
-        needs_grad = a != 0 and not self.more.detach_general
-        grad = needs_grad and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad), general_only(model), bn_stats_frozen(model):
-            _, z_gen = self.inner.forward(model, x)
-        l_more = more_loss(z_full, z_gen, y, self.class_prior, self.more.discrepancy, self.info.task)
+        if first:  # B = 0 and frozen: the general-only model is the full one, and L_MORE is 0 exactly
+            a, l_more, z_gen = 0.0, z_full.new_zeros((), dtype=torch.float32), z_full
+        else:
+            a = alpha(more.schedule, self.amplitude, progress if boundary is None else
+                      (progress - boundary) / (1 - boundary))  # the schedule spans the second phase
+            # The general pass needs a graph when a gradient flows through it: L_MORE's (alpha != 0, not
+            # detached) or the general-only loss's.
+            needs_grad = (a != 0 and not more.detach_general) or more.general_loss_weight > 0
+            with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()), general_only(model), \
+                    bn_stats_frozen(model):
+                _, z_gen = self.inner.forward(model, x)
+            compared = z_gen.detach() if more.detach_general else z_gen
+            if more.groups == 1:
+                l_more = more_loss(z_full, compared, y, self.class_prior, more.discrepancy, task)
+            else:
+                l_more = sum(more_loss(self.part_pass(model, x, g), compared, y, prior, more.discrepancy, task)
+                             for g, prior in enumerate(self.band_priors))
         logs = {**logs, "more_alpha": a, "more_loss": l_more.detach()}
-        return loss + a * l_more, logs
+        loss = loss + a * l_more
+        if more.general_loss_weight:
+            l_gen = general_loss(z_gen, y, self.class_prior, task)
+            logs["more_general_loss"] = l_gen.detach()
+            loss = loss + more.general_loss_weight * l_gen
+        if more.orthogonal_weight:
+            l_orth = orthogonal_penalty(model)
+            logs["more_orthogonal"] = l_orth.detach()
+            loss = loss + more.orthogonal_weight * l_orth
+        return loss, logs
+
+    def part_pass(self, model: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
+        """The logits with W_g and the g-th part of every layer (`more.groups`), BN statistics untouched."""
+        parts = lowrank_parts(model)  # layer by layer, each layer's `groups` parts in order
+        with switched(parts, [i % self.more.groups == g for i in range(len(parts))]), bn_stats_frozen(model):
+            return self.inner.forward(model, x)[1]
 
     @classmethod
     def folds(cls, cfg: Config, method_record: dict) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Post-hoc logit adjustment (SPEC §2.3), applied after training with no retraining.
+"""Post-hoc logit adjustment (EWB, Hasegawa & Sato ICLR 2024), applied after training with no retraining.
 
 multiplicative: z'_k = z_k / pi_k ** tau;  additive: z'_k = z_k - tau * log pi_k  (pi: training prior).
 Both are per-class affine maps of the logits, so on a linear or fixed-ETF head they fold into the

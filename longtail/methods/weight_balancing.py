@@ -1,4 +1,4 @@
-"""Weight balancing, stage 2 (SPEC §2.2): re-balance the classifier of a stage-1 model.
+"""Weight balancing, stage 2 (WB, Alshammari et al. CVPR 2022): re-balance the classifier of a stage-1 model.
 
 Stage 1 is ERM with cross-entropy and weight decay (a config, no code). Stage 2 starts from the stage-1
 run named by `method.init_from`, freezes the backbone, and trains only the classifier with a
@@ -37,8 +37,17 @@ def load_stage1(model: nn.Module, cfg: Config) -> None:
             f"method.init_from: {cfg.method.name} starts from a trained stage-1 model; set method.init_from to "
             "its run directory (e.g. runs/cifar10_lt/wb_stage1) or to a model.pt"
         )
+    load_init(model, cfg)
+
+
+def load_init(model: nn.Module, cfg: Config) -> None:
+    """`method.init_from` (a run directory or a model.pt) into `model`: the same architecture, and where the run's
+    config.yaml is beside it, the same training subset."""
     path = Path(cfg.method.init_from)
     model_pt = path / "model.pt" if path.is_dir() else path
+    if not model_pt.is_file():
+        raise ConfigError(f"method.init_from: {model_pt} does not exist; give a finished run's directory or its "
+                          "model.pt")
     check_same_subset(model_pt.parent / "config.yaml", cfg)
     try:
         model.load_state_dict(load_checkpoint(model_pt))
@@ -47,12 +56,13 @@ def load_stage1(model: nn.Module, cfg: Config) -> None:
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:300]
         raise ConfigError(
             f"method.init_from: {model_pt} does not fit this config's model ({cfg.model.name}, head "
-            f"{cfg.model.head}): {detail}; the model.* settings must match the stage-1 run's model.yaml"
+            f"{cfg.model.head}): {detail}; the model.* settings must match those of the run it comes from"
         ) from None
 
 
 def check_same_subset(stage1_config: Path, cfg: Config) -> None:
-    """Stage 2 must train on stage 1's images: another subset could put stage-1 training images in its val split."""
+    """A run started from another must train on its images: another subset could put that run's training images
+    in this one's val or test split."""
     if not stage1_config.is_file():
         return  # a bare model.pt: nothing to compare against
     stage1 = read_yaml(stage1_config).get("data", {})
@@ -61,8 +71,8 @@ def check_same_subset(stage1_config: Path, cfg: Config) -> None:
     if differ:
         shown = ", ".join(f"data.{k}: {stage1[k]!r} there, {mine[k]!r} here" for k in differ)
         raise ConfigError(
-            f"method.init_from: the stage-1 run ({stage1_config.parent}) trained on a different subset ({shown}); "
-            "stage 2 must use the stage-1 run's data settings"
+            f"method.init_from: the run it starts from ({stage1_config.parent}) trained on a different subset "
+            f"({shown}); use that run's data settings"
         )
 
 

@@ -12,6 +12,8 @@ from longtail.models.registry import no_pretrained, register
 class MLP(nn.Module):
     """Flattened input -> 3 x [Linear without bias -> BatchNorm1d -> ReLU]; features are the last ReLU's output."""
 
+    lora_targets = ["*"]  # finetune.mode lora: every Linear of the backbone (the head trains in full)
+
     def __init__(self, in_features: int, width: int = 1024):
         super().__init__()
         layers: list[nn.Module] = []

@@ -50,6 +50,8 @@ class BlockA(nn.Module):
 class ResNet32(nn.Module):
     """3 stages x 5 blocks, widths 16/32/64, global average pooling: 64-d features."""
 
+    lora_targets = ["*"]  # finetune.mode lora: every Conv2d of the backbone (the head trains in full)
+
     def __init__(self, in_channels: int = 3):
         super().__init__()
         self.conv1 = _conv3x3(in_channels, 16)

@@ -161,6 +161,9 @@ def train_one_epoch(loop: Loop, split: Any, epoch: int, partial: Optional[dict] 
                 continue
             loop.scaler.step(loop.optimizer)
             loop.scaler.update()
+            # A parameter a method froze mid-run (MORE's more.freeze_general_at) keeps no optimiser state.
+            for p in [p for p in loop.optimizer.state if not p.requires_grad]:
+                del loop.optimizer.state[p]
             loop.scheduler.step()
             loop.method.after_step(model)
             bar.update()

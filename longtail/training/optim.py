@@ -26,7 +26,10 @@ def effective_lr(cfg: Config) -> float:
 
 
 def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    """A group may carry `lr_scale` (MORE's `more.general_lr_scale`): its lr is then that times the lr it would have."""
     lr = effective_lr(cfg)
+    groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": g.get("lr", lr) * g["lr_scale"]}
+              if "lr_scale" in g else g for g in groups]
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas))

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from longtail import distributed as dist
-from longtail.config import Config
+from longtail.config import HEAD_ONLY_METHODS, Config
 from longtail.data import LTData, build_data, resize_inputs
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
 from longtail.finetune import apply_finetune
 from longtail.methods import build_method, check_config
 from longtail.methods.base import RunInfo
+from longtail.methods.weight_balancing import load_init
 from longtail.models import build_model
 from longtail.models.hf import HF_MODELS, init_text_head
 from longtail.models.hf import input_size as hf_input_size
@@ -78,6 +79,9 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
     model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size)
     if cfg.model.head_init == "text":
         init_text_head(model, cfg.model, list(data.class_names))
+    if cfg.method.init_from is not None and cfg.method.name not in HEAD_ONLY_METHODS:
+        # Any one-stage method starts from an earlier run's model.pt; the second stages load it themselves.
+        load_init(model, cfg)
     model = apply_finetune(model, cfg)
     if cfg.train.grad_checkpoint:
         if not hasattr(model, "enable_grad_checkpoint"):
