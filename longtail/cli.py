@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipes' method.init_from names)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     p.add_argument("--fast", action="store_true", help="train in bfloat16 autocast with channels_last (" +
-                   " ".join(FAST) + "): about 2.8x faster on a CPU with AMX, same accuracy (docs/cli.md#speed)")
+                   " ".join(FAST) + "): about 2.4x faster training on a CPU with AMX (docs/cli.md#speed)")
     p.add_argument("--download-weights", action="store_true",
                    help="hf_clip / hf_vit: fetch model.pretrained (a hub id) into the Hugging Face cache first")
     data_options(p)
