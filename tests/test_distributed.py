@@ -308,3 +308,76 @@ def test_mixing_and_policies_run_on_two_processes(env, config, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     record = _metrics(out)[0]
     assert math.isfinite(record["train_loss"]) and math.isfinite(record["more_loss"])
+
+
+# Every MORE variant at once, the phase boundary in the middle of epoch 2 (step 11 of 21): a 2-process run must
+# train, evaluate and log its diagnostics as one process would, keep the general part frozen after the boundary,
+# and resume mid-phase-2 to the uninterrupted weights.
+VARIANTS = ["more.groups=2", "more.general_loss_weight=0.5", "more.orthogonal_weight=0.1",
+            "more.rank_allocation=importance", "more.freeze_general_at=0.5", "train.find_unused_parameters=true",
+            "train.track_every=3"]
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, env, config) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "variants"
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out, *VARIANTS)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_freeze_general_at_on_two_processes_needs_find_unused_parameters(env, config, tmp_path):
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, tmp_path / "run", *VARIANTS[:-2])], env)
+    assert done.returncode != 0
+    assert "longtail train: error: more.freeze_general_at: on several processes" in done.stderr
+    assert "add train.find_unused_parameters=true" in done.stderr
+
+
+def test_every_variant_on_two_processes_evaluates_and_measures_as_one_process(variants, env, config):
+    from longtail.engine import setup
+
+    results = json.loads((variants / "results.json").read_text())
+    assert results["world_size"] == 2 and results["method_record"]["more_ranks"]
+    done, _ = launch([sys.executable, "-m", "longtail", "eval", variants], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = json.loads((variants / "eval-test.json").read_text())
+    assert results["per_class"] == single["per_class"]
+    assert results["nll"] == pytest.approx(single["nll"], rel=1e-5)
+
+    logged = _metrics(variants)[-1]
+    state = torch.load(variants / "checkpoint.pt", weights_only=True)
+    run = setup(load_config(config, [*TRAIN, *VARIANTS[:-2], "train.device=cpu"]), data_root=env["LONGTAIL_DATA"])
+    run.model.load_state_dict(state["model"])
+    measured = run.method.diagnostics(run.model, run.data.train, run.device)
+    assert logged["more_layer_ratio"] == pytest.approx(measured["more_layer_ratio"], rel=1e-5)
+    assert logged["more_discrepancy_per_class"] == pytest.approx(measured["more_discrepancy_per_class"], rel=1e-5)
+
+
+def _general(state: dict) -> dict:
+    """The general part of a decomposed model's state: every parameter but the low-rank A and B."""
+    return {k: v for k, v in state.items()
+            if v.is_floating_point() and "running_" not in k and not k.endswith((".A", ".B"))}
+
+
+def test_every_variant_resumes_mid_phase_two_on_two_processes_to_the_uninterrupted_weights(variants, env, config,
+                                                                                          tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_DRIVER)
+    out = tmp_path / "run"
+    steps = math.ceil(math.ceil(199 / 2) / 16)  # 7 a epoch; the boundary at step 11 of 21
+    done, _ = launch([*TORCHRUN, driver, *_train(config, out, *VARIANTS)],
+                     {**env, "LONGTAIL_TEST_STOP_AT": str(steps + 6)})
+    assert done.returncode != 0 and "stopped by signal" in done.stderr, done.stderr[-3000:]
+    stopped = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert stopped["partial"]["epoch"] == 1 and stopped["partial"]["batch"] > 11 - steps  # inside phase 2
+    done, _ = launch([*TORCHRUN, "-m", "longtail", *_train(config, out, *VARIANTS, "--resume")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(out / "model.pt", weights_only=True)
+    uninterrupted = torch.load(variants / "model.pt", weights_only=True)
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    # After the boundary the general part is frozen on both ranks: no step, no weight decay moved it.
+    final = _general(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+    assert final.keys() == _general(stopped["model"]).keys() and len(final) > 6
+    for key, value in _general(stopped["model"]).items():
+        assert torch.equal(value, final[key]), key

@@ -37,9 +37,9 @@ def check_variants(cfg: Config, info: RunInfo) -> None:
     if f is not None and more.general_lr_scale == 0:
         raise ConfigError("more.freeze_general_at: with more.general_lr_scale 0 nothing trains before the boundary; "
                           "set one of them only")
-    if f is not None and world_size() > 1:
-        raise ConfigError("more.freeze_general_at: switching which parameters train mid-run is not supported with "
-                          "several processes (DDP fixes them when it starts); train on one process or leave it null")
+    if f is not None and world_size() > 1 and not cfg.train.find_unused_parameters:
+        raise ConfigError("more.freeze_general_at: on several processes each phase leaves one set of parameters "
+                          "without a gradient, which DDP must be told of; add train.find_unused_parameters=true")
     if not 1 <= more.groups <= info.num_classes:
         raise ConfigError(f"more.groups: must be in 1..{info.num_classes} (the number of classes), got {more.groups}")
     if cfg.finetune.mode == "lora":
