@@ -18,7 +18,7 @@ from longtail.lowrank import LowRank, general_only, lowrank_parameters, lowrank_
 from longtail.methods import register_method
 from longtail.methods.base import Method
 from longtail.methods.more import More, decompose, more_loss
-from longtail.methods.more_variants import (band_prior, frequency_bands, general_loss, importance_ranks,
+from longtail.methods.more_variants import (band_prior, feature_bands, frequency_bands, general_loss, importance_ranks,
                                             orthogonal_penalty)
 from longtail.training.optim import build_optimizer
 from tiny import TINY_MLP
@@ -32,6 +32,7 @@ VARIANTS = {
     "freeze_general_at": {"freeze_general_at": 0.5},
     "general_loss_weight": {"general_loss_weight": 1.0},
     "groups": {"groups": 3},
+    "grouping": {"groups": 2, "grouping": "features"},
     "orthogonal_weight": {"orthogonal_weight": 1.0},
     "rank_allocation": {"rank_allocation": "importance"},
 }
@@ -48,6 +49,7 @@ def prepared(more: dict, name: str = "user", dtype=torch.float32, **sections):
     model, x = make_model(name)
     model, x = model.to(dtype), x.to(dtype)
     method.probe_loss = lambda m: CE(m(x.to(next(m.parameters()).dtype)), Y[:len(x)], 0)
+    method.class_feature_means = lambda m: torch.randn(len(COUNTS), 4, generator=torch.Generator().manual_seed(0))
     return method, method.prepare(model), x
 
 
@@ -247,6 +249,7 @@ def test_general_lr_scale_scales_the_general_groups_and_zero_leaves_them_out():
     ({"freeze_general_at": 0.5, "general_lr_scale": 0}, "nothing trains before the boundary"),
     ({"groups": 6}, r"more.groups: must be in 1..5"),
     ({"orthogonal_weight": -0.1}, "more.orthogonal_weight: must be >= 0"),
+    ({"grouping": "features"}, "more.grouping: features cuts the classes into more.groups bands"),
 ])
 def test_bad_variant_values_are_refused_in_one_line(more, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -345,3 +348,47 @@ def test_importance_ranks_are_measured_on_the_training_split_and_recorded(tmp_pa
     assert ranks != uniform and abs(sum(ranks.values()) - sum(uniform.values())) <= len(uniform)
     trained = load_checkpoint(out / "checkpoint.pt")["model"]
     assert {n: trained[f"{n}.parametrizations.weight.0.A"].shape[0] for n in ranks} == ranks
+
+
+def test_feature_bands_cluster_the_class_means_most_frequent_band_first():
+    # classes 0, 2, 4 point one way, 1 and 3 another (lengths differ: the means are normalised first)
+    means = torch.tensor([[1.0, 0.1], [0.0, 3.0], [2.0, 0.3], [0.2, 1.0], [0.9, -0.1]])
+    assert feature_bands(means, [10, 50, 10, 50, 10], 2) == [[1, 3], [0, 2, 4]]
+    assert feature_bands(means, [50, 10, 50, 10, 50], 2) == [[0, 2, 4], [1, 3]]
+    assert sorted(map(sorted, feature_bands(means, COUNTS, 5))) == [[0], [1], [2], [3], [4]]  # one class each
+    # identical means leave nothing to cluster: still every band gets a class
+    bands = feature_bands(torch.ones(5, 3), COUNTS, 3)
+    assert sorted(c for band in bands for c in band) == [0, 1, 2, 3, 4] and all(bands)
+
+
+def test_features_grouping_bands_the_class_means_of_the_starting_model():
+    method = more_method({"groups": 2, "grouping": "features"})
+    model, x = make_model("user")
+    means = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0], [1.0, -0.1]])
+    method.class_feature_means = lambda m: means
+    method.prepare(model)
+    assert method.info.extra["more_bands"] == [[0, 2, 4], [1, 3]]
+    prior = method.class_prior
+    assert torch.equal(method.band_priors[1], torch.where(torch.tensor([0, 1, 0, 1, 0]).bool(), prior, prior.max()))
+
+
+def test_class_feature_means_by_hand_leave_the_model_as_it_was(tmp_path, data_root):
+    from longtail.engine import setup
+
+    cfg = load_config(None, [*TINY_MLP, "train.device=cpu", "more.enabled=true", "more.groups=2",
+                             "more.grouping=features"])
+    run = setup(cfg, data_root=data_root)
+    model = copy.deepcopy(run.model)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    means = run.method.class_feature_means(model)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    split = run.data.train
+    x = split.to_input(split.images, "cpu", train=False)
+    model.eval()
+    with torch.no_grad():
+        features = model.features(x).double() if hasattr(model, "features") else None
+    assert features is not None
+    for c in range(run.info.num_classes):
+        torch.testing.assert_close(means[c], features[split.labels == c].mean(dim=0), rtol=1e-6, atol=1e-6)
+    assert run.info.extra["more_bands"] and sorted(sum(run.info.extra["more_bands"], [])) == list(range(10))

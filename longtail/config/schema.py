@@ -134,7 +134,8 @@ class MoreConfig:
     general_lr_scale: float = 1.0  # the lr of everything but the low-rank parts, times this (0: frozen)
     freeze_general_at: Optional[float] = None  # fraction of training: general part first, then low-rank parts only
     general_loss_weight: float = 0.0  # prior-weighted cross-entropy of the general-only logits
-    groups: int = 1  # frequency bands of classes, one low-rank part each
+    groups: int = 1  # bands of classes, one low-rank part each
+    grouping: Literal["frequency", "features"] = "frequency"  # bands by training count or by class-mean features
     orthogonal_weight: float = 0.0  # penalty ||s B A W_g^T||^2 / ||W_g||^2
     rank_allocation: Literal["uniform", "importance"] = "uniform"
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longtail.config import HEAD_ONLY_METHODS, Config, MoreConfig
@@ -22,8 +23,8 @@ from longtail.inference import run_split
 from longtail.lowrank import (add_lowrank, general_only, lowrank_parameters, lowrank_parts, lowrank_ratios, merge,
                               switched)
 from longtail.methods.base import Method, RunInfo
-from longtail.methods.more_variants import (band_prior, check_variants, frequency_bands, general_loss, importance_ranks,
-                                            orthogonal_penalty, phase_boundary)
+from longtail.methods.more_variants import (band_prior, check_variants, feature_bands, frequency_bands, general_loss,
+                                            importance_ranks, orthogonal_penalty, phase_boundary)
 from longtail.mixing import MixedTargets
 from longtail.task import MULTI_LABEL, SINGLE_LABEL, get_task, multilabel_groups
 
@@ -256,6 +257,10 @@ class More(Method):
                            for name, m in selected_layers(model, self.more)}
                 ranks = importance_ranks(model, uniform, self.probe_loss)
                 self.info.extra["more_ranks"] = ranks
+            if self.more.grouping == "features":
+                bands = feature_bands(self.class_feature_means(model), self.info.class_counts, self.more.groups)
+                self.band_priors = [band_prior(self.class_prior, band) for band in bands]
+                self.info.extra["more_bands"] = bands
             decompose(model, self.more, seed=self.cfg.train.seed, ranks=ranks)
         lowrank = {id(p) for p in lowrank_parameters(model)}
         self.general = [p for p in model.parameters() if p.requires_grad and id(p) not in lowrank]
@@ -275,6 +280,28 @@ class More(Method):
             features, logits = self.inner.forward(model, split.to_input(x, "cpu", train=False).double())
             total = total + self.inner.criterion(features, logits, y, 0.0)[0]
         return total
+
+    @torch.no_grad()
+    def class_feature_means(self, model: nn.Module) -> torch.Tensor:
+        """The mean feature of each class over the training split (evaluation transform and mode, the model as
+        it starts: `method.init_from`'s, or the initial weights): what `more.grouping: features` clusters."""
+        split, device = self.info.data.train, next(model.parameters()).device
+        flags = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            sums, counts = None, torch.zeros(self.info.num_classes, dtype=torch.float64)
+            for x, y, _ in split.batches(self.cfg.data.batch_size, sampler=None):
+                features = self.inner.forward(model, split.to_input(x, device, train=False))[0].double().cpu()
+                if sums is None:
+                    sums = torch.zeros(self.info.num_classes, features.shape[1], dtype=torch.float64)
+                # One-hot rows for class ids; multi-hot targets count an image for each of its labels.
+                onehot = y.double() if y.ndim == 2 else F.one_hot(y, self.info.num_classes).double()
+                sums += onehot.T @ features
+                counts += onehot.sum(dim=0)
+        finally:
+            for m, flag in flags.items():
+                m.train(flag)
+        return sums / counts.clamp(min=1)[:, None]
 
     def train_split(self, split: Any, model: nn.Module) -> Any:
         return self.inner.train_split(split, model)

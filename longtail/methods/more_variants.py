@@ -42,6 +42,9 @@ def check_variants(cfg: Config, info: RunInfo) -> None:
                           "without a gradient, which DDP must be told of; add train.find_unused_parameters=true")
     if not 1 <= more.groups <= info.num_classes:
         raise ConfigError(f"more.groups: must be in 1..{info.num_classes} (the number of classes), got {more.groups}")
+    if more.grouping == "features" and more.groups == 1:
+        raise ConfigError("more.grouping: features cuts the classes into more.groups bands; with more.groups 1 "
+                          "there is one band, so set more.groups to 2 or more, or leave more.grouping at frequency")
     if cfg.finetune.mode == "lora":
         for key, default in (("groups", 1), ("rank_allocation", "uniform")):
             if getattr(more, key) != default:
@@ -88,6 +91,36 @@ def frequency_bands(class_counts: list[int], groups: int) -> list[list[int]]:
         bands.append(order[start:end])
         start = end
     return bands
+
+
+def feature_bands(means: torch.Tensor, class_counts: list[int], groups: int) -> list[list[int]]:
+    """`more.grouping: features`: the classes cut into `groups` bands of similar class-mean features (`means`:
+    classes x features), by k-means on the unit-normalised means. Deterministic: the first centre is the most
+    frequent class, each next one the class farthest from the centres so far (ties by id); a band left empty
+    takes the class farthest from its centre. Bands are ordered by their training count, most frequent first."""
+    x = F.normalize(means.double(), dim=1)
+    n = len(x)
+    chosen = [min(range(n), key=lambda c: (-class_counts[c], c))]
+    while len(chosen) < groups:
+        gap = torch.cdist(x, x[chosen]).min(dim=1).values
+        gap[chosen] = -1
+        chosen.append(int(gap.argmax()))  # argmax returns the first maximum: ties by id
+    centres = x[chosen]
+    assign = None
+    for _ in range(100):
+        distance = torch.cdist(x, centres)
+        new = distance.argmin(dim=1)
+        for g in range(groups):
+            if not (new == g).any():
+                own = distance.gather(1, new[:, None]).squeeze(1)
+                own[[c for c in range(n) if (new == new[c]).sum() == 1]] = -1  # never empty another band
+                new[int(own.argmax())] = g
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        centres = torch.stack([x[assign == g].mean(dim=0) for g in range(groups)])
+    bands = [[c for c in range(n) if assign[c] == g] for g in range(groups)]
+    return sorted(bands, key=lambda band: (-sum(class_counts[c] for c in band), band[0]))
 
 
 def band_prior(prior: torch.Tensor, band: list[int]) -> torch.Tensor:
