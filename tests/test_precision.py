@@ -42,6 +42,15 @@ def test_a_float32_run_on_a_bf16_cpu_gets_a_hint_and_a_fast_one_does_not():
     assert precision_hint(load_config(None, TINY_MLP), torch.device("cuda"), AMX) is None
 
 
+def test_more_in_autocast_gets_a_warning_and_more_in_float32_no_hint_to_leave_it():
+    cpu, more = torch.device("cpu"), [*TINY_MLP, "more.enabled=true"]
+    warning = precision_hint(load_config(None, [*more, *FAST]), cpu, AMX)
+    assert warning.startswith("warning: more.enabled with train.amp: a bfloat16 forward pass") and "train.amp=false" in warning
+    assert "a float16 forward" in precision_hint(load_config(None, [*more, "train.amp=true", "train.amp_dtype=float16"]),
+                                                 torch.device("cuda"), PLAIN)
+    assert precision_hint(load_config(None, more), cpu, AMX) is None
+
+
 def test_the_hint_is_printed_once_at_the_start_of_a_float32_run(tmp_path, data_root, monkeypatch, capsys):
     monkeypatch.setattr(fit_module, "native_bf16", lambda cpuinfo=None: "AMX")
     fit(load_config(None, [*TINY_MLP, "train.epochs=1"]), tmp_path / "run", data_root=data_root)

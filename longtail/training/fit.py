@@ -234,7 +234,15 @@ def precision(cfg: Config) -> str:
 
 
 def precision_hint(cfg: Config, device: torch.device, cpuinfo: Optional[str] = None) -> Optional[str]:
-    """A one-line hint when a run trains in float32 on a CPU that computes bfloat16 natively."""
+    """A one-line hint when a run trains in float32 on a CPU that computes bfloat16 natively; for MORE, a
+    warning when it trains in autocast instead (docs/methods/more.md#precision), and no hint to do so."""
+    if cfg.more.enabled:
+        if not cfg.train.amp:
+            return None
+        return (f"warning: more.enabled with train.amp: a {cfg.train.amp_dtype} forward pass rounds the logits by more "
+                "than MORE's low-rank part moves them once it is small (measured in bfloat16: 0.27 % against 0.05 %), "
+                "so L_MORE is computed from rounding; train MORE in float32 (train.amp=false; "
+                "docs/methods/more.md#precision)")
     native = native_bf16(cpuinfo) if device.type == "cpu" and not cfg.train.amp else None
     if native is None:
         return None
