@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import longtail
-from longtail.errors import LongtailError
+from longtail.errors import ArgumentError, ConfigError, LongtailError
 from longtail.progress import set_quiet
 
 
@@ -130,11 +130,28 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from longtail.predict import Predictor, format_prediction, image_paths
 
-    predictor = Predictor(args.model, args.prior, args.threshold)
     paths = image_paths(args.inputs)
+    try:
+        predictor = Predictor(args.model, args.prior, args.threshold)
+        records = predictor.predict(paths, args.topk, skip_bad=args.skip_bad)
+    except ArgumentError as exc:  # the Predictor names its Python arguments; here they are flags
+        raise exc.as_flag() from None
+    if not args.skip_bad:  # refused before any prediction is printed, so that no partial output is taken as whole
+        bad = predictor.unreadable(paths)
+        if bad:
+            more = f" (and {len(bad) - 1} more of the {len(paths)} images)" if len(bad) > 1 else ""
+            raise ConfigError(f"{bad[0][1]}{more}; nothing was predicted: pass --skip-bad to predict the other images "
+                              "and list the unreadable ones on stderr")
     print(predictor.note, file=sys.stderr)  # on stderr, so that stdout holds only the predictions
-    for record in predictor.predict(paths, args.topk):
-        print(json.dumps(record) if args.json else format_prediction(record))
+    skipped = 0
+    for record in records:
+        if "error" in record:
+            skipped += 1
+            print(f"skipped: {record['error']}", file=sys.stderr)
+        else:
+            print(json.dumps(record) if args.json else format_prediction(record))
+    if skipped:
+        print(f"--skip-bad: skipped {skipped} of {len(paths)} images", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -247,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multi-label models: the sigmoid score from which a class is predicted (default 0.5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    p.add_argument("--skip-bad", action="store_true", help="an image that cannot be read (or is not the model's "
+                   "size) is named on stderr and skipped, the others predicted (default: refused before any is)")
 
     p = command("export", "write a run's exported model as safetensors, ONNX or a torch.export program", cmd_export)
     p.add_argument("run", help="run directory or a model.pt beside its model.yaml")
