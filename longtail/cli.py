@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpus", type=int, default=4, help="--slurm: CPU cores per process (default 4)")
 
     p = command("report", "Markdown table of runs; seeds grouped into mean ± std", cmd_report)
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="run directories, or folders of them (a sweep's --out): "
+                   "every finished run beneath, as tensorboard --logdir finds them")
     p.add_argument("--baseline", help="a run directory or sweep point name (loss.name=ce): paired differences "
                    "against its row over shared seeds")
     p.add_argument("--csv", action="store_true", help="print CSV instead of Markdown")
