@@ -100,7 +100,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     from longtail.config import load_config
-    from longtail.data.describe import describe, format_description, write_indices
+    from longtail.data import build_data
+    from longtail.data.check import check_images, format_check
+    from longtail.data.describe import format_description, summarize, write_indices
 
     # Bare keys (imbalance=50) belong to the data section.
     overrides = [o if "." in o.split("=", 1)[0] else f"data.{o}" for o in args.overrides]
@@ -108,11 +110,20 @@ def cmd_data(args: argparse.Namespace) -> None:
         cfg = load_config(args.name_or_config, overrides)
     else:
         cfg = load_config(None, [f"data.name={args.name_or_config}", *overrides])
-    info = describe(cfg.data, args.data_root, args.download)
+    data = build_data(cfg.data, args.data_root, args.download)
+    info = summarize(data, cfg.data)
     if args.indices:
         write_indices(args.indices, info["indices"])
     shown = {k: v for k, v in info.items() if k != "indices"}
-    print(json.dumps(shown, indent=2) if args.json else format_description(shown))
+    check = check_images(data, cfg.data.num_workers) if args.check else None
+    if args.json:
+        print(json.dumps({**shown, **({"check": check} if check else {})}, indent=2))
+    else:
+        print(format_description(shown) + (f"\n\n{format_check(check)}" if check else ""))
+    if check and check["unreadable"]:
+        raise ConfigError(f"{len(check['unreadable'])} image file(s) cannot be read (listed above): replace or remove "
+                          "them (from the split file, for a list-file dataset), or set data.on_bad_sample=skip to have "
+                          "training skip them")
 
 
 def cmd_posthoc(args: argparse.Namespace) -> None:
@@ -277,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides, e.g. imbalance=50 selection=first")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--indices", help="write the selected original train indices to this file, one per line")
+    p.add_argument("--check", action="store_true", help="also decode every image file of the splits once and list "
+                   "the unreadable ones (exit 2 when there are any); data.num_workers=N decodes in N processes")
     data_options(p)
 
     p = command("posthoc", "post-hoc logit adjustment of a finished run, folded into its head", cmd_posthoc)
