@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import longtail
-from longtail.errors import LongtailError
+from longtail.errors import ArgumentError, ConfigError, LongtailError
 from longtail.progress import set_quiet
 
 
@@ -100,7 +100,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     from longtail.config import load_config
-    from longtail.data.describe import describe, format_description, write_indices
+    from longtail.data import build_data
+    from longtail.data.check import check_images, format_check
+    from longtail.data.describe import format_description, summarize, write_indices
 
     # Bare keys (imbalance=50) belong to the data section.
     overrides = [o if "." in o.split("=", 1)[0] else f"data.{o}" for o in args.overrides]
@@ -108,11 +110,20 @@ def cmd_data(args: argparse.Namespace) -> None:
         cfg = load_config(args.name_or_config, overrides)
     else:
         cfg = load_config(None, [f"data.name={args.name_or_config}", *overrides])
-    info = describe(cfg.data, args.data_root, args.download)
+    data = build_data(cfg.data, args.data_root, args.download)
+    info = summarize(data, cfg.data)
     if args.indices:
         write_indices(args.indices, info["indices"])
     shown = {k: v for k, v in info.items() if k != "indices"}
-    print(json.dumps(shown, indent=2) if args.json else format_description(shown))
+    check = check_images(data, cfg.data.num_workers) if args.check else None
+    if args.json:
+        print(json.dumps({**shown, **({"check": check} if check else {})}, indent=2))
+    else:
+        print(format_description(shown) + (f"\n\n{format_check(check)}" if check else ""))
+    if check and check["unreadable"]:
+        raise ConfigError(f"{len(check['unreadable'])} image file(s) cannot be read (listed above): replace or remove "
+                          "them (from the split file, for a list-file dataset), or set data.on_bad_sample=skip to have "
+                          "training skip them")
 
 
 def cmd_posthoc(args: argparse.Namespace) -> None:
@@ -130,11 +141,28 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from longtail.predict import Predictor, format_prediction, image_paths
 
-    predictor = Predictor(args.model, args.prior, args.threshold)
     paths = image_paths(args.inputs)
+    try:
+        predictor = Predictor(args.model, args.prior, args.threshold)
+        records = predictor.predict(paths, args.topk, skip_bad=args.skip_bad)
+    except ArgumentError as exc:  # the Predictor names its Python arguments; here they are flags
+        raise exc.as_flag() from None
+    if not args.skip_bad:  # refused before any prediction is printed, so that no partial output is taken as whole
+        bad = predictor.unreadable(paths)
+        if bad:
+            more = f" (and {len(bad) - 1} more of the {len(paths)} images)" if len(bad) > 1 else ""
+            raise ConfigError(f"{bad[0][1]}{more}; nothing was predicted: pass --skip-bad to predict the other images "
+                              "and list the unreadable ones on stderr")
     print(predictor.note, file=sys.stderr)  # on stderr, so that stdout holds only the predictions
-    for record in predictor.predict(paths, args.topk):
-        print(json.dumps(record) if args.json else format_prediction(record))
+    skipped = 0
+    for record in records:
+        if "error" in record:
+            skipped += 1
+            print(f"skipped: {record['error']}", file=sys.stderr)
+        else:
+            print(json.dumps(record) if args.json else format_prediction(record))
+    if skipped:
+        print(f"--skip-bad: skipped {skipped} of {len(paths)} images", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -247,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multi-label models: the sigmoid score from which a class is predicted (default 0.5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    p.add_argument("--skip-bad", action="store_true", help="an image that cannot be read (or is not the model's "
+                   "size) is named on stderr and skipped, the others predicted (default: refused before any is)")
 
     p = command("export", "write a run's exported model as safetensors, ONNX or a torch.export program", cmd_export)
     p.add_argument("run", help="run directory or a model.pt beside its model.yaml")
@@ -258,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides, e.g. imbalance=50 selection=first")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--indices", help="write the selected original train indices to this file, one per line")
+    p.add_argument("--check", action="store_true", help="also decode every image file of the splits once and list "
+                   "the unreadable ones (exit 2 when there are any); data.num_workers=N decodes in N processes")
     data_options(p)
 
     p = command("posthoc", "post-hoc logit adjustment of a finished run, folded into its head", cmd_posthoc)
@@ -281,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpus", type=int, default=4, help="--slurm: CPU cores per process (default 4)")
 
     p = command("report", "Markdown table of runs; seeds grouped into mean ± std", cmd_report)
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="run directories, or folders of them (a sweep's --out): "
+                   "every finished run beneath, as tensorboard --logdir finds them")
     p.add_argument("--baseline", help="a run directory or sweep point name (loss.name=ce): paired differences "
                    "against its row over shared seeds")
     p.add_argument("--csv", action="store_true", help="print CSV instead of Markdown")

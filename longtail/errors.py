@@ -10,5 +10,18 @@ class ConfigError(LongtailError):
     (key, file or line) and says what is accepted."""
 
 
+class ArgumentError(ConfigError):
+    """A bad value of a Python argument, named as the function's signature names it (`topk=11: ...`). A
+    command that passes a flag's value on re-words it as that flag with `as_flag`."""
+
+    def __init__(self, argument: str, value: object, reason: str):
+        super().__init__(f"{argument}={value!r}: {reason}")
+        self.argument, self.value, self.reason = argument, value, reason
+
+    def as_flag(self) -> ConfigError:
+        """The same error as the command line spells the argument: `--topk 11: ...`."""
+        return ConfigError(f"--{self.argument} {self.value}: {self.reason}")
+
+
 class DivergedError(LongtailError):
     """Training produced a non-finite loss; the last good checkpoint is kept."""

@@ -16,9 +16,10 @@ import torch
 from longtail.data.augment import eval_geometry
 from longtail.data.folder import IMAGE_EXTENSIONS
 from longtail.data.image_transforms import center_crop, decode_image, five_crops, resize_shorter
-from longtail.errors import ConfigError
+from longtail.errors import ArgumentError, ConfigError
 from longtail.metrics import tta_logits
 from longtail.priors import logit_prior_vector, prior_shift, prior_vector
+from longtail.progress import track
 from longtail.rundir import load_model
 from longtail.runtime import select_device
 
@@ -127,10 +128,10 @@ class Predictor:
         if self.multilabel:
             # Each class is its own yes/no: there is no softmax whose class prior could be exchanged.
             if prior is not None:
-                raise ConfigError(f"--prior {prior}: a multi-label model scores each class with its own sigmoid, so a "
-                                  "class prior does not apply; leave --prior out (use --threshold)")
+                raise ArgumentError("prior", prior, "a multi-label model scores each class with its own sigmoid, so "
+                                    "a class prior does not apply; leave the prior out (set the threshold)")
             if not 0 < threshold < 1:
-                raise ConfigError(f"--threshold {threshold}: give a probability in (0, 1)")
+                raise ArgumentError("threshold", threshold, "give a probability in (0, 1)")
             self.threshold = threshold
             self.note = f"model.yaml: task multi_label: per-class sigmoid scores, positive at >= {threshold:g}"
             return
@@ -149,21 +150,53 @@ class Predictor:
             return torch.sigmoid(z.double().cpu())
         return torch.softmax(z.double().cpu() + self.shift, dim=1)
 
-    def predict(self, paths: Sequence[Path], topk: Optional[int] = None) -> Iterator[dict]:
+    def predict(self, paths: Sequence[Path], topk: Optional[int] = None, skip_bad: bool = False) -> Iterator[dict]:
         """{"input": path, "predictions": [{"class", "id", "probability"}, ...]} per image, most probable first;
         multi-label: the classes scored at or above the threshold (at most `topk`), possibly none.
-        `topk` None: 5, or every class of a model with fewer."""
+        `topk` None: 5, or every class of a model with fewer; checked at once, before any image is read.
+        An image that cannot be read or does not fit the model raises ConfigError when it is reached, or with
+        `skip_bad` gives {"input": path, "error": message} in its place, and the other images are predicted."""
         names = self.spec["data"]["class_names"]
         topk = min(5, len(names)) if topk is None else topk
         if not 1 <= topk <= len(names):
-            raise ConfigError(f"--topk {topk}: the model has {len(names)} classes; give 1..{len(names)}")
+            raise ArgumentError("topk", topk, f"the model has {len(names)} classes; give 1..{len(names)}")
+        return self._records(paths, topk, skip_bad)
+
+    def _records(self, paths: Sequence[Path], topk: int, skip_bad: bool) -> Iterator[dict]:
+        names = self.spec["data"]["class_names"]
         for start in range(0, len(paths), BATCH_SIZE):
             batch = paths[start:start + BATCH_SIZE]
-            top = self.probabilities(torch.stack([load_input(p, self.spec) for p in batch])).topk(topk, dim=1)
-            for path, probs, ids in zip(batch, top.values.tolist(), top.indices.tolist()):
+            inputs = [self._input(path, skip_bad) for path in batch]  # a tensor, or the error message
+            good = [x for x in inputs if isinstance(x, torch.Tensor)]
+            top = self.probabilities(torch.stack(good)).topk(topk, dim=1) if good else None
+            rows = zip(top.values.tolist(), top.indices.tolist()) if good else iter(())
+            for path, x in zip(batch, inputs):
+                if isinstance(x, str):
+                    yield {"input": str(path), "error": x}
+                    continue
+                probs, ids = next(rows)
                 kept = [(k, p) for k, p in zip(ids, probs) if not self.multilabel or p >= self.threshold]
                 yield {"input": str(path),
                        "predictions": [{"class": names[k], "id": k, "probability": p} for k, p in kept]}
+
+    def _input(self, path: Path, skip_bad: bool) -> torch.Tensor | str:
+        try:
+            return load_input(path, self.spec)
+        except ConfigError as exc:
+            if not skip_bad:
+                raise
+            return str(exc)
+
+    def unreadable(self, paths: Sequence[Path]) -> list[tuple[Path, str]]:
+        """(path, why) for each image `predict` could not take (unreadable, or not the model's size), found by
+        reading every image once: for refusing a bad file before anything is predicted."""
+        bad = []
+        for path in track(paths, "predict: read the images", "img"):
+            try:
+                load_input(path, self.spec)
+            except ConfigError as exc:
+                bad.append((path, str(exc)))
+        return bad
 
 
 def format_prediction(record: dict) -> str:

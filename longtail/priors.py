@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from longtail.config import Config
-from longtail.errors import ConfigError
+from longtail.errors import ArgumentError, ConfigError
 
 LOGIT_PRIORS = ("train", "uniform", "approx_uniform")
 
@@ -80,18 +80,18 @@ def read_prior_file(path: str | Path, num_classes: int) -> torch.Tensor:
     """A deployment prior from a file: one probability or count per line in class-id order, normalised."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--prior {path}: not uniform, train, or an existing file (one probability or count "
-                          "per line, in class-id order)")
+        raise ArgumentError("prior", str(path), "not uniform, train, or an existing file (one probability or count "
+                            "per line, in class-id order)")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     try:
         values = [float(line) for line in lines]
     except ValueError as exc:
-        raise ConfigError(f"--prior {path}: every line must be one number ({exc})") from None
+        raise ArgumentError("prior", str(path), f"every line must be one number ({exc})") from None
     if len(values) != num_classes:
-        raise ConfigError(f"--prior {path}: {len(values)} numbers, but the model has {num_classes} classes "
-                          "(one per line, in class-id order)")
+        raise ArgumentError("prior", str(path), f"{len(values)} numbers, but the model has {num_classes} classes "
+                            "(one per line, in class-id order)")
     if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
-        raise ConfigError(f"--prior {path}: the numbers must be finite, >= 0 and not all 0")
+        raise ArgumentError("prior", str(path), "the numbers must be finite, >= 0 and not all 0")
     return class_prior(values)
 
 

@@ -1,9 +1,12 @@
 """What a person sees while a command works, decided here for every phase that takes time.
 
-- stderr is a terminal: a tqdm bar per phase (items, rate, time left), gone when the phase ends.
+- stderr is a terminal: a tqdm bar per phase (items, time left, rate or the caller's values), gone when
+  the phase ends. On a narrow terminal the bar keeps `MIN_BAR` cells: the values after it are left out,
+  the last first, rather than squeezing the bar to one cell.
 - stderr is a file or a pipe (a cluster log, nohup, CI): no bars, whose carriage returns would pile up
-  into one line; a phase that runs long writes a plain line every `LINE_EVERY` seconds and one at its
-  end, flushed, so `tail -f` of the log reads line by line. The training loop writes its own lines.
+  into one line; a phase that runs long writes a plain line every `LINE_EVERY` seconds (a download: at
+  each further tenth of its bytes) and one at its end, flushed, so `tail -f` of the log reads line by
+  line. The training loop writes its own lines.
 - `--quiet` (`set_quiet`), or any rank but 0 under torchrun: no progress and no status lines at all.
 
 Progress goes to stderr; status lines (`say`: a run's header, its step and epoch lines) to stdout,
@@ -13,13 +16,16 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Collection, Iterator, TypeVar
+from typing import Collection, Iterator, Optional, TypeVar
 
 from tqdm import tqdm
+from tqdm.utils import disp_len
 
 from longtail import distributed as dist
 
 LINE_EVERY = 30.0  # seconds between the plain lines of one phase in a file: a long phase, not every phase
+MIN_BAR = 10  # cells the bar keeps on a narrow terminal
+BAR_FORMAT = "{desc} |{bar}| {n_fmt}/{total_fmt} {unit}{postfix}"
 
 T = TypeVar("T")
 _quiet = False
@@ -54,24 +60,67 @@ def duration(seconds: float) -> str:
     return f"{s}s"
 
 
+def size(n: float) -> str:
+    """Bytes as `512 B`, `17.0 MiB`, `1.2 GiB`."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def rate_text(rate: float, unit: str) -> str:
+    """`1234 img/s`, `0.52 tau/s`, `3.1 MiB/s` (unit `B`)."""
+    if unit == "B":
+        return f"{size(rate)}/s"
+    return f"{rate:.0f} {unit}/s" if rate >= 10 else f"{rate:.2g} {unit}/s"
+
+
+class FittedBar(tqdm):
+    """A tqdm bar showing after its count the caller's `values`, or its own time left and rate, as many
+    of them as leave the bar `MIN_BAR` cells at the terminal's current width (the last go first)."""
+
+    values: tuple[str, ...] = ()
+
+    @property
+    def format_dict(self) -> dict:
+        d = super().format_dict
+        shown = list(self.values)
+        if not shown and d["rate"]:
+            if d["total"]:
+                shown.append(f"ETA {duration((d['total'] - d['n']) / d['rate'])}")
+            shown.append(rate_text(d["rate"], self.unit))
+        if d["ncols"]:
+            rest = {**d, "ncols": None, "bar_format": BAR_FORMAT.replace("{bar}", "")}
+            while shown and disp_len(self.format_meter(**{**rest, "postfix": ", ".join(shown)})) > d["ncols"] - MIN_BAR:
+                shown.pop()
+        return {**d, "postfix": ", ".join(shown)}
+
+
 class Progress:
     """One phase of `total` units, counted with `update(n)`; use it as a context manager.
 
     With `lines=False` a file gets no lines from it: for a caller that writes its own (the training loop
-    writes one at each check, where it reads the logged values anyway).
+    writes one at each check, where it reads the logged values anyway). Unit `B` counts bytes (a
+    download): shown as KiB / MiB / GiB, and a file gets a line at each further tenth of `total`. A
+    `total` of None (a server that does not say) shows the count without a bar.
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, lines: bool = True):
+    def __init__(self, total: Optional[int], desc: str, unit: str = "it", initial: int = 0, lines: bool = True):
         self.total, self.desc, self.unit = total, desc, unit
         self.n = self.first = initial
         self.mode = mode()
         self.plain = self.mode == "lines" and lines
         self.written = 0
+        self.tenths = 0  # of a byte count: the tenths of `total` a line has reported
         self.start = self.last = time.perf_counter()
         # Not iterated: a bar iterating with mininterval keeps its count in a local variable and shows a
-        # stale one whenever it is refreshed from outside (set_postfix), e.g. 0/97 all epoch long.
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, mininterval=1.0,
-                        dynamic_ncols=True) if self.mode == "bar" else None
+        # stale one whenever it is refreshed from outside (`note`), e.g. 0/97 all epoch long.
+        self.bar = FittedBar(total=total, initial=initial, desc=desc, unit=unit, leave=False, mininterval=1.0,
+                             dynamic_ncols=True, bar_format=BAR_FORMAT, unit_scale=unit == "B",
+                             unit_divisor=1024) if self.mode == "bar" else None
 
     def __enter__(self) -> "Progress":
         return self
@@ -83,23 +132,39 @@ class Progress:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.plain and time.perf_counter() - self.last >= LINE_EVERY:
+        elif self.plain and self._due():
             self.last = time.perf_counter()
             rate = self._rate()
-            self._line(f"{self.n}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s, "
-                       f"ETA {duration((self.total - self.n) / max(rate, 1e-9))}")
+            eta = "" if self.total is None else f", ETA {duration((self.total - self.n) / max(rate, 1e-9))}"
+            if self.unit == "B":
+                done = f"{size(self.n)}" + ("" if self.total is None else
+                                            f" of {size(self.total)} ({100 * self.n // self.total} %)")
+            else:
+                done = f"{self.n}/{self.total} {self.unit}"
+            self._line(f"{done}, {rate_text(rate, self.unit)}{eta}")
 
-    def note(self, **values: str) -> None:
-        """Values shown after the bar (loss, lr); a file gets them from the caller's own lines."""
+    def _due(self) -> bool:
+        if self.unit == "B" and self.total:
+            tenths = 10 * self.n // self.total
+            if tenths > self.tenths and self.n < self.total:  # the end line reports the whole
+                self.tenths = tenths
+                return True
+            return False
+        return time.perf_counter() - self.last >= LINE_EVERY
+
+    def note(self, *values: str) -> None:
+        """Values shown after the bar, most important first (`loss 0.41`, `512 img/s`, `lr 1e-2`): the last
+        are left out on a narrow terminal. A file gets them from the caller's own lines."""
         if self.bar is not None:
-            self.bar.set_postfix(values)
+            self.bar.values = values
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.written:  # a phase that reported itself says when it ended
-            self._line(f"{self.n} {self.unit} in {duration(time.perf_counter() - self.start)}, "
-                       f"{self._rate():.0f} {self.unit}/s")
+            done = size(self.n) if self.unit == "B" else f"{self.n} {self.unit}"
+            self._line(f"{done} in {duration(time.perf_counter() - self.start)}, {rate_text(self._rate(), self.unit)}")
 
     def _rate(self) -> float:
         return (self.n - self.first) / max(time.perf_counter() - self.start, 1e-9)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,6 +54,41 @@ def _read_results(run_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no results.json; `longtail report` takes finished run directories")
     return read_json(path)
+
+
+def find_runs(paths: list[str]) -> list[str]:
+    """The run directories `paths` name, found as `tensorboard --logdir` finds runs: a directory holding
+    results.json is a run; any other directory is searched at any depth for the run directories beneath
+    it (sorted, hidden folders skipped), so a sweep's OUT gives its points and a run's `posthoc-<kind>/`
+    result, and its `logs/` gives none. A run directory without results.json (unfinished) is an error when
+    named and left out, with a note on stderr, when found; a folder with no run beneath it adds nothing (the
+    `logs/` that `sweep/*` passes). A run named twice counts once."""
+    runs: dict[Path, str] = {}
+    unfinished: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            raise ConfigError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}; "
+                              "`longtail report` takes run directories and folders holding them (a sweep's OUT)")
+        if (path / "results.json").is_file():
+            runs.setdefault(path.resolve(), str(path))
+            continue
+        if (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: no results.json (an unfinished run); `longtail report` takes finished run "
+                              "directories, and a folder holding runs (a sweep's OUT) gives those that finished")
+        for folder, subfolders, files in os.walk(path):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            if "results.json" in files:
+                runs.setdefault(Path(folder).resolve(), folder)
+            elif "config.yaml" in files:
+                unfinished.append(folder)
+    if unfinished:
+        print(f"report: left out {len(unfinished)} unfinished run(s), without results.json: {', '.join(unfinished)}",
+              file=sys.stderr)
+    if not runs:
+        raise ConfigError(f"{', '.join(paths)}: no results.json in it or in any folder beneath it; `longtail report` "
+                          "takes finished run directories and folders holding them (a sweep's OUT)")
+    return list(runs.values())
 
 
 def recipe_key(config: dict, seen: Optional[set] = None) -> str:
@@ -114,9 +151,10 @@ def group_row(name: str, group: list[dict], columns: list) -> list[str]:
 
 
 def group_runs(run_dirs: list[str]) -> list[Group]:
-    """Runs grouped by recipe (runs differing only in seed together), in input order."""
+    """Runs grouped by recipe (runs differing only in seed together), in input order; folders of runs are
+    searched for them (`find_runs`)."""
     groups: dict[str, Group] = {}
-    for run_dir in track(run_dirs, "read runs", "runs"):
+    for run_dir in track(find_runs(run_dirs), "read runs", "runs"):
         results = _read_results(Path(run_dir))
         key = recipe_key(results["config"])
         group = groups.setdefault(key, Group(str(run_dir), [], []))

@@ -4,7 +4,7 @@ A table is a YAML file under configs/tables/: `title`, `seeds`, and `rows`, each
 `config` (relative to configs/), `overrides`, optionally `init_from` (the id of the row whose run of
 the same seed a two-stage row starts from), and `paper`: the published numbers (`all`, `many`,
 `medium`, `few`; null where the source gives none), the `metric` as the paper states it (accuracy
-or error, in %), the `source` (paper, table, column, and where the number was taken from) and the
+or error, in %; rendered as accuracy, an error as 100 - error, marked so), the `source` (paper, table, column, and where the number was taken from) and the
 paper's `selection` rule. A row whose number is not known says so (`all: null`); no number is filled in.
 
 Budgets: `full` runs the configs as they are; `short` trains a tenth of the epochs (at least 1) and
@@ -130,6 +130,28 @@ def plan_table(rows: list[Row], seeds: list[int], budget: str, out: Path) -> lis
     return phases
 
 
+def check_data(points: list[Point], data_root: Optional[str], download: bool) -> None:
+    """Load every distinct dataset the unfinished points train on, once, before the first run starts, so a
+    row whose data is missing (or, with --download, cannot be fetched) stops the table before the other rows
+    spend hours; with --download its archive is fetched here, once, not by several runs at a time."""
+    from longtail.data import build_data
+
+    checked: set[str] = set()
+    for point in points:
+        if (point.out / "results.json").exists():
+            continue
+        cfg = load_config(point.config, point.overrides)
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
+        if key in checked:
+            continue
+        try:
+            build_data(cfg.data, data_root, download)
+        except ConfigError as exc:
+            raise ConfigError(f"row {point.name.rsplit(',seed=', 1)[0]}: {exc}; nothing was run (every row's data "
+                              "is checked before the first run starts)") from None
+        checked.add(key)
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "—"
@@ -138,39 +160,49 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _measured(results: list[dict], key: str, metric: str) -> list[float]:
-    """The row's seeds' values of `key`, in the paper's metric (error = 100 - accuracy)."""
-    values = [r[key] for r in results if r.get(key) is not None]
-    return [100.0 - v for v in values] if metric == "error" else values
+def _measured(results: list[dict], key: str) -> list[float]:
+    """The row's seeds' values of `key` (accuracy, %)."""
+    return [r[key] for r in results if r.get(key) is not None]
+
+
+def paper_accuracy(paper: dict, group: str) -> Optional[float]:
+    """The paper's number for `group` (all, many, medium, few) as accuracy: a published error is 100 - error."""
+    value = paper.get(group)
+    return 100.0 - value if value is not None and paper["metric"] == "error" else value
 
 
 def render(table: dict, rows: list[Row], results: dict[str, list[dict]], budget: str, epochs: dict[str, int]) -> str:
-    """Markdown: per row the paper's number beside the measured mean ± std over seeds and the difference."""
+    """Markdown: per row the paper's accuracy (a published error converted, and marked so) beside the measured
+    mean ± std over seeds and the difference."""
     lines = [f"## {table.get('title', '')}", ""]
     if budget != "full":
         lines += [f"**Budget `{budget}`**: " + ("1 epoch of a BN-MLP instead of the row's model, one seed — a "
                   "pipeline check, not a measurement" if budget == "smoke" else "a tenth of each row's epochs (shown "
                   "per row)") + "; the measured numbers are not comparable to the paper's.", ""]
-    header = ["Row", "Metric", "Paper All", "Measured All", "Δ (measured − paper)", "Paper Many / Med / Few",
+    header = ["Row", "Paper All (accuracy)", "Measured All", "Δ (measured − paper)", "Paper Many / Med / Few",
               "Measured Many / Med / Few", "Seeds", "Epochs, checkpoint", "Paper's selection", "Source"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         paper, got = row.paper, results.get(row.id, [])
-        metric = paper["metric"]
-        measured_all = _measured(got, "top1", metric)
-        if paper.get("all") is None:
+        converted = " (100 − error)" if paper["metric"] == "error" else ""
+        paper_all = paper_accuracy(paper, "all")
+        measured_all = _measured(got, "top1")
+        if paper_all is None:
             delta = "paper number unknown"
         elif measured_all:
-            delta = f"{statistics.mean(measured_all) - paper['all']:+.2f}"
+            delta = f"{statistics.mean(measured_all) - paper_all:+.2f}"
         else:
             delta = "not run"
-        groups_paper = " / ".join("—" if paper.get(g) is None else f"{paper[g]:g}" for g in ("many", "medium", "few"))
-        groups_measured = " / ".join(_fmt(_measured(got, key, metric)).split(" ± ")[0] for _, key in GROUPS[1:])
+        groups_paper = " / ".join("—" if (v := paper_accuracy(paper, g)) is None else f"{v:g}"
+                                  for g in ("many", "medium", "few"))
+        if groups_paper != "— / — / —":
+            groups_paper += converted
+        groups_measured = " / ".join(_fmt(_measured(got, key)).split(" ± ")[0] for _, key in GROUPS[1:])
         first = got[0] if got else {}
         ran = f"{epochs.get(row.id, '?')}, {first.get('checkpoint', '?')}" + (", flip TTA" if first.get("tta") == "flip" else "")
         source = paper["source"]
         source = source if isinstance(source, str) else ", ".join(f"{k}: {v}" for k, v in source.items() if v)
-        cells = [row.label, metric, "unknown" if paper.get("all") is None else f"{paper['all']:g}", _fmt(measured_all),
+        cells = [row.label, "unknown" if paper_all is None else f"{paper_all:g}{converted}", _fmt(measured_all),
                  delta, groups_paper, groups_measured if got else "—", str(len(got)), ran, paper["selection"], source]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     notes = [f"- {row.label}: {row.paper['note']}" for row in rows if row.paper.get("note")]
@@ -190,6 +222,7 @@ def reproduce(name: str, budget: str = "full", out: Optional[str] = None, jobs: 
         seeds = seeds[:1]
     out_dir = Path(out or Path("runs") / "reproduce" / f"{path.stem}-{budget}")
     phases = plan_table(rows, seeds, budget, out_dir)
+    check_data([point for points in phases for point in points], data_root, download)
     outcomes: list[Any] = []
     for points in phases:  # a two-stage row's points start once every stage-1 point has ended
         outcomes += run_points(points, out_dir, jobs, slurm, data_root, download)
@@ -267,19 +300,17 @@ def render_recorded(table: dict, rows: list[Row], runs: list[Recorded], root: Pa
         key = match_key(flatten(load_config(row.config, row.overrides).to_dict()))
         mine = sorted((r for r in runs if match_key(r.config) == key), key=lambda r: r.config["train.seed"])
         used.update(r.path for r in mine)
-        paper = row.paper.get("all")
-        if paper is not None and row.paper["metric"] == "error":
-            paper = 100.0 - paper
+        paper = paper_accuracy(row.paper, "all")
         results = [r.results for r in mine]
-        recorded = _measured(results, "top1", "accuracy")
+        recorded = _measured(results, "top1")
         best = [r.best_test for r in mine if r.best_test is not None]
         rules = sorted({str(r.get("checkpoint", "?")) for r in results})
-        groups = " / ".join(_fmt(_measured(results, key, "accuracy")) for _, key in GROUPS[1:])
+        groups = " / ".join(_fmt(_measured(results, key)) for _, key in GROUPS[1:])
         source = row.paper["source"]
         source = source if isinstance(source, str) else ", ".join(f"{k}: {v}" for k, v in source.items() if v)
         cells = [row.label, "unknown" if paper is None else f"{paper:g}" + (" (100 − error)" if row.paper["metric"] == "error" else ""),
                  f"{_fmt(recorded)} ({', '.join(rules)})" if mine else "no recorded run", _delta(recorded, paper),
-                 _fmt(best), _delta(best, paper), groups if mine else "—", _fmt(_measured(results, "ece", "accuracy")),
+                 _fmt(best), _delta(best, paper), groups if mine else "—", _fmt(_measured(results, "ece")),
                  ", ".join(str(r.config["train.seed"]) for r in mine) or "—",
                  ", ".join(str(r.path.relative_to(root)) for r in mine) or "—", row.paper["selection"], source]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")

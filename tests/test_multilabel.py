@@ -624,7 +624,7 @@ def test_predict_gives_the_classes_a_multilabel_model_scores_above_the_threshold
     for i in range(3):  # test mosaics as 32 x 32 RGB files
         images.append(tmp_path / f"{i}.png")
         Image.fromarray(data.test.images[i].permute(1, 2, 0).numpy()).save(images[-1])
-    with pytest.raises(ConfigError, match="--prior train: a multi-label model scores each class with its own sigmoid"):
+    with pytest.raises(ConfigError, match="prior='train': a multi-label model scores each class with its own sigmoid"):
         Predictor(tmp_path / "run", "train")
     predictor = Predictor(tmp_path / "run", threshold=0.3)
     x = torch.stack([data.test.to_input(data.test.images[i:i + 1], "cpu", train=False)[0] for i in range(3)])

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,10 +150,63 @@ def test_bad_models_and_inputs_are_refused(run, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ConfigError, match="cannot read image .*broken.png"):
         list(predictor.predict([tmp_path / "broken.png"]))
-    with pytest.raises(ConfigError, match="--topk 11: the model has 10 classes"):
-        list(predictor.predict(sorted(images.glob("*.png")), topk=11))
-    with pytest.raises(ConfigError, match="--prior uniformm: not uniform, train, or an existing file"):
+    # The Python API names its own arguments, and checks topk before it reads any image.
+    with pytest.raises(ConfigError, match="topk=11: the model has 10 classes"):
+        predictor.predict([tmp_path / "broken.png"], topk=11)
+    with pytest.raises(ConfigError, match="prior='uniformm': not uniform, train, or an existing file"):
         Predictor(out, "uniformm")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--topk", "11"], "--topk 11: the model has 10 classes; give 1..10"),
+    (["--topk", "0"], "--topk 0: the model has 10 classes"),
+    (["--prior", "uniformm"], "--prior uniformm: not uniform, train, or an existing file"),
+])
+def test_the_command_names_its_flags(run, capsys, flags, message):
+    _, out, images, _ = run
+    assert main(["predict", str(out), str(images), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"longtail predict: error: {message}")
+
+
+def test_a_bad_image_among_many_is_refused_naming_it_or_skipped_with_skip_bad(run, tmp_path, capsys):
+    _, out, images, _ = run
+    folder = tmp_path / "mixed"
+    shutil.copytree(images, folder)
+    (folder / "05.png").write_bytes(b"not a png")
+    Image.new("L", (32, 28)).save(folder / "07.png")  # readable, but not the model's 28 x 28
+    assert main(["predict", str(out), str(folder), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before anything was predicted
+    (line,) = captured.err.splitlines()
+    assert f"cannot read image {folder / '05.png'}" in line and "(and 1 more of the 12 images)" in line
+    assert "nothing was predicted: pass --skip-bad" in line
+
+    assert main(["predict", str(out), str(folder), "--json", "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    kept = [p for p in sorted(folder.glob("*.png")) if p.name not in ("05.png", "07.png")]
+    assert [r["input"] for r in records] == [str(p) for p in kept]
+    clean = {r["input"]: r for r in Predictor(out).predict(sorted(images.glob("*.png")))}
+    for record in records:  # the same predictions as without the bad files (other batch: a tolerance)
+        same = clean[str(images / Path(record["input"]).name)]["predictions"]
+        assert [p["id"] for p in record["predictions"]] == [p["id"] for p in same]
+        assert [p["probability"] for p in record["predictions"]] == pytest.approx(
+            [p["probability"] for p in same], abs=1e-6)
+    err = captured.err.splitlines()
+    assert [line for line in err if line.startswith("skipped: ")] == [
+        next(line for line in err if line.startswith(f"skipped: cannot read image {folder / '05.png'}: ")),
+        f"skipped: {folder / '07.png'}: 32 x 28 pixels, but this model takes 28 x 28 images as they are "
+        "(fashion_mnist_lt is not resized at evaluation); resize it first"]
+    assert err[-1] == "--skip-bad: skipped 2 of 12 images"
+
+    predictor = Predictor(out)  # the Python API: an error record in the bad image's place
+    got = list(predictor.predict([folder / "05.png", folder / "00.png"], skip_bad=True))
+    assert got[0] == {"input": str(folder / "05.png"), "error": got[0]["error"]}
+    assert "cannot read image" in got[0]["error"] and "predictions" in got[1]
+    assert predictor.unreadable(sorted(folder.glob("*.png")))[1][0] == folder / "07.png"
 
 
 @pytest.mark.parametrize("edit,message", [

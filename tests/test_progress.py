@@ -1,8 +1,10 @@
 """What a person sees while a command works: bars on a terminal, plain lines in a log file, nothing with --quiet."""
 import io
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,9 +73,66 @@ def test_a_terminal_bar_shows_the_current_count_with_its_values(monkeypatch):
     with Progress(5, "epoch 1/2", "step") as bar:
         for _ in range(3):
             bar.update()
-        bar.note(loss="0.5000")  # refreshes at once: the count must be 3, not tqdm's lazily kept 0
+        bar.note("loss 0.5000")  # refreshes at once: the count must be 3, not tqdm's lazily kept 0
         shown = terminal.getvalue().split("\r")[-1]
-    assert "3/5" in shown and "loss=0.5000" in shown
+    assert "3/5 step" in shown and "loss 0.5000" in shown
+
+
+def _cells(line: str) -> int:
+    """The bar's cells: between its two `|`."""
+    return len(line.split("|")[1])
+
+
+@pytest.mark.parametrize("width,shown,left_out", [
+    (60, ["loss 6.9078"], ["img/s", "ETA", "lr"]),
+    (80, ["loss 6.9078", "12345 img/s", "ETA 1h02m"], ["lr"]),
+    (120, ["loss 6.9078", "12345 img/s", "ETA 1h02m", "lr 1.00e-01"], []),
+])
+def test_a_narrow_terminal_keeps_a_readable_bar_and_leaves_out_the_last_values(width, shown, left_out):
+    # The widest training readout: a 100-epoch run of 4882 steps (ImageNet-LT at batch 64 on a GPU).
+    bar = progress.FittedBar(total=4882, initial=2441, desc="epoch 100/100", unit="step", file=io.StringIO(),
+                             ncols=width, bar_format=progress.BAR_FORMAT)
+    bar.values = ("loss 6.9078", "12345 img/s", "ETA 1h02m", "lr 1.00e-01")
+    line = str(bar)
+    bar.close()
+    assert len(line) <= width and _cells(line) >= progress.MIN_BAR
+    assert line.startswith("epoch 100/100 |") and "| 2441/4882 step, " + ", ".join(shown) in line
+    assert not any(value in line for value in left_out)
+
+
+def test_a_terminal_download_shows_bytes_time_left_and_rate(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with Progress(170498071, "cifar-10-python.tar.gz", "B") as bar:
+        bar.update(8 << 20)
+        time.sleep(1.05)  # tqdm measures the rate once a second
+        bar.update(8 << 20)
+        line = str(bar.bar)
+    assert line.startswith("cifar-10-python.tar.gz |") and "| 16.0M/163M B, ETA " in line
+    assert line.endswith(" MiB/s")
+
+
+def test_a_download_in_a_log_file_writes_a_line_each_tenth(tmp_path, monkeypatch, capsys):
+    from longtail.data import download
+
+    payload = bytes(range(256)) * 400  # 100 KiB
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "x.bin").write_bytes(payload)
+    monkeypatch.setattr(download, "CHUNK", 3 << 10)  # 3 KiB reads: 34 of them
+    remote = download.Remote("x.bin", ((tmp_path / "served" / "x.bin").as_uri(),), download.md5sum(tmp_path / "served" / "x.bin"))
+    assert download.fetch(remote, tmp_path / "root").read_bytes() == payload
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0] == f"downloading {remote.urls[0]}"
+    tenths = [line for line in lines[1:-1]]
+    assert len(tenths) == 9 and all(line.startswith("x.bin: ") and " of 100.0 KiB (" in line for line in tenths)
+    percents = [int(line.split("(")[1].split(" %")[0]) for line in tenths]
+    assert [p // 10 for p in percents] == list(range(1, 10))  # one line in each further tenth
+    assert all(" KiB/s, ETA " in line or " MiB/s, ETA " in line for line in tenths)
+    assert lines[-1].startswith("x.bin: 100.0 KiB in ") and lines[-1].endswith("/s")
+    progress.set_quiet(True)  # --quiet: nothing
+    download.fetch(download.Remote("y.bin", remote.urls, remote.md5), tmp_path / "root")
+    assert capsys.readouterr().err == f"downloading {remote.urls[0]}\n"
 
 
 def test_quiet_and_other_ranks_show_nothing(monkeypatch, capsys):
@@ -123,7 +182,7 @@ def test_evaluation_and_feature_collection_report_their_images(monkeypatch, caps
         "features test: 64/100 img", "features test: 100/100 img", "features test: 100 img in 0s"]
 
 
-def _train(tmp_path, data_root, *extra, terminal=False):
+def _train(tmp_path, data_root, *extra, terminal=False, columns=120):
     """`longtail train` in a fresh process, its stdout and stderr as a file (or a pseudo-terminal) gets them."""
     cmd = [sys.executable, "-m", "longtail", "train", "configs/fashion_mnist_lt/ce.yaml", *TINY,
            "--out", str(tmp_path / "run"), *extra]
@@ -140,7 +199,7 @@ def _train(tmp_path, data_root, *extra, terminal=False):
 
     leader, follower = pty.openpty()
     # A new pseudo-terminal is 0 columns wide, and tqdm draws nothing into no columns.
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, env=env, cwd=root)
     os.close(follower)
     seen = b""
@@ -174,11 +233,17 @@ def test_a_log_file_of_a_run_reads_line_by_line(tmp_path, data_root):
 
 
 def test_a_terminal_gets_bars_and_no_plain_step_lines(tmp_path, data_root):
-    seen, _ = _train(tmp_path, data_root, terminal=True)
+    seen, _ = _train(tmp_path, data_root, terminal=True, columns=80)
     assert "\r" in seen
-    assert "epoch 1/2:" in seen and "/13 [" in seen and "step/s" in seen  # the bar: count, rate, ETA
     assert "| step 1/13 |" not in seen
     assert "epoch 2/2 | loss " in seen and "| Run | All |" in seen
+    # The bar as an 80-column terminal draws it: ten cells or more, then the count, loss, images/s and
+    # the run's time left, and lr where it still fits.
+    bars = [part.strip("\n\x1b[A") for part in re.split(r"[\r\n]", seen) if part.startswith("epoch 1/2 |")]
+    assert bars and all(len(bar) <= 80 for bar in bars)
+    drawn = [bar for bar in bars if ", loss " in bar]
+    assert drawn and all(len(bar.split("|")[1]) >= progress.MIN_BAR for bar in drawn)
+    assert re.search(r"\| \d+/13 step, loss \d\.\d{4}, \d+ img/s, ETA \S+(, lr \S+)?$", drawn[-1]), drawn[-1]
 
 
 def test_quiet_prints_only_the_final_table(tmp_path, data_root):

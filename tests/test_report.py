@@ -255,3 +255,51 @@ def test_plot_refuses_runs_on_other_class_counts(tmp_path):
     with pytest.raises(ConfigError, match="b was trained on other class counts than .*a; the per-class figure"):
         plot_report([a, b], tmp_path / "per_class.png")
     assert not (tmp_path / "per_class.png").exists()
+
+
+def _sweep(tmp_path):
+    """A sweep's OUT as `longtail sweep` leaves it: point directories, logs/ and slurm/ beside them."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    ce = _seeded(sweep, "loss.name=ce", [], [70.0, 70.5, 73.0])
+    la = _seeded(sweep, "loss.name=la", ["loss.name=la"], [72.0, 73.0, 75.0])
+    for folder in ("logs", "slurm"):
+        (sweep / folder).mkdir()
+        (sweep / folder / "loss.name=ce,seed=0.log").write_text("$ longtail train ...\n")
+    return sweep, ce, la
+
+
+def test_a_sweep_folder_gives_its_runs_as_tensorboard_logdir_does(tmp_path, capsys):
+    from longtail.cli import main
+
+    sweep, ce, la = _sweep(tmp_path)
+    named = report([*ce, *la], baseline="loss.name=ce")
+    assert report([str(sweep)], baseline="loss.name=ce") == named
+    # A shell glob passes logs/ and slurm/ too: they hold no run and add nothing.
+    assert report(sorted(str(p) for p in sweep.glob("*")), baseline="loss.name=ce") == named
+    assert main(["report", str(sweep), "--baseline", "loss.name=ce"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == named and f"| {la[0]} | 0, 1, 2 | +2.17 [+1.45, +2.88]" in out
+    # Nested folders are searched at any depth; a run's own post-hoc result beneath it is a run too; a run
+    # named twice counts once.
+    posthoc = Path(_run(Path(la[0]), "posthoc-additive", ["loss.name=la", "posthoc.kind=additive"], 80.0,
+                        posthoc={"kind": "additive", "tau": 1.0}))
+    rows = _rows(report([str(tmp_path), ce[0]]))
+    assert [r["Run"] for r in rows] == [ce[0], la[0], str(posthoc)]
+    assert [r["Seeds"] for r in rows] == ["0, 1, 2", "0, 1, 2", "0"]
+
+
+def test_unfinished_runs_in_a_folder_are_left_out_with_a_note_and_refused_when_named(tmp_path, capsys):
+    sweep, ce, la = _sweep(tmp_path)
+    running = sweep / "loss.name=la,seed=3"
+    running.mkdir()
+    (running / "config.yaml").write_text("train: {seed: 3}\n")
+    assert report([str(sweep)]) == report([*ce, *la])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"report: left out 1 unfinished run(s), without results.json: {running}")
+    with pytest.raises(ConfigError, match=r"loss.name=la,seed=3: no results.json \(an unfinished run\)"):
+        report([*ce, str(running)])
+    with pytest.raises(ConfigError, match="logs: no results.json in it or in any folder beneath it"):
+        report([str(sweep / "logs")])
+    with pytest.raises(ConfigError, match="nowhere: no such directory"):
+        report([str(tmp_path / "nowhere")])

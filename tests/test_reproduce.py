@@ -66,8 +66,9 @@ def test_two_stage_rows_start_from_the_same_seed_of_their_stage1_row(tmp_path):
     assert f"method.init_from={tmp_path / 'wb_stage1_if10,seed=0'}" in stage2["wb_if10,seed=0"].overrides
 
 
-def test_the_table_compares_in_the_paper_s_metric():
-    rows = [Row("err", Path("x.yaml"), [], None, {"metric": "error", "all": 22.97, "source": "s", "selection": "final"}),
+def test_the_table_compares_in_accuracy_converting_a_published_error_and_saying_so():
+    rows = [Row("err", Path("x.yaml"), [], None, {"metric": "error", "all": 22.97, "few": 40.0, "source": "s",
+                                                   "selection": "final"}),
             Row("acc", Path("x.yaml"), [], None, {"metric": "accuracy", "all": 70.4, "few": 10.0, "source": "s",
                                                    "selection": "best test epoch"}),
             Row("new", Path("x.yaml"), [], None, {"metric": "accuracy", "all": None, "source": "s", "selection": "?"})]
@@ -76,10 +77,32 @@ def test_the_table_compares_in_the_paper_s_metric():
                "new": [{"top1": 50.0, "checkpoint": "final"}]}
     text = render({"title": "t"}, rows, results, "short", {"err": 20, "acc": 20, "new": 20})
     lines = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
-    assert lines["err"][2:5] == ["22.97", "23.00 ± 1.41", "+0.03"]  # errors 24 and 22
-    assert lines["acc"][2:5] == ["70.4", "71.40", "+1.00"] and lines["acc"][6] == "— / — / 12.00"
-    assert lines["new"][2] == "unknown" and lines["new"][4] == "paper number unknown"
+    assert lines["Row"][1:4] == ["Paper All (accuracy)", "Measured All", "Δ (measured − paper)"]
+    assert lines["err"][1:5] == ["77.03 (100 − error)", "77.00 ± 1.41", "-0.03", "— / — / 60 (100 − error)"]
+    assert lines["acc"][1:5] == ["70.4", "71.40", "+1.00", "— / — / 10"] and lines["acc"][5] == "— / — / 12.00"
+    assert lines["new"][1] == "unknown" and lines["new"][3] == "paper number unknown"
     assert "Budget `short`" in text and "not comparable" in text
+
+
+def test_every_row_s_data_is_checked_before_the_first_run_starts(tmp_path, data_root, capsys):
+    from longtail.cli import main
+
+    configs = tmp_path / "configs"
+    (configs / "tables").mkdir(parents=True)
+    (configs / "fm.yaml").write_text("\n".join(TINY_YAML) + "\n")
+    (configs / "c100.yaml").write_text("\n".join(TINY_YAML).replace("fashion_mnist_lt", "cifar100_lt") + "\n")
+    table = configs / "tables" / "t.yaml"
+    table.write_text(
+        "title: two datasets\nrows:\n"
+        "  - {id: fm, config: fm.yaml, paper: {metric: accuracy, all: 50, source: s, selection: f}}\n"
+        "  - {id: c100, config: c100.yaml, paper: {metric: accuracy, all: 40, source: s, selection: f}}\n")
+    out = tmp_path / "rep"
+    # Fashion-MNIST is there, CIFAR-100 is not: refused before the Fashion-MNIST row trains.
+    assert main(["reproduce", str(table), "--budget", "smoke", "--data-root", str(data_root), "--out", str(out)]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith("longtail reproduce: error: row c100: cifar100_lt: no dataset files at ")
+    assert err.endswith("nothing was run (every row's data is checked before the first run starts)")
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_bad_table_is_refused_naming_the_row(tmp_path):

@@ -9,8 +9,12 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Optional
 
 from longtail.errors import ConfigError
+from longtail.progress import Progress
+
+CHUNK = 1 << 20  # bytes read at a time
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,15 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def copy_with_progress(response: BinaryIO, out: BinaryIO, total: Optional[int], name: str) -> None:
+    """Copy a download of `total` bytes (None: unknown) to `out`, its bytes and rate shown as it goes: a bar
+    on a terminal, a line at each further tenth in a log file."""
+    with Progress(total, name, "B") as progress:
+        for block in iter(lambda: response.read(CHUNK), b""):
+            out.write(block)
+            progress.update(len(block))
+
+
 def fetch(remote: Remote, folder: Path) -> Path:
     """Download `remote` into `folder`. A file already there is kept: downloads land under a `.part`
     name and only a verified file gets the final name."""
@@ -62,7 +75,8 @@ def fetch(remote: Remote, folder: Path) -> Path:
         try:
             print(f"downloading {url}", file=sys.stderr)
             with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-                shutil.copyfileobj(response, out, 1 << 20)
+                length = response.headers.get("Content-Length", "")  # http and file URLs both say, mostly
+                copy_with_progress(response, out, int(length) if length.isdigit() else None, remote.filename)
         except OSError as exc:  # URLError, timeouts, refused connections are all OSErrors
             part.unlink(missing_ok=True)
             errors.append(f"{url}: {exc}")

@@ -69,7 +69,7 @@ def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
         means = {k: float(v) / ep.window_steps for k, v in ep.window.items()}
         rate = ep.seen * world / max(ep.elapsed_before + time.perf_counter() - ep.start, 1e-9)
         lr = loop.optimizer.param_groups[0]["lr"]
-        ep.bar.note(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        ep.bar.note(f"loss {means['loss']:.4f}", f"{rate:.0f} img/s", f"ETA {run_eta(loop)}", f"lr {lr:.2e}")
         if ep.bar.mode == "lines" and i + 1 < ep.usable:  # after the last step the epoch's own line follows
             say(f"epoch {epoch + 1}/{cfg.train.epochs} | step {i // accum + 1}/{steps} | loss {means['loss']:.4f} "
                 f"| lr {lr:.2e} | {rate:.0f} img/s | ETA {run_eta(loop)}")
