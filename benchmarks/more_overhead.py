@@ -7,7 +7,10 @@
 (b) peak memory of a few training steps, each variant in its own subprocess (peak RSS on CPU,
     max allocated on CUDA);
 (c) inference time of the base model, the merged MORE model and the unmerged one;
-(d) with --profile-backward, the operators that take a backward pass's time, per variant.
+(d) with --profile-backward, the operators that take a backward pass's time, per variant;
+(e) with --variants, the training step of each MORE variant (docs/methods/more.md#variants) beside the
+    base step and default MORE, interleaved; the merged model of every variant is the base model, so
+    inference costs what (c) shows.
 Inputs are random CIFAR-sized tensors. The variants run interleaved, one after the other in every
 round, so the headline ratios are medians of per-round ratios: steady even on a shared machine.
 """
@@ -42,15 +45,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(args: argparse.Namespace, more: bool, device: torch.device) -> tuple[nn.Module, Method, Method]:
-    """(model, method, the plain method inside it) for one variant."""
-    cfg = from_dict({"model": {"name": args.model}, "more": {"enabled": more}})
+# (e): each variant's keys; freeze_general_at is timed in its second phase (PROGRESS is 0.5, the boundary 0.25).
+VARIANTS = {
+    "general_lr_scale=0.1": {"general_lr_scale": 0.1},
+    "freeze_general_at=0.25": {"freeze_general_at": 0.25},
+    "general_loss_weight=1": {"general_loss_weight": 1.0},
+    "groups=3": {"groups": 3},
+    "groups=3 features": {"groups": 3, "grouping": "features"},
+    "orthogonal_weight=1": {"orthogonal_weight": 1.0},
+    "rank_allocation=importance": {"rank_allocation": "importance"},
+}
+
+
+def build(args: argparse.Namespace, more: bool | dict, device: torch.device) -> tuple[nn.Module, Method, Method]:
+    """(model, method, the plain method inside it) for one variant: MORE off, at its defaults (True) or with
+    the given `more` keys."""
+    keys = more if isinstance(more, dict) else {}
+    cfg = from_dict({"model": {"name": args.model}, "more": {"enabled": bool(more), **keys}})
     counts = [int(500 * 0.01 ** (k / (NUM_CLASSES - 1))) for k in range(NUM_CLASSES)]  # CIFAR-10-LT, IF 100
     info = RunInfo(cfg=cfg, num_classes=NUM_CLASSES, class_counts=counts, epochs=1, steps_per_epoch=1, device=device)
     torch.manual_seed(0)
     model = build_model(cfg.model, NUM_CLASSES, 3, 32)
     inner = Method(cfg, info, build_loss(cfg.loss, counts, 1))
     method = wrap_if_enabled(inner, cfg, info)
+    # What rank_allocation and grouping measure on the training data before training; the step is timed here.
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, NUM_CLASSES, (32,), generator=gen)
+    method.probe_loss = lambda m: nn.functional.cross_entropy(m(x.to(next(m.parameters()).dtype)), y)
+    method.class_feature_means = lambda m: torch.randn(NUM_CLASSES, 16, generator=gen)
     model = method.prepare(model).to(device)
     return model, method, inner
 
@@ -58,7 +80,7 @@ def build(args: argparse.Namespace, more: bool, device: torch.device) -> tuple[n
 class Trainer:
     """One variant's training step, timing each call of the plain method's forward pass."""
 
-    def __init__(self, args: argparse.Namespace, more: bool, device: torch.device):
+    def __init__(self, args: argparse.Namespace, more: bool | dict, device: torch.device):
         self.model, self.method, inner = build(args, more, device)
         self.device = device
         self.optimizer = torch.optim.SGD(self.method.param_groups(self.model), lr=0.01, momentum=0.9)
@@ -230,6 +252,18 @@ def inference_time(args: argparse.Namespace, device: torch.device) -> None:
     print(f"    merged model has the base parameter count: {same}")
 
 
+def variant_time(args: argparse.Namespace, device: torch.device) -> None:
+    trainers = {"base": Trainer(args, False, device), "MORE": Trainer(args, True, device)}
+    trainers.update({name: Trainer(args, keys, device) for name, keys in VARIANTS.items()})
+    runs = interleaved({name: t.step for name, t in trainers.items()}, args.warmup, args.repeats)
+    print(f"(e) training step of each variant, median of {args.repeats} interleaved repeats (ms); ratios are medians "
+          "of per-round ratios")
+    print(f"    {'':28s}{'step':>10s}{'to base':>10s}{'to MORE':>10s}")
+    for name, samples in runs.items():
+        print(f"    {name:28s}{median(samples, 'total') * 1e3:10.1f}"
+              f"{paired_ratio(samples, runs['base'], 'total'):10.2f}{paired_ratio(samples, runs['MORE'], 'total'):10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet32")
@@ -239,6 +273,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--profile-backward", action="store_true", help="also (d): the backward's costliest operators")
+    parser.add_argument("--variants", action="store_true", help="only (e): the step time of every MORE variant")
     parser.add_argument("--child", choices=["base", "more"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -249,6 +284,9 @@ def main() -> None:
     print(f"MORE overhead: {args.model}, batch {args.batch_size} x 3 x 32 x 32 random, CE, {NUM_CLASSES} classes, "
           f"default MORE config (rank_ratio 0.1, l2, progress {PROGRESS}); torch {torch.__version__} on {device}, "
           f"{args.threads} threads")
+    if args.variants:
+        variant_time(args, device)
+        return
     training_time(args, device)
     peak_memory(args)
     inference_time(args, device)

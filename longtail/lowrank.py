@@ -51,13 +51,14 @@ def _factored_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor
     Building B A costs out * r * in multiply-adds per forward (and again in backward), the factored form
     rows * r * (in + out). On an MLP with a batch of 128 the product alone cost as much as the layer;
     a large batch through a small layer favours building the weight, so the cheaper form is chosen per call.
-    Several parts on one weight (MORE's `more.groups`) each add their own term.
+    Several parts on one weight (MORE's `more.groups`) each add their own term, the switched-off ones none (a
+    band's pass of `more.groups` is factored too).
     """
     chain = module.parametrizations.weight
     parts = [p for p in chain if p.enabled]
     fan_in, out = module.in_features, module.out_features
     rows = x.numel() // fan_in
-    if not parts or len(parts) < len(chain) or rows * (fan_in + out) >= fan_in * out:
+    if not parts or rows * (fan_in + out) >= fan_in * out:
         return F.linear(x, module.weight, module.bias)
     y = F.linear(x, chain.original, module.bias)
     for part in parts:
