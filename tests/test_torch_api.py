@@ -7,9 +7,12 @@ import inspect
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from longtail import losses
-from longtail.config import LossConfig
+from longtail.config import DataConfig, LossConfig
+from longtail.data import SAMPLERS, ClassBalancedSampler, SqrtSampler, build_data
+from longtail.data.splits import InMemorySplit
 
 COUNTS = [60, 20, 8, 3]
 G = torch.Generator().manual_seed(0)
@@ -18,6 +21,57 @@ SINGLE = torch.arange(8) % 4
 MULTI = (torch.rand(8, 4, generator=G) < 0.4).long()
 MULTI[0], MULTI[1] = torch.tensor([1, 1, 1, 0]), torch.tensor([0, 0, 0, 1])  # each class on and off some image
 NUM_IMAGES = 100
+
+
+# ----------------------------------------------------------------------------- splits and samplers
+
+
+def test_a_split_is_a_dataset_of_images_and_labels(data_root):
+    data = build_data(DataConfig(name="fashion_mnist_lt", imbalance=5), data_root)
+    assert isinstance(data.train, Dataset) and isinstance(data.test, Dataset)
+    image, label = data.train[3]
+    assert image.dtype == torch.uint8 and image.shape == (1, 28, 28)
+    assert torch.equal(image, data.train.images[3]) and label == data.train.labels[3]
+    sampler = SqrtSampler(data.train.labels, data.num_classes, seed=0)
+    x, y = next(iter(DataLoader(data.train, batch_size=16, sampler=sampler)))
+    assert x.shape == (16, 1, 28, 28) and y.dtype == torch.int64
+    assert data.train.to_input(x, "cpu", train=True, generator=torch.Generator()).shape == (16, 1, 28, 28)
+
+
+def split_for(name: str) -> InMemorySplit:
+    """27 images of 3 classes (20 / 5 / 2); multi-hot rows for class_aware, which samples by positive labels."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate([20, 5, 2])])[torch.randperm(27, generator=g)]
+    if name == "class_aware":
+        labels = torch.nn.functional.one_hot(labels, 3) | (torch.rand(27, 3, generator=g) < 0.2).long()
+    images = torch.randint(0, 256, (27, 1, 2, 2), dtype=torch.uint8, generator=g)
+    return InMemorySplit(images, labels, torch.arange(27), (0.5,), (0.5,), "none", 3)
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (3, 1)])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_the_engine_and_a_dataloader_draw_the_same_order(name, world, rank):
+    split = split_for(name)
+    engine = list(split.batches(4, sampler=name, seed=5, epoch=2, rank=rank, world=world))
+    sampler = SAMPLERS[name](split.labels, split.num_classes, seed=5, rank=rank, world=world)
+    assert isinstance(sampler, Sampler)
+    sampler.set_epoch(2)
+    mine = list(DataLoader(split, batch_size=4, sampler=sampler))
+    assert len(mine) == len(engine) and len(sampler) == sum(len(y) for _, y, _ in engine)
+    for (x, y, idx), (x_mine, y_mine) in zip(engine, mine):
+        assert torch.equal(x, x_mine) and torch.equal(y, y_mine)
+    assert list(sampler) == torch.cat([idx for _, _, idx in engine]).tolist()
+    sampler.set_epoch(3)  # another epoch, another order; the same epoch again, the same one
+    assert list(sampler) != torch.cat([idx for _, _, idx in engine]).tolist()
+    sampler.set_epoch(2)
+    assert list(sampler) == torch.cat([idx for _, _, idx in engine]).tolist()
+
+
+def test_the_samplers_the_config_names_are_the_public_classes():
+    assert SAMPLERS["class_balanced"] is ClassBalancedSampler and SAMPLERS["sqrt"] is SqrtSampler
+    labels = split_for("class_balanced").labels
+    drawn = torch.bincount(labels[list(ClassBalancedSampler(labels))], minlength=3)
+    assert len(labels) == drawn.sum() and drawn.min() >= 4  # the 2-image class: about 9 draws in 27, not 2
 
 
 # ----------------------------------------------------------------------------- losses
