@@ -10,9 +10,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from longtail import losses
-from longtail.config import DataConfig, LossConfig
+from longtail.config import DataConfig, LossConfig, apply_overrides, load_config
 from longtail.data import SAMPLERS, ClassBalancedSampler, SqrtSampler, build_data
 from longtail.data.splits import InMemorySplit
+from longtail.engine import fit
+from longtail.errors import ConfigError
+from tiny import TINY_MLP
 
 COUNTS = [60, 20, 8, 3]
 G = torch.Generator().manual_seed(0)
@@ -163,3 +166,31 @@ def test_a_loss_module_follows_the_logits_and_stays_out_of_state_dicts():
     assert set(model.state_dict()) == {"0.weight", "0.bias"}
     assert loss(LOGITS.double(), SINGLE).dtype == torch.float64
     assert loss(LOGITS.half(), SINGLE).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- fit with a plain dict
+
+
+def test_fit_refuses_a_bad_dict_as_a_config_file_is_refused(tmp_path):
+    bad = {"data": {"name": "fashion_mnist_lt"}, "optim": {"lrr": 0.1}}
+    (tmp_path / "bad.yaml").write_text("data:\n  name: fashion_mnist_lt\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError) as from_dict:
+        fit(bad, tmp_path / "run")
+    assert str(from_dict.value) == str(from_file.value) and "optim.lrr" in str(from_dict.value)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        fit({"train": {"epochs": 0}}, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"fit: cfg must be a longtail.config.Config or a dict .* got list"):
+        fit([("train", {"epochs": 1})], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.e2e
+def test_fit_trains_a_plain_dict(tmp_path, data_root):
+    raw = apply_overrides({}, [*TINY_MLP, "train.epochs=1"])  # {"data": {"name": "fashion_mnist_lt", ...}, ...}
+    results = fit(raw, tmp_path / "run", data_root=str(data_root))
+    assert results["checkpoint"] == "final" and 0 <= results["top1"] <= 100
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.train.epochs == 1 and saved.model.width == 32 and saved.data.imbalance == 5
+    assert raw == apply_overrides({}, [*TINY_MLP, "train.epochs=1"])  # the caller's dict is left as it was
