@@ -31,6 +31,10 @@ RUNS = {
                         "posthoc.kind=additive", "posthoc.calibrate=temperature", "eval.select=best_val",
                         "data.mixup_alpha=0.2"],
     "ewb": [*TINY, "method.name=ewb", "model.head=etf", "optim.weight_decay=5e-3"],
+    # DRW switching mid-run under gradient accumulation, and the re-weighting samplers
+    "ldam_drw_sqrt": [*TINY, "loss.name=ldam", "loss.drw_start=0.5", "model.head=cosine", "data.sampler=sqrt",
+                      "train.accum_steps=2"],
+    "focal_drw_balanced": [*TINY, "loss.name=focal", "loss.drw_start=2", "data.sampler=class_balanced"],
     "wb_stage2": [*TINY, "method.name=wb_stage2", "method.init_from={run:erm}/model.pt", "train.epochs=2"],
     "crt": [*TINY, "method.name=crt", "method.init_from={run:erm}/model.pt", "train.epochs=2"],
     "lws": [*TINY, "method.name=lws", "method.init_from={run:erm}/model.pt", "train.epochs=2"],

@@ -24,7 +24,8 @@ from fake_data import write_fashion_mnist, write_idx
 from longtail import distributed
 from longtail.config import load_config
 from longtail.data.idx import read_idx
-from longtail.data.splits import SAMPLERS, InMemorySplit, epoch_order
+from longtail.data.samplers import SAMPLERS, epoch_order
+from longtail.data.splits import InMemorySplit
 from longtail.engine import effective_lr, lr_factor
 from longtail.errors import ConfigError
 from tiny import TINY_MLP

@@ -5,6 +5,7 @@ in a fresh working directory with `configs/` linked in and tiny fake CIFAR-10 an
 $LONGTAIL_DATA. A block whose first line is `# not run` is skipped; one whose first line is
 `# file: NAME.py` is written to NAME.py in that directory (importable) instead of being executed.
 """
+import math
 import re
 import sys
 from pathlib import Path
@@ -75,6 +76,9 @@ def run_page(page: str, workdir: Path) -> dict:
 
 def test_api_examples_run(workdir):
     ns = run_page("api.md", workdir)
+    # the plain PyTorch loop: three epochs through the sampler, the last one re-weighted by LDAM-DRW
+    assert ns["sampler"].epoch == 2 and ns["criterion"].weight is not None
+    assert len(ns["epoch_losses"]) > 0 and all(math.isfinite(v) for v in ns["epoch_losses"])
     assert ns["results"]["checkpoint"] == "final"
     assert (workdir / "runs" / "api_fm_ce" / "model.pt").exists()
     assert (workdir / "runs" / "api_fm_ce" / "eval-test.json").exists()

@@ -136,9 +136,10 @@ def test_the_checker_sees_upward_imports_inside_functions(tmp_path):
 
 DOCUMENTED_API = [
     ("longtail.config", ["load_config", "Config", "DataConfig"]),
-    ("longtail.data", ["build_data", "LTData"]),
+    ("longtail.data", ["build_data", "LTData", "InstanceSampler", "ClassBalancedSampler", "SqrtSampler",
+                       "ClassAwareSampler"]),
     ("longtail.models", ["build_model", "load_exported", "register"]),
-    ("longtail.losses", ["build_loss"]),
+    ("longtail.losses", ["build_loss", "LOSSES", "MULTILABEL_LOSSES", "LDAMLoss", "CrossEntropyLoss"]),
     ("longtail.engine", ["fit", "evaluate_run", "collect_logits", "load_run"]),
     ("longtail.metrics", ["summarize"]),
     ("longtail.predict", ["Predictor"]),

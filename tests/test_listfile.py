@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from PIL import Image
 
 from longtail import progress
 from longtail.inference import collect_features
 from longtail.config import DataConfig, ModelConfig
-from longtail.data import build_data
+from longtail.data import ClassBalancedSampler, build_data
 from longtail.data.image_transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, color_jitter, decode_image,
                                             random_resized_crop_box, sample_generator)
 from longtail.data.listfile import Benchmark, PathRemap, build_listfile, check_size
@@ -207,6 +208,20 @@ def test_samplers_and_rank_slices(tmp_path):
              for r in range(2)]
     assert sorted(torch.cat(parts).tolist()) == list(range(16)) and len(parts[0]) == len(parts[1]) == 8
     assert data.train.num_batches(3, world=2) == 3 and data.train.num_batches(3, world=2, drop_last=True) == 2
+
+
+def test_a_file_split_is_a_dataset_of_evaluation_images(tmp_path):
+    base = write_tiny(tmp_path)
+    data = build_listfile(cfg(), tmp_path, TINY)
+    x, y, _ = next(data.train.batches(9, sampler=None, seed=0, epoch=0))
+    image, label = data.train[6]
+    assert torch.equal(image, x[6]) and label == y[6] == 1  # what evaluation decodes: resized, normalised
+    sampler = ClassBalancedSampler(data.train.labels, data.num_classes, seed=0)
+    xs, ys = next(iter(DataLoader(data.train, batch_size=4, sampler=sampler)))
+    assert xs.shape == (4, 3, 16, 16) and ys.tolist() == data.train.labels[list(sampler)[:4]].tolist()
+    (base / "train/c1/i0.jpg").write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=r"train.txt:6: cannot read image .*i0.jpg"):
+        data.train[5]
 
 
 def test_batches_are_the_same_with_and_without_workers(tmp_path):

@@ -24,7 +24,7 @@ from longtail.data import build_data
 from longtail.data.describe import describe, format_description
 from longtail.data.mosaic import mosaic_images, mosaic_tiles, tile_probabilities
 from longtail.data.multilabel import read_class_split
-from longtail.data.splits import class_aware_order, epoch_order, rank_slice
+from longtail.data.samplers import class_aware_order, epoch_order, rank_slice
 from longtail.engine import evaluate_run, fit
 from longtail.errors import ConfigError
 from longtail.losses import (asymmetric_loss, bce_loss, class_balanced_weights, distribution_balanced_loss,

@@ -4,7 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from longtail.data.splits import InMemorySplit, epoch_order, rank_slice
+from longtail.data.samplers import epoch_order, rank_slice
+from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
 
 COUNTS = [900, 90, 10]

@@ -1,4 +1,5 @@
-"""Datasets: read the files, pick the long-tailed subset, hold the splits.
+"""Datasets: read the files, pick the long-tailed subset, hold the splits (each a torch `Dataset`), and the
+training samplers (torch `Sampler`s, `longtail.data.samplers`).
 
 `build_data(data_cfg, root, download)` looks `data_cfg.name` up in a registry; other dataset kinds
 (list files, folders) add themselves with `@register_dataset(name)`.
@@ -25,6 +26,8 @@ from longtail.data.download import CIFAR10, CIFAR100, download_archive, download
 from longtail.data.idx import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, fashion_mnist_dir, find_idx, read_fashion_mnist
 from longtail.data.policies import ImagePolicy
 from longtail.data.profiles import lt_subset
+from longtail.data.samplers import (SAMPLERS, ClassAwareSampler, ClassBalancedSampler, EpochSampler,  # noqa: F401
+                                    InstanceSampler, SqrtSampler)
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
 from longtail.metrics import default_thresholds

@@ -310,6 +310,15 @@ class FileSplit(LabelledSplit):
                 yield x, y, idx
         bad.summary()
 
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image decoded with the evaluation transform (resized, normalised float: what `batches(sampler=None)`
+        gives; the training transform runs in `batches` with a sampler) and its label; an unreadable image is a
+        ConfigError naming it."""
+        image, _, _, error = _Reader(self.base, self.items, self.eval_transform, 0, 0)[pos]
+        if error is not None:
+            raise ConfigError(error)
+        return image, self.labels[pos]
+
     def to_input(self, x: torch.Tensor, device: torch.device | str, train: bool,
                  generator: torch.Generator | None = None, tta: str = "none") -> torch.Tensor:
         """The batch is already transformed in the workers (the crops too); only move it."""

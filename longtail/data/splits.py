@@ -1,29 +1,23 @@
 """In-memory splits: uint8 images in RAM, batches in a sampler's order, on-device input preparation.
 
-Samplers (each epoch as long as the split, deterministic from (seed, epoch)):
-- `instance`: a random permutation; `None`: sequential order (evaluation);
-- `class_balanced`: a class uniformly at random, then an instance of it uniformly;
-- `sqrt`: a class with probability proportional to sqrt(n_k), then an instance uniformly;
-- `class_aware` (multi-hot labels): DB-Loss's class-aware sampler — classes in shuffled rounds, from each
-  drawn class 3 consecutive images taken from that class's own shuffled cycle of images carrying it.
-With `world` > 1 processes, rank r takes positions r, r + world, ... of the same epoch order, padded by
-repeating its start so that all ranks see equally many samples. `idx` (position in the split) reveals
-the repeats, so gathered evaluation can drop them.
+Every split is a `torch.utils.data.Dataset` (`split[i]` is an image and its label) and cuts its batches from
+the positions a `longtail.data.samplers` Sampler draws (`None`: sequential order, for evaluation), so a user's
+`DataLoader(split, sampler=...)` and the engine visit the same positions. With `world` > 1 processes each rank
+takes its share of one epoch order; `idx` (position in the split) reveals the padding repeats, so gathered
+evaluation can drop them.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 from longtail.data.augment import to_model_size
 from longtail.data.policies import ImagePolicy
-from longtail.errors import ConfigError
+from longtail.data.samplers import build_sampler, rank_slice
 
-SAMPLERS = ("instance", "class_balanced", "sqrt", "class_aware")
-CLASS_AWARE_RUN = 3  # images per class draw (DB-Loss's ClassAwareSampler num_samples_cls)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -34,6 +28,7 @@ class Split(Protocol):
     indices: torch.Tensor
 
     def __len__(self) -> int: ...
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, Any]: ...
     def class_counts(self) -> list[int]: ...
     def batches(self, batch_size: int, *, sampler: Optional[str], seed: int, epoch: int, rank: int = 0,
                 world: int = 1, drop_last: bool = False, start: int = 0, tta: str = "none") -> Iterator[Batch]: ...
@@ -44,70 +39,7 @@ class Split(Protocol):
                  generator: torch.Generator | None = None, tta: str = "none") -> torch.Tensor: ...
 
 
-def epoch_generator(seed: int, epoch: int, purpose: str = "sampler") -> torch.Generator:
-    """A CPU generator for one (purpose, seed, epoch). torch's CPU generator keeps only 32 bits of its
-    seed, so the three are hashed into those bits instead of being packed side by side."""
-    digest = hashlib.sha256(f"{purpose}:{seed}:{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
-
-
-def epoch_order(labels: torch.Tensor, num_classes: int, sampler: Optional[str], seed: int,
-                epoch: int) -> torch.Tensor:
-    """Positions 0..N-1 in the order (or with the repeats) `sampler` visits them in this epoch."""
-    n = len(labels)
-    if sampler is None:
-        return torch.arange(n)
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"data.sampler: {sampler!r} is not allowed; choose one of: {', '.join(SAMPLERS)}")
-    g = epoch_generator(seed, epoch)
-    if sampler == "instance":
-        return torch.randperm(n, generator=g)
-    if sampler == "class_aware":
-        return class_aware_order(labels, n, g)
-    counts = torch.bincount(labels, minlength=num_classes)
-    weights = (counts > 0).double() if sampler == "class_balanced" else counts.double().sqrt()
-    classes = torch.multinomial(weights, n, replacement=True, generator=g)
-    # Positions sorted by class: class k occupies by_class[start[k] : start[k] + counts[k]].
-    by_class = torch.argsort(labels, stable=True)
-    start = torch.cumsum(counts, 0) - counts
-    size = counts[classes]
-    within = torch.minimum((torch.rand(n, generator=g, dtype=torch.float64) * size).long(), size - 1)
-    return by_class[start[classes] + within]
-
-
-def class_aware_order(multi_hot: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    """n positions: each class (that has an image) once per shuffled round, and from the drawn class the next
-    CLASS_AWARE_RUN images of its own cycle, reshuffled whenever it wraps (DB-Loss's RandomCycleIter)."""
-    if multi_hot.ndim != 2:
-        raise ConfigError("data.sampler: class_aware samples by the positive labels of multi-hot targets; for class "
-                          "ids use class_balanced")
-    members = [torch.nonzero(multi_hot[:, k] > 0).flatten() for k in range(multi_hot.shape[1])]
-    classes = torch.tensor([k for k, m in enumerate(members) if len(m)])
-    cycles = {int(k): (members[k][torch.randperm(len(members[k]), generator=g)], 0) for k in classes}
-    out: list[int] = []
-    while len(out) < n:
-        for k in classes[torch.randperm(len(classes), generator=g)].tolist():
-            for _ in range(CLASS_AWARE_RUN):
-                cycle, at = cycles[k]
-                if at == len(cycle):
-                    cycle, at = members[k][torch.randperm(len(members[k]), generator=g)], 0
-                out.append(int(cycle[at]))
-                cycles[k] = (cycle, at + 1)
-            if len(out) >= n:
-                break
-    return torch.tensor(out[:n], dtype=torch.int64)
-
-
-def rank_slice(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rank `rank`'s share of `order`, padded from its start to a multiple of `world`."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside 0..{world - 1}")
-    total = math.ceil(len(order) / world) * world
-    padded = order.repeat(math.ceil(total / max(len(order), 1)))[:total]
-    return padded[rank::world]
-
-
-class LabelledSplit:
+class LabelledSplit(Dataset):
     """What every split shares: labels, class counts, and the rank-sliced epoch order batches are cut from."""
 
     labels: torch.Tensor
@@ -129,7 +61,10 @@ class LabelledSplit:
     def batch_positions(self, batch_size: int, sampler: Optional[str], seed: int, epoch: int, rank: int, world: int,
                         drop_last: bool, start: int = 0) -> list[torch.Tensor]:
         """The epoch's batches from the `start`-th on (a run resumed mid-epoch continues where it stopped)."""
-        order = rank_slice(epoch_order(self.labels, self.num_classes, sampler, seed, epoch), rank, world)
+        if sampler is None:
+            order = rank_slice(torch.arange(len(self)), rank, world)
+        else:
+            order = build_sampler(sampler, self.labels, self.num_classes, seed, epoch, rank, world).positions()
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         return [order[i:i + batch_size] for i in range(start * batch_size, stop, batch_size)]
 
@@ -153,6 +88,11 @@ class InMemorySplit(LabelledSplit):
         self.num_classes = num_classes
         self.resize: Optional[int] = None
         self._normalisers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 image (C x H x W, on the images' device) and its label: what `batches` gathers, one at a
+        time (`to_input` turns a batch of them into the model's input)."""
+        return self.images[pos], self.labels[pos]
 
     def to_device(self, device: torch.device) -> None:
         """Hold the images on `device`: batches are then gathered there, with no copy from host memory."""

@@ -18,7 +18,7 @@ import torch
 
 from longtail import distributed as dist
 from longtail.checkpoint import append_line, atomic_write_json, load_checkpoint, run_lock
-from longtail.config import Config, read_yaml
+from longtail.config import Config, from_dict, read_yaml
 from longtail.errors import ConfigError
 from longtail.finetune import parameter_counts
 from longtail.inference import evaluate
@@ -41,14 +41,22 @@ from longtail.training.state import run_eta
 from longtail.training.stopping import Preempted
 
 
-def fit(cfg: Config, out_dir: str | Path, resume: bool = False, data_root: Optional[str] = None,
+def fit(cfg: Config | dict, out_dir: str | Path, resume: bool = False, data_root: Optional[str] = None,
         download: bool = False) -> dict:
     """Train `cfg` into `out_dir`, then select, finalise, evaluate and export. Returns results.
+
+    `cfg` is a `Config`, or a plain dict of sections as a YAML config holds them (`{"train": {"epochs": 2}}`),
+    validated as a config file is: an unknown key or a bad value is a ConfigError naming it.
 
     With `resume`, one command serves every moment of a run's life (a requeued cluster job): it starts a
     run that has no checkpoint yet, continues one that has, and reports a finished one unchanged. The run
     holds `out_dir`'s lock from before its first read to its end: a second writer is refused.
     """
+    if isinstance(cfg, dict):
+        cfg = from_dict(cfg)
+    elif not isinstance(cfg, Config):
+        raise ConfigError(f"fit: cfg must be a longtail.config.Config or a dict of config sections "
+                          f"(e.g. {{'train': {{'epochs': 2}}}}), got {type(cfg).__name__}")
     out = Path(out_dir)
     check_config(cfg)  # the method's own rules, before the directory is locked or read
     # Under torchrun the writing rank holds it; the others write nothing into the directory.

@@ -1,31 +1,20 @@
-"""Base losses every method composes with: plain functions `f(logits, targets, counts, ...)`.
+"""The plain loss functions every loss Module wraps: `f(logits, targets, counts, ...)`.
 
 `counts` are the training images per class (ce, focal and bce accept and ignore them, so every loss
 has the same call signature). `weight` is an optional per-class weight (as in
 `F.cross_entropy`): a weighted loss is sum_i w_{y_i} l_i / sum_i w_{y_i} for every loss here, so
-weighting means the same thing whichever loss it is applied to. `build_loss` turns the `loss`
-config section into the `LossFn(logits, targets, progress)` the methods call.
+weighting means the same thing whichever loss it is applied to.
 
-A loss may multiply the model's logits by a constant before its softmax (LDAM's scale, with the model
-ending in a scale-1 cosine head). `logit_scale(loss_cfg)` names that constant; the engine folds it into
-the head of the exported model (`longtail.models.scale_head`), so `model.pt` gives the logits the loss
-saw (margins aside: they are training-only) and its ECE and NLL are those of the trained softmax.
-
-Both loss classes accept the `MixedTargets` of a mixup / CutMix batch (`longtail.mixing`) and return
-lam L(logits, a) + (1 - lam) L(logits, b): every loss, its margins and class weights, per target.
-Both compute in float32 at least, whatever the logits' dtype: under float16 autocast a sigmoid below about -17 is 0
-and a 1e-8 clamp is 0 too, so ASL's log would be -inf (NaN once multiplied by a zero target).
+Layer: building blocks. Imports the foundation (errors).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from longtail.config import LossConfig, resolve_epochs
 from longtail.errors import ConfigError
-from longtail.mixing import MixedTargets
 
 Counts = Union[torch.Tensor, Sequence[int]]
 
@@ -192,123 +181,3 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: floa
     pos = y * (1 - p) ** gamma_pos * torch.log(p.clamp(min=eps))
     neg = (1 - y) * p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=eps))
     return -(pos + neg).mean()
-
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-NAMES = ("ce", "cb", "focal", "ldam", "la", "bs", "bce")  # on class ids
-MULTILABEL_NAMES = ("bce", "focal_bce", "cb_bce", "dbl", "db_focal", "asl")  # on multi-hot targets
-
-
-def logit_scale(loss_cfg: LossConfig) -> float:
-    """The constant the configured loss multiplies the model's logits by at inference time (its margins
-    and class weights aside): `ldam_scale` for `ldam`, 1 for every other loss. The exported model's head
-    carries it, so that the exported logits are the ones whose softmax the loss trained."""
-    return float(loss_cfg.ldam_scale) if loss_cfg.name == "ldam" else 1.0
-
-
-class ConfiguredLoss:
-    """`loss(logits, targets, progress)`: the configured base loss. Class-balanced weights apply
-    throughout for `cb`, and from `drw_frac` of training on (deferred re-weighting) when
-    `loss.drw_start` is set."""
-
-    def __init__(self, loss_cfg: LossConfig, class_counts: Sequence[int], epochs: int):
-        if loss_cfg.name not in NAMES:
-            raise ConfigError(f"loss.name: unknown loss {loss_cfg.name!r}; choose one of: {', '.join(NAMES)}")
-        if not 0.0 <= loss_cfg.beta < 1.0:
-            raise ConfigError(f"loss.beta: must be in [0, 1), got {loss_cfg.beta}")
-        if loss_cfg.gamma < 0:
-            raise ConfigError(f"loss.gamma: must be >= 0, got {loss_cfg.gamma}")
-        if loss_cfg.name == "ldam" and not loss_cfg.ldam_scale > 0:
-            raise ConfigError(f"loss.ldam_scale: must be > 0, got {loss_cfg.ldam_scale}")
-        self.cfg = loss_cfg
-        self.counts = torch.as_tensor(class_counts, dtype=torch.float32)
-        self.drw_epoch: Optional[int] = None  # the resolved DRW start, for the record
-        self.weights_from: Optional[float] = None  # progress from which the class-balanced weights apply
-        if loss_cfg.name == "cb":
-            if loss_cfg.drw_start is not None:
-                raise ConfigError("loss.drw_start: the cb loss is class-balanced from the start; "
-                                  "set loss.drw_start: null or use it with ce, focal, ldam, la, bs or bce")
-            self.weights_from = 0.0
-        elif loss_cfg.drw_start is not None:
-            if loss_cfg.drw_start < 0:
-                raise ConfigError(f"loss.drw_start: must be >= 0 (a fraction of training below 1, else an epoch), "
-                                  f"got {loss_cfg.drw_start}")
-            self.drw_epoch = resolve_epochs(loss_cfg.drw_start, epochs)
-            self.weights_from = self.drw_epoch / epochs
-        self.class_weights = None
-        if self.weights_from is not None:
-            self.class_weights = class_balanced_weights(class_counts, loss_cfg.beta)
-
-    @property
-    def logit_scale(self) -> float:
-        """The inference-time scale this loss applies to the logits (`logit_scale(loss_cfg)`)."""
-        return logit_scale(self.cfg)
-
-    def weight(self, progress: float) -> Optional[torch.Tensor]:
-        """The per-class weights in force at `progress` (fraction of training done), or None."""
-        if self.weights_from is not None and progress >= self.weights_from:
-            return self.class_weights
-        return None
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
-        logits = at_least_float32(logits)
-        if isinstance(targets, MixedTargets):
-            return targets.combine(lambda t: self(logits, t, progress))
-        if self.counts.device != logits.device:
-            self.counts = self.counts.to(logits.device)
-            if self.class_weights is not None:
-                self.class_weights = self.class_weights.to(logits.device)
-        c, n, w = self.cfg, self.counts, self.weight(progress)
-        if c.name == "focal":
-            return focal_loss(logits, targets, n, gamma=c.gamma, weight=w)
-        if c.name == "ldam":
-            return ldam_loss(logits, targets, n, max_margin=c.ldam_max_margin, scale=c.ldam_scale, weight=w)
-        if c.name == "la":
-            return logit_adjusted_loss(logits, targets, n, tau=c.tau, weight=w)
-        if c.name == "bs":
-            return balanced_softmax_loss(logits, targets, n, weight=w)
-        if c.name == "bce":
-            return bce_loss(logits, targets, n, weight=w)
-        return cross_entropy(logits, targets, n, weight=w)  # ce, and cb with its weights
-
-
-class MultiLabelLoss:
-    """`loss(logits, multi_hot, progress)`: the configured multi-label loss (`longtail.task` picks it)."""
-
-    def __init__(self, loss_cfg: LossConfig, class_counts: Sequence[int], num_images: int):
-        if loss_cfg.name not in MULTILABEL_NAMES:
-            raise ConfigError(f"loss.name: unknown multi-label loss {loss_cfg.name!r}; choose one of: "
-                              f"{', '.join(MULTILABEL_NAMES)}")
-        counts = torch.as_tensor(class_counts, dtype=torch.float32)
-        if loss_cfg.name in ("cb_bce", "dbl", "db_focal") and not ((counts >= 1) & (counts < num_images)).all():
-            raise ConfigError(f"loss.name: {loss_cfg.name} needs every class on at least one training image and "
-                              f"off at least one (its weights use n_k and N - n_k); counts {counts.long().tolist()} "
-                              f"of {num_images} images")
-        self.cfg, self.counts, self.num_images = loss_cfg, counts, num_images
-        self.class_weights = class_balanced_weights(class_counts, loss_cfg.cb_bce_beta) if loss_cfg.name == "cb_bce" \
-            else None
-        self.logit_scale = 1.0
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, progress: float) -> torch.Tensor:
-        logits = at_least_float32(logits)
-        if isinstance(targets, MixedTargets):
-            return targets.combine(lambda t: self(logits, t, progress))
-        c = self.cfg
-        if c.name == "bce":
-            return bce_loss(logits, targets)
-        if c.name == "cb_bce":
-            return bce_loss(logits, targets, weight=self.class_weights)
-        if c.name == "focal_bce":
-            return focal_bce_loss(logits, targets, c.focal_bce_gamma)
-        if c.name == "asl":
-            return asymmetric_loss(logits, targets, c.asl_gamma_neg, c.asl_gamma_pos, c.asl_clip)
-        return distribution_balanced_loss(
-            logits, targets, self.counts, self.num_images, c.db_alpha, c.db_beta, c.db_mu, c.db_neg_scale, c.db_kappa,
-            focal_gamma=c.db_focal_gamma if c.name == "db_focal" else None, focal_balance=c.db_focal_balance)
-
-
-def build_loss(loss_cfg: LossConfig, class_counts: Sequence[int], epochs: int) -> LossFn:
-    """The configured loss as `LossFn(logits, targets, progress)`."""
-    if epochs < 1:
-        raise ConfigError(f"train.epochs: must be >= 1, got {epochs}")
-    return ConfiguredLoss(loss_cfg, class_counts, epochs)
