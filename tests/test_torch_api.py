@@ -15,14 +15,9 @@ from longtail.data import SAMPLERS, ClassBalancedSampler, SqrtSampler, build_dat
 from longtail.data.splits import InMemorySplit
 from longtail.engine import fit
 from longtail.errors import ConfigError
+from test_loss_contract import COUNTS, LOGITS, MULTI, SINGLE  # the loss contract's cases
 from tiny import TINY_MLP
 
-COUNTS = [60, 20, 8, 3]
-G = torch.Generator().manual_seed(0)
-LOGITS = torch.randn(8, 4, generator=G) * 3
-SINGLE = torch.arange(8) % 4
-MULTI = (torch.rand(8, 4, generator=G) < 0.4).long()
-MULTI[0], MULTI[1] = torch.tensor([1, 1, 1, 0]), torch.tensor([0, 0, 0, 1])  # each class on and off some image
 NUM_IMAGES = 100
 
 
