@@ -213,6 +213,9 @@ class TrainConfig:
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in some steps
     grad_checkpoint: bool = False  # hf_clip / hf_vit: recompute each layer's activations in backward (less memory)
+    # Where the curves, the settings and the final metrics go besides metrics.jsonl (docs/config.md#train);
+    # mlflow and wandb need their extras.
+    loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
