@@ -206,7 +206,7 @@ class TrainConfig:
     cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution kernels (not deterministic)
     accum_steps: int = 1  # micro-batches per optimiser step (gradient accumulation)
     # Optimiser steps between reads of the logged values and the non-finite / stop flags (the GPU is waited
-    # for only then), progress-bar and TensorBoard updates.
+    # for only then), progress-bar and tracker (`loggers`) updates.
     log_every: int = 50
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: at epoch ends only
     track_every: int = 0  # epochs between FDR / BN-gamma tracking (and MORE diagnostics); 0: off

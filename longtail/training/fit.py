@@ -129,6 +129,8 @@ def _train(run: Run, loop: Loop, out: Path, train_split: Any, start_epoch: int, 
     hint = precision_hint(cfg, device)
     if hint:
         say(hint)
+    if loop.trackers.where():
+        say(f"loggers: {loop.trackers.where()}")
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
     with loop.stop:
         try:

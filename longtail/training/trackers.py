@@ -24,7 +24,7 @@ from longtail import distributed as dist
 from longtail.checkpoint import atomic_write_json, atomic_write_text, read_json
 from longtail.config import Config, flatten
 from longtail.errors import ConfigError
-from longtail.progress import mode as progress_mode, say
+from longtail.progress import mode as progress_mode
 from longtail.training.stopping import Preempted
 
 EXTRAS = ("mlflow", "wandb")  # the trackers that need a package: each the name of its longtail extra too
@@ -74,7 +74,7 @@ def flat_record(record: dict, prefix: str = "") -> dict:
 
 class Tracker:
     """What every tracker takes; `state` is what a resumed run needs to continue it (kept in trackers.json),
-    `where` says where its records go, when that is not the run directory itself."""
+    `where` names the run it logs into, where that is not just the run directory (MLflow's, W&B's)."""
 
     state: Optional[dict] = None
     where = ""
@@ -185,7 +185,7 @@ class MLflow(Tracker):
             for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
         self.state = {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}
-        self.where = f" (run {self.run_id} in {self.client.tracking_uri})"
+        self.where = f"mlflow run {self.run_id} in {self.client.tracking_uri}"
 
     @staticmethod
     def store() -> str:
@@ -228,7 +228,7 @@ class WandB(Tracker):
                              ("more", "epoch")):
             self.run.define_metric(f"{prefix}/*", step_metric=axis)
         self.state = {"id": self.run.id}
-        self.where = f" ({self.run.settings.mode} run {self.run.id} in {self.run.settings.sync_dir})"
+        self.where = f"wandb {self.run.settings.mode} run {self.run.id} in {self.run.settings.sync_dir}"
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log({**values, "step": step})
@@ -252,6 +252,10 @@ class Trackers:
 
     def __init__(self, trackers: list[Tracker]):
         self.trackers = trackers
+
+    def where(self) -> str:
+        """The MLflow and W&B runs logged into, for the status line that lets the user find them."""
+        return "; ".join(tracker.where for tracker in self.trackers if tracker.where)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tracker in self.trackers:
@@ -311,6 +315,4 @@ def start_trackers(cfg: Config, out: Path, epochs_done: int) -> list[Tracker]:
     states = {name: tracker.state for name, tracker in zip(cfg.train.loggers, opened) if tracker.state}
     if states:
         atomic_write_json(out / "trackers.json", {**saved, **states})
-    if opened:
-        say("loggers: " + ", ".join(name + tracker.where for name, tracker in zip(cfg.train.loggers, opened)))
     return opened
