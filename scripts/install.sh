@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up longtail: a virtual environment in .venv (unless one is active), the CPU torch wheel when no
 # torch is importable, then the package itself with its test and hf extras (transformers: a few tens of MB of
-# wheels, no torch change), so the suite's Hugging Face tests run too. Safe to run again.
+# wheels, no torch change), so the suite's Hugging Face tests run too; the test extra brings the mlflow and wandb
+# trackers' packages (mlflow-skinny, not the whole MLflow server). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then

@@ -14,12 +14,12 @@ from longtail.training.loop import Epoch, check
 from longtail.training.stopping import Preempted, StopFlag
 
 
-class Writer:
+class Trackers:
     def __init__(self):
-        self.scalars = []
+        self.logged = []
 
-    def add_scalar(self, tag, value, step):
-        self.scalars.append((tag, value, step))
+    def log(self, values, step):
+        self.logged.extend((tag, value, step) for tag, value in values.items())
 
 
 def _loop(stop_signum=None):
@@ -29,7 +29,7 @@ def _loop(stop_signum=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     return SimpleNamespace(cfg=load_config(None, ["train.epochs=2"]), model=model, optimizer=optimizer,
                            scheduler=SimpleNamespace(last_epoch=7), steps_per_epoch=10, out=Path("/run"),
-                           writer=Writer(), stop=stop, started=(time.perf_counter(), 0))
+                           trackers=Trackers(), stop=stop, started=(time.perf_counter(), 0))
 
 
 def _epoch(window, window_steps, sums=None, nonfinite=False):
@@ -47,7 +47,7 @@ def test_the_window_folds_into_the_sums_and_is_logged_as_means(monkeypatch):
     assert float(ep.sums["loss"]) == 4.0 and ep.sums["ce"] == 1.0
     assert ep.window == {} and ep.window_steps == 0
     step = 1 * 10 + 3  # epoch 1, batch 3 (one micro-batch a step)
-    assert loop.writer.scalars == [("train/loss", 1.5, step), ("train/lr", 0.5, step), ("train/ce", 0.5, step)]
+    assert loop.trackers.logged == [("train/loss", 1.5, step), ("train/lr", 0.5, step), ("train/ce", 0.5, step)]
     assert saved == []  # not due, not stopping
 
 

@@ -77,6 +77,9 @@ def check_values(cfg: Config) -> None:
     if cfg.posthoc.kind != "none" and cfg.model.head == "cosine":
         raise ConfigError("posthoc.kind: a cosine head normalises its weights, so a logit adjustment cannot be folded "
                           "into it; use model.head linear or etf, or posthoc.kind none")
+    twice = sorted({name for name in cfg.train.loggers if cfg.train.loggers.count(name) > 1})
+    if twice:
+        raise ConfigError(f"train.loggers: {', '.join(twice)} listed twice; name each tracker once")
     _check_finetune(cfg)
     _check_text_head(cfg)
     _check_augmentation(cfg)

@@ -207,13 +207,16 @@ class TrainConfig:
     cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution kernels (not deterministic)
     accum_steps: int = 1  # micro-batches per optimiser step (gradient accumulation)
     # Optimiser steps between reads of the logged values and the non-finite / stop flags (the GPU is waited
-    # for only then), progress-bar and TensorBoard updates.
+    # for only then), progress-bar and tracker (`loggers`) updates.
     log_every: int = 50
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: at epoch ends only
     track_every: int = 0  # epochs between FDR / BN-gamma tracking (and MORE diagnostics); 0: off
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in some steps
     grad_checkpoint: bool = False  # hf_clip / hf_vit: recompute each layer's activations in backward (less memory)
+    # Where the curves, the settings and the final metrics go besides metrics.jsonl (docs/config.md#train);
+    # mlflow and wandb need their extras.
+    loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass

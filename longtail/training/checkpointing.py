@@ -23,7 +23,7 @@ from longtail.training.state import Loop
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "data.on_device", "train.device", "train.log_every",
-                    "train.checkpoint_every", "train.find_unused_parameters"}
+                    "train.checkpoint_every", "train.find_unused_parameters", "train.loggers"}
 
 
 # Keys whose null `setup` resolves to the dataset's values (and saves resolved).
@@ -136,9 +136,11 @@ def occupied(out: Path, cfg: Config) -> ConfigError:
 
 def start_fresh(cfg: Config, out: Path) -> None:
     """A new run directory, or one whose run was killed before its first checkpoint: that attempt's
-    epoch records, best.pt and TensorBoard events belong to a branch nothing continues."""
+    epoch records, best.pt, TensorBoard events, CSV rows and tracker runs (trackers.json) belong to a branch
+    nothing continues."""
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / "metrics.jsonl", out / "best.pt", *out.glob("events.out.tfevents.*")]:
+    for stale in [out / "metrics.jsonl", out / "best.pt", *out.glob("events.out.tfevents.*"), out / "metrics.csv",
+                  out / "summary.csv", out / "trackers.json"]:
         stale.unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
 

@@ -37,8 +37,9 @@ from longtail.training.checkpointing import (check_resumable, occupied, restore_
 from longtail.training.loop import build_loop, needs_two_samples, train_one_epoch
 from longtail.training.optim import describe_schedule, effective_batch_size, effective_lr, resolved_schedule
 from longtail.training.setup import Run, setup
-from longtail.training.state import run_eta
+from longtail.training.state import Loop, run_eta
 from longtail.training.stopping import Preempted
+from longtail.training.trackers import Trackers, check_installed, open_trackers
 
 
 def fit(cfg: Config | dict, out_dir: str | Path, resume: bool = False, data_root: Optional[str] = None,
@@ -59,6 +60,7 @@ def fit(cfg: Config | dict, out_dir: str | Path, resume: bool = False, data_root
                           f"(e.g. {{'train': {{'epochs': 2}}}}), got {type(cfg).__name__}")
     out = Path(out_dir)
     check_config(cfg)  # the method's own rules, before the directory is locked or read
+    check_installed(cfg)  # the trackers' packages, before the data is loaded
     # Under torchrun the writing rank holds it; the others write nothing into the directory.
     with run_lock(out) if dist.is_main() else contextlib.nullcontext():
         return _fit(cfg, out, resume, data_root, download)
@@ -96,25 +98,35 @@ def _fit(cfg: Config, out: Path, resume: bool, data_root: Optional[str], downloa
                               "nothing; set eval.select=final")
         if dist.is_main():
             start_fresh(cfg, out)
-        results = finish(run, out, {"metric": None, "epoch": None}, epoch=0,
-                         segments=[segment(device, 0, 0, precision(cfg))])
+        with open_trackers(cfg, out, 0) as trackers:
+            results = finish(run, out, {"metric": None, "epoch": None}, epoch=0,
+                             segments=[segment(device, 0, 0, precision(cfg))], trackers=trackers)
         dist.cleanup()
         return results
     train_split = method.train_split(data.train, model)
     loop = build_loop(run, out)
-    start_epoch, partial = 0, None
+    start_epoch, partial, epochs_done = 0, None, 0
     if not fresh:
         state = load_checkpoint(ckpt_path, map_location=device)
         start_epoch, partial = resume_loop(loop, state, ckpt_path)
         loop.segments = list(state.get("segments", []))  # checkpoints written before segments were recorded: none
+        epochs_done = state["epoch"] + 1
         if dist.is_main():
-            truncate_metrics(out / "metrics.jsonl", state["epoch"] + 1)
+            truncate_metrics(out / "metrics.jsonl", epochs_done)
             restore_best(out, state, device)
     elif dist.is_main():
         start_fresh(cfg, out)
     loop.segments.append(segment(device, start_epoch, partial["batch"] if partial else 0, precision(cfg)))
+    with open_trackers(cfg, out, epochs_done) as trackers:
+        loop.trackers = trackers
+        results = _train(run, loop, out, train_split, start_epoch, partial)
+    dist.cleanup()
+    return results
 
-    writer = loop.writer = _tensorboard(out) if dist.is_main() else None
+
+def _train(run: Run, loop: Loop, out: Path, train_split: Any, start_epoch: int, partial: Optional[dict]) -> dict:
+    """The epochs from `start_epoch` (`partial`: a mid-epoch position in it), then `finish`."""
+    cfg, model, method, device, data = run.cfg, run.model, run.method, run.device, run.data
     loop.started = (time.perf_counter(), loop.scheduler.last_epoch)
     say(f"run {out}: {data.name} {len(data.train)} train images, {data.num_classes} classes, "
         f"{cfg.model.name}/{cfg.model.head}, method {cfg.method.name}{' + MORE' if cfg.more.enabled else ''}, "
@@ -125,6 +137,8 @@ def _fit(cfg: Config, out: Path, resume: bool, data_root: Optional[str], downloa
     hint = precision_hint(cfg, device)
     if hint:
         say(hint)
+    if loop.trackers.where():
+        say(f"loggers: {loop.trackers.where()}")
     select_split = {"best_val": data.val, "best_test": data.test}.get(cfg.eval.select)
     with loop.stop:
         try:
@@ -150,21 +164,18 @@ def _fit(cfg: Config, out: Path, resume: bool, data_root: Optional[str], downloa
                     if score > loop.best["metric"]:
                         loop.best = {"metric": score, "epoch": epoch + 1}
                 if dist.is_main():
-                    _log_epoch(out, writer, record, cfg.train.epochs, run_eta(loop))
+                    _log_epoch(out, loop.trackers, record, cfg.train.epochs, run_eta(loop))
                 save_checkpoint(loop, epoch + 1)
         except Preempted:
             dist.cleanup()
             raise
-        finally:
-            if writer is not None:
-                writer.close()
-    results = finish(run, out, loop.best, segments=loop.segments)
-    dist.cleanup()
-    return results
+    return finish(run, out, loop.best, segments=loop.segments, trackers=loop.trackers)
 
 
-def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None, segments: Optional[list] = None) -> dict:
-    """Select the checkpoint, finalise the method, apply post-hoc adjustment and calibration, evaluate and export."""
+def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None, segments: Optional[list] = None,
+           trackers: Optional[Trackers] = None) -> dict:
+    """Select the checkpoint, finalise the method, apply post-hoc adjustment and calibration, evaluate and export;
+    the final metrics go to the `trackers` too."""
     cfg, model, data, device = run.cfg, run.model, run.data, run.device
     epoch = cfg.train.epochs if epoch is None else epoch
     if cfg.eval.select != "final":
@@ -225,6 +236,9 @@ def finish(run: Run, out: Path, best: dict, epoch: Optional[int] = None, segment
     }
     if dist.is_main():
         atomic_write_json(out / "results.json", results)
+        if trackers is not None:
+            trackers.log_final({f"final/{key}": value for key, value in scores.items()
+                                if isinstance(value, (int, float)) and not isinstance(value, bool)})
         print(format_table([(f"{results['method']}/{cfg.loss.name} ({cfg.eval.split}, {cfg.eval.select})", results)],
                            task_of(data).columns))
         if temperature is not None:
@@ -271,27 +285,9 @@ def augmentation_summary(cfg: Config) -> str:
     return " + ".join(p for p in parts if p)
 
 
-def _tensorboard(out: Path) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out))
-
-
-def _log_epoch(out: Path, writer: Any, record: dict, epochs: int, eta: str) -> None:
+def _log_epoch(out: Path, trackers: Trackers, record: dict, epochs: int, eta: str) -> None:
     append_line(out / "metrics.jsonl", json.dumps(record))
-    if writer is not None:
-        for split in ("val", "test"):
-            for key, value in record.get(split, {}).items():
-                if value is not None:
-                    writer.add_scalar(f"{split}/{key}", value, record["epoch"])
-        for key, value in record.get("track", {}).items():
-            if isinstance(value, (int, float)):
-                writer.add_scalar(f"track/{key}", value, record["epoch"])
-        for group, value in record.get("more_discrepancy", {}).items():
-            if value is not None:
-                writer.add_scalar(f"more/discrepancy/{group}", value, record["epoch"])
-        for layer, value in record.get("more_layer_ratio", {}).items():
-            writer.add_scalar(f"more/ratio/{layer}", value, record["epoch"])
+    trackers.log_epoch(record)
     parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.2e}",
              f"{record['images_per_sec']:.0f} img/s"]
     for split in ("val", "test"):

@@ -1,7 +1,7 @@
 """The step loop: one epoch of optimiser steps, and the `Loop` it runs with.
 
 Layer: training. Imports the foundation, the building blocks, the methods' interface (through the `Loop`)
-and the other training modules below it (state, optim, stopping, checkpointing).
+and the other training modules below it (state, optim, stopping, checkpointing, trackers).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from longtail.training.optim import build_optimizer, lr_factor
 from longtail.training.setup import Run
 from longtail.training.state import Loop, rank_state, run_eta
 from longtail.training.stopping import Preempted, StopFlag, read_flags
+from longtail.training.trackers import Trackers
 
 
 def needs_two_samples(model: nn.Module) -> bool:
@@ -73,12 +74,8 @@ def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
         if ep.bar.mode == "lines" and i + 1 < ep.usable:  # after the last step the epoch's own line follows
             say(f"epoch {epoch + 1}/{cfg.train.epochs} | step {i // accum + 1}/{steps} | loss {means['loss']:.4f} "
                 f"| lr {lr:.2e} | {rate:.0f} img/s | ETA {run_eta(loop)}")
-        if loop.writer is not None:
-            step = epoch * steps + i // accum
-            loop.writer.add_scalar("train/loss", means.pop("loss"), step)
-            loop.writer.add_scalar("train/lr", lr, step)
-            for key, value in means.items():
-                loop.writer.add_scalar(f"train/{key}", value, step)
+        loop.trackers.log({"train/loss": means.pop("loss"), "train/lr": lr,
+                           **{f"train/{key}": value for key, value in means.items()}}, epoch * steps + i // accum)
         ep.window, ep.window_steps = {}, 0
     if stopping or (due and i + 1 < ep.usable):
         save_checkpoint(loop, epoch, {  # after the last batch, the skipped one-image batch counts as done too
@@ -198,5 +195,5 @@ def build_loop(run: Run, out: Path) -> Loop:
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     compiled = torch.compile(step_fn) if cfg.train.compile else step_fn
     return Loop(cfg, model, run.method, step_fn, compiled, optimizer, scheduler, scaler, device, steps, out,
-                writer=None, stop=StopFlag(), best={"metric": -1.0, "epoch": None})
+                trackers=Trackers([]), stop=StopFlag(), best={"metric": -1.0, "epoch": None})
 

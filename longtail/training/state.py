@@ -34,7 +34,7 @@ class Loop:
     device: torch.device
     steps_per_epoch: int  # optimiser steps
     out: Path
-    writer: Any
+    trackers: Any  # training.trackers.Trackers: rank 0's experiment trackers (none on the other ranks)
     stop: StopFlag
     best: dict
     started: tuple[float, int] = (0.0, 0)  # (time.perf_counter(), optimiser steps done) when this process began training
