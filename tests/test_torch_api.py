@@ -189,3 +189,23 @@ def test_fit_trains_a_plain_dict(tmp_path, data_root):
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.train.epochs == 1 and saved.model.width == 32 and saved.data.imbalance == 5
     assert raw == apply_overrides({}, [*TINY_MLP, "train.epochs=1"])  # the caller's dict is left as it was
+
+
+RANGED = [(name, cls, arg) for registry in (losses.LOSSES, losses.MULTILABEL_LOSSES) for name, cls in registry.items()
+          for arg, key in cls.config_keys.items() if key in losses.modules.RANGES]
+
+
+@pytest.mark.parametrize("name,cls,arg", RANGED, ids=[f"{n}-{a}" for n, _, a in RANGED])
+def test_a_loss_module_refuses_an_argument_out_of_range_naming_it(name, cls, arg):
+    extra = {"num_images": NUM_IMAGES} if "num_images" in inspect.signature(cls).parameters else {}
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}\({arg}=-1\.0\): must be"):
+        cls(COUNTS, **extra, **{arg: -1.0})
+
+
+@pytest.mark.parametrize("key", sorted(losses.modules.RANGES))
+def test_the_config_is_checked_by_the_modules_rules_before_any_work(key, tmp_path):
+    from longtail.methods import check_config
+
+    cfg = load_config(None, [f"loss.{key}=-1"])  # loading alone does not refuse it; the checks before a run do
+    with pytest.raises(ConfigError, match=rf"^loss\.{key}: must be .*got -1"):
+        check_config(cfg)

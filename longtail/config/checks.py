@@ -36,12 +36,6 @@ def check_values(cfg: Config) -> None:
     if not 0 < cfg.data.minority_fraction <= 1:
         raise ConfigError(f"data.minority_fraction: must be in (0, 1], got {cfg.data.minority_fraction}")
     for key, value in {
-        "loss.focal_bce_gamma": cfg.loss.focal_bce_gamma,
-        "loss.db_alpha": cfg.loss.db_alpha,
-        "loss.db_kappa": cfg.loss.db_kappa,
-        "loss.db_focal_gamma": cfg.loss.db_focal_gamma,
-        "loss.asl_gamma_neg": cfg.loss.asl_gamma_neg,
-        "loss.asl_gamma_pos": cfg.loss.asl_gamma_pos,
         "data.val_per_class": cfg.data.val_per_class,
         "data.num_workers": cfg.data.num_workers,
         "optim.weight_decay": cfg.optim.weight_decay,
@@ -58,14 +52,6 @@ def check_values(cfg: Config) -> None:
     _check_milestones(cfg.schedule.milestones)
     if not 0 < cfg.more.rank_ratio <= 1:
         raise ConfigError(f"more.rank_ratio: must be in (0, 1], got {cfg.more.rank_ratio}")
-    if not 0 <= cfg.loss.cb_bce_beta < 1:
-        raise ConfigError(f"loss.cb_bce_beta: must be in [0, 1), got {cfg.loss.cb_bce_beta}")
-    if not 0 <= cfg.loss.asl_clip < 1:
-        raise ConfigError(f"loss.asl_clip: must be in [0, 1), got {cfg.loss.asl_clip}")
-    for key, value in {"loss.db_neg_scale": cfg.loss.db_neg_scale, "loss.db_beta": cfg.loss.db_beta,
-                       "loss.db_focal_balance": cfg.loss.db_focal_balance}.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
     if not 0 < cfg.eval.f1_threshold < 1:
         raise ConfigError(f"eval.f1_threshold: must be in (0, 1), got {cfg.eval.f1_threshold}")
     if cfg.eval.thresholds is not None:

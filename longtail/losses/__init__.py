@@ -9,7 +9,7 @@
 Layer: building blocks. This package's modules import the foundation, `mixing` and each other.
 """
 from longtail.losses.configured import (MULTILABEL_NAMES, NAMES, ConfiguredLoss, LossFn, MultiLabelLoss, build_loss,
-                                        hyper_parameters, logit_scale)
+                                        check_loss_config, hyper_parameters, logit_scale)
 from longtail.losses.functions import (Counts, asymmetric_loss, at_least_float32, balanced_softmax_loss, bce_loss,
                                        class_balanced_ce, class_balanced_weights, cross_entropy, db_bias, db_weights,
                                        distribution_balanced_loss, focal_bce_loss, focal_loss, ldam_loss, ldam_margins,
@@ -24,7 +24,7 @@ __all__ = [
     "ConfiguredLoss", "Counts", "CountsLoss", "CrossEntropyLoss", "DBFocalLoss", "DistributionBalancedLoss",
     "FocalBCELoss", "FocalLoss", "LDAMLoss", "LOSSES", "LogitAdjustedLoss", "LossFn", "MULTILABEL_LOSSES",
     "MULTILABEL_NAMES", "MultiLabelLoss", "NAMES", "asymmetric_loss", "at_least_float32", "balanced_softmax_loss",
-    "bce_loss", "build_loss", "class_balanced_ce", "class_balanced_weights", "cross_entropy", "db_bias", "db_weights",
+    "bce_loss", "build_loss", "check_loss_config", "class_balanced_ce", "class_balanced_weights", "cross_entropy", "db_bias", "db_weights",
     "distribution_balanced_loss", "focal_bce_loss", "focal_loss", "hyper_parameters", "ldam_loss", "ldam_margins",
     "logit_adjusted_loss", "logit_scale",
 ]

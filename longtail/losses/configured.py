@@ -19,7 +19,8 @@ import torch
 
 from longtail.config import LossConfig, resolve_epochs
 from longtail.errors import ConfigError
-from longtail.losses.modules import LOSSES, MULTILABEL_LOSSES, ClassIdLoss, CountsLoss, DistributionBalancedLoss
+from longtail.losses.modules import (LOSSES, MULTILABEL_LOSSES, RANGES, ClassIdLoss, CountsLoss,
+                                     DistributionBalancedLoss, out_of_range)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 NAMES = tuple(LOSSES)  # on class ids
@@ -31,6 +32,15 @@ def logit_scale(loss_cfg: LossConfig) -> float:
     and class weights aside): `ldam_scale` for `ldam`, 1 for every other loss. The exported model's head
     carries it, so that the exported logits are the ones whose softmax the loss trained."""
     return float(loss_cfg.ldam_scale) if loss_cfg.name == "ldam" else 1.0
+
+
+def check_loss_config(loss_cfg: LossConfig) -> None:
+    """Every `loss` key with a range (`RANGES`, the rules the Modules check their arguments by), whichever loss
+    is chosen, so a bad value is refused before any work starts."""
+    for key in RANGES:
+        problem = out_of_range(key, getattr(loss_cfg, key))
+        if problem:
+            raise ConfigError(f"loss.{key}: {problem}, got {getattr(loss_cfg, key)}")
 
 
 def hyper_parameters(module: type[CountsLoss], loss_cfg: LossConfig) -> dict:
@@ -46,12 +56,7 @@ class ConfiguredLoss:
     def __init__(self, loss_cfg: LossConfig, class_counts: Sequence[int], epochs: int):
         if loss_cfg.name not in NAMES:
             raise ConfigError(f"loss.name: unknown loss {loss_cfg.name!r}; choose one of: {', '.join(NAMES)}")
-        if not 0.0 <= loss_cfg.beta < 1.0:
-            raise ConfigError(f"loss.beta: must be in [0, 1), got {loss_cfg.beta}")
-        if loss_cfg.gamma < 0:
-            raise ConfigError(f"loss.gamma: must be >= 0, got {loss_cfg.gamma}")
-        if loss_cfg.name == "ldam" and not loss_cfg.ldam_scale > 0:
-            raise ConfigError(f"loss.ldam_scale: must be > 0, got {loss_cfg.ldam_scale}")
+        check_loss_config(loss_cfg)
         self.cfg = loss_cfg
         self.drw_epoch: Optional[int] = None  # the resolved DRW start, for the record
         kwargs = hyper_parameters(LOSSES[loss_cfg.name], loss_cfg)
@@ -107,6 +112,7 @@ class MultiLabelLoss:
         if loss_cfg.name not in MULTILABEL_NAMES:
             raise ConfigError(f"loss.name: unknown multi-label loss {loss_cfg.name!r}; choose one of: "
                               f"{', '.join(MULTILABEL_NAMES)}")
+        check_loss_config(loss_cfg)
         counts = torch.as_tensor(class_counts, dtype=torch.float32)
         if loss_cfg.name in ("cb_bce", "dbl", "db_focal") and not ((counts >= 1) & (counts < num_images)).all():
             raise ConfigError(f"loss.name: {loss_cfg.name} needs every class on at least one training image and "

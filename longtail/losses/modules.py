@@ -29,10 +29,34 @@ from longtail.losses.functions import (Counts, asymmetric_loss, at_least_float32
 from longtail.mixing import MixedTargets
 
 
+# Each hyper-parameter's range, by the `loss` config key it is read from: a Module checks its arguments by it
+# (`CountsLoss.check`) and `longtail.losses.check_loss_config` the config's keys, so each rule is written once.
+RANGES: dict[str, str] = {
+    "beta": "[0, 1)", "gamma": ">= 0", "ldam_scale": "> 0", "focal_bce_gamma": ">= 0", "cb_bce_beta": "[0, 1)",
+    "db_alpha": ">= 0", "db_beta": "> 0", "db_neg_scale": "> 0", "db_kappa": ">= 0", "db_focal_gamma": ">= 0",
+    "db_focal_balance": "> 0", "asl_gamma_neg": ">= 0", "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)",
+}
+
+
+def out_of_range(key: str, value: float) -> Optional[str]:
+    """What is wrong with `value` for the `loss` key `key` (`RANGES`), or None."""
+    rule = RANGES.get(key)
+    if rule is None or {">= 0": value >= 0, "> 0": value > 0, "[0, 1)": 0 <= value < 1}[rule]:
+        return None
+    return f"must be in {rule}" if rule.startswith("[") else f"must be {rule}"
+
+
 class CountsLoss(nn.Module):
     """A loss built from the training images per class: `loss(logits, targets)` -> a scalar tensor."""
 
     config_keys: dict[str, str] = {}  # constructor argument -> the `loss` config key it is read from
+
+    def check(self, **arguments: float) -> None:
+        """Refuse an argument outside its range (`RANGES`), naming it."""
+        for arg, value in arguments.items():
+            problem = out_of_range(self.config_keys[arg], value)
+            if problem:
+                raise ValueError(f"{type(self).__name__}({arg}={value}): {problem}")
 
     def __init__(self, class_counts: Counts):
         super().__init__()
@@ -65,6 +89,7 @@ class ClassIdLoss(CountsLoss):
         super().__init__(class_counts)
         if drw_start is not None and drw_start < 0:
             raise ValueError(f"drw_start: an epoch >= 0, got {drw_start}")
+        self.check(beta=beta)
         self.drw_start = drw_start
         weights = class_balanced_weights(class_counts, beta) if drw_start is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
@@ -99,6 +124,7 @@ class FocalLoss(ClassIdLoss):
     def __init__(self, class_counts: Counts, gamma: float = 1.0, drw_start: Optional[int] = None,
                  beta: float = 0.9999):
         super().__init__(class_counts, drw_start, beta)
+        self.check(gamma=gamma)
         self.gamma = gamma
 
     def compute(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,6 +139,7 @@ class LDAMLoss(ClassIdLoss):
     def __init__(self, class_counts: Counts, max_margin: float = 0.5, scale: float = 30.0,
                  drw_start: Optional[int] = None, beta: float = 0.9999):
         super().__init__(class_counts, drw_start, beta)
+        self.check(scale=scale)
         self.max_margin, self.scale = max_margin, scale
 
     def compute(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -155,6 +182,7 @@ class FocalBCELoss(CountsLoss):
 
     def __init__(self, class_counts: Counts, gamma: float = 2.0):
         super().__init__(class_counts)
+        self.check(gamma=gamma)
         self.gamma = gamma
 
     def compute(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -168,6 +196,7 @@ class ClassBalancedBCELoss(CountsLoss):
 
     def __init__(self, class_counts: Counts, beta: float = 0.9):
         super().__init__(class_counts)
+        self.check(beta=beta)
         self.register_buffer("class_weights", class_balanced_weights(class_counts, beta), persistent=False)
 
     def compute(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -184,6 +213,7 @@ class DistributionBalancedLoss(CountsLoss):
     def __init__(self, class_counts: Counts, num_images: int, alpha: float = 0.1, beta: float = 10.0,
                  mu: float = 0.3, neg_scale: float = 5.0, kappa: float = 0.05):
         super().__init__(class_counts)
+        self.check(alpha=alpha, beta=beta, neg_scale=neg_scale, kappa=kappa)
         self.num_images = num_images
         self.alpha, self.beta, self.mu, self.neg_scale, self.kappa = alpha, beta, mu, neg_scale, kappa
         self.focal_gamma: Optional[float] = None
@@ -204,6 +234,7 @@ class DBFocalLoss(DistributionBalancedLoss):
                  mu: float = 0.3, neg_scale: float = 5.0, kappa: float = 0.05, gamma: float = 2.0,
                  balance: float = 2.0):
         super().__init__(class_counts, num_images, alpha, beta, mu, neg_scale, kappa)
+        self.check(gamma=gamma, balance=balance)
         self.focal_gamma, self.focal_balance = gamma, balance
 
 
@@ -214,6 +245,7 @@ class AsymmetricLoss(CountsLoss):
 
     def __init__(self, class_counts: Counts, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05):
         super().__init__(class_counts)
+        self.check(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)
         self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
 
     def compute(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

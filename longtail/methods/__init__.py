@@ -5,7 +5,7 @@ import importlib
 
 from longtail.config import Config
 from longtail.errors import ConfigError
-from longtail.losses import logit_scale
+from longtail.losses import check_loss_config, logit_scale
 from longtail.methods.base import LossFn, Method, RunInfo
 
 METHODS: dict[str, str] = {
@@ -36,7 +36,9 @@ def method_class(name: str) -> type[Method]:
 def check_config(cfg: Config) -> None:
     """The configured method's own rules (`Method.check_config`), and MORE's when it is enabled. `longtail.config`
     cannot import the methods, so what loads a config to run it calls this too, before any work starts:
-    `training.setup`, the train command (before --download-weights), sweep and reproduce (before any point)."""
+    `training.setup`, the train command (before --download-weights), sweep and reproduce (before any point).
+    The `loss` keys' ranges are the loss Modules' own (`longtail.losses.check_loss_config`)."""
+    check_loss_config(cfg.loss)
     method_class(cfg.method.name).check_config(cfg)
     if cfg.more.enabled:
         from longtail.methods.more import More
