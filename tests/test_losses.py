@@ -137,6 +137,9 @@ def test_logit_scale_is_ldams_scale_and_1_otherwise():
 
 @pytest.mark.parametrize("scale", [0.0, -30.0])
 def test_ldam_scale_must_be_positive(scale):
-    with pytest.raises(ConfigError, match="ldam_scale"):
-        losses.build_loss(LossConfig(name="ldam", ldam_scale=scale), COUNTS, 5)
-    assert losses.build_loss(LossConfig(name="ce", ldam_scale=scale), COUNTS, 5).logit_scale == 1.0  # unused there
+    # Refused whichever loss is chosen, as every ranged `loss` key is: a mistake is caught before it matters.
+    for name in ("ldam", "ce"):
+        with pytest.raises(ConfigError, match="loss.ldam_scale: must be > 0"):
+            losses.build_loss(LossConfig(name=name, ldam_scale=scale), COUNTS, 5)
+    with pytest.raises(ValueError, match=r"LDAMLoss\(scale="):
+        losses.LDAMLoss(COUNTS, scale=scale)
