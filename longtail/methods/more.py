@@ -285,23 +285,12 @@ class More(Method):
     def class_feature_means(self, model: nn.Module) -> torch.Tensor:
         """The mean feature of each class over the training split (evaluation transform and mode, the model as
         it starts: `method.init_from`'s, or the initial weights): what `more.grouping: features` clusters."""
-        split, device = self.info.data.train, next(model.parameters()).device
-        flags = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            sums, counts = None, torch.zeros(self.info.num_classes, dtype=torch.float64)
-            for x, y, _ in split.batches(self.cfg.data.batch_size, sampler=None):
-                features = self.inner.forward(model, split.to_input(x, device, train=False))[0].double().cpu()
-                if sums is None:
-                    sums = torch.zeros(self.info.num_classes, features.shape[1], dtype=torch.float64)
-                # One-hot rows for class ids; multi-hot targets count an image for each of its labels.
-                onehot = y.double() if y.ndim == 2 else F.one_hot(y, self.info.num_classes).double()
-                sums += onehot.T @ features
-                counts += onehot.sum(dim=0)
-        finally:
-            for m, flag in flags.items():
-                m.train(flag)
-        return sums / counts.clamp(min=1)[:, None]
+        device = next(model.parameters()).device
+        features, y = run_split(model, self.info.data.train, device, lambda x: self.inner.forward(model, x)[0],
+                                self.cfg.eval.batch_size, "class means")
+        # One-hot rows for class ids; multi-hot targets count an image for each of its labels.
+        onehot = (y if y.ndim == 2 else F.one_hot(y, self.info.num_classes)).double()
+        return (onehot.T @ features.double()) / onehot.sum(dim=0).clamp(min=1)[:, None]
 
     def train_split(self, split: Any, model: nn.Module) -> Any:
         return self.inner.train_split(split, model)
