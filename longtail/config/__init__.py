@@ -196,13 +196,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; a mapping-valued key (data.path_remap, model.hf_config)
-    stays whole."""
+def flatten(config: dict, prefix: str = "", sep: str = ".") -> dict:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1} (`sep` between the levels); a mapping-valued key
+    (data.path_remap, model.hf_config) stays whole."""
     out = {}
     for key, value in config.items():
         if isinstance(value, dict) and key not in ("path_remap", "hf_config"):
-            out.update(flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -61,17 +61,6 @@ def curves(record: dict) -> dict[str, float]:
     return values
 
 
-def flat_record(record: dict, prefix: str = "") -> dict:
-    """{"epoch": 1, "test": {"top1": 30.0}} -> {"epoch": 1, "test/top1": 30.0}."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(flat_record(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class Tracker:
     """What every tracker takes; `state` is what a resumed run needs to continue it (kept in trackers.json),
     `where` names the run it logs into, where that is not just the run directory (MLflow's, W&B's)."""
@@ -137,7 +126,7 @@ class CSV(Tracker):
                          if int(row["epoch"]) <= epochs_done]
 
     def log_epoch(self, record: dict) -> None:
-        self.rows.append(flat_record(record))
+        self.rows.append(flatten(record, sep="/"))  # {"test": {"top1": 30.0}} -> {"test/top1": 30.0}
         write_csv(self.path, self.rows)
 
     def log_final(self, metrics: dict[str, float]) -> None:
