@@ -144,14 +144,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     paths = image_paths(args.inputs)
     try:
         predictor = Predictor(args.model, args.prior, args.threshold)
-        records = predictor.predict(paths, args.topk, skip_bad=args.skip_bad)
+        records = predictor.predict(paths, args.topk, skip_bad=True)
     except ArgumentError as exc:  # the Predictor names its Python arguments; here they are flags
         raise exc.as_flag() from None
-    if not args.skip_bad:  # refused before any prediction is printed, so that no partial output is taken as whole
-        bad = predictor.unreadable(paths)
+    if not args.skip_bad:  # every image read (once) before any prediction is printed: no partial output taken as whole
+        records = list(records)
+        bad = [record["error"] for record in records if "error" in record]
         if bad:
             more = f" (and {len(bad) - 1} more of the {len(paths)} images)" if len(bad) > 1 else ""
-            raise ConfigError(f"{bad[0][1]}{more}; nothing was predicted: pass --skip-bad to predict the other images "
+            raise ConfigError(f"{bad[0]}{more}; nothing was predicted: pass --skip-bad to predict the other images "
                               "and list the unreadable ones on stderr")
     print(predictor.note, file=sys.stderr)  # on stderr, so that stdout holds only the predictions
     skipped = 0
