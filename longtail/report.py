@@ -8,6 +8,8 @@ of different seeds, each from its own stage-1 seed, still group together.
 With a baseline row, a second table compares every row that shares seeds with it seed by seed:
 the mean paired difference, its 95 % interval and the paired t-test p-value (`longtail.stats`).
 The same rows also render as CSV and as one self-contained HTML page (`longtail.report_html`).
+Rows of MORE runs trained with `train.track_every` get a third table: MORE's diagnostics at their last
+tracked epoch, so a comparison of variants shows where each low-rank part acts beside what it reached.
 """
 from __future__ import annotations
 
@@ -244,6 +246,38 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
+def _general(values: list[float]) -> str:
+    """Mean ± std of small positive numbers of any size (discrepancies, ratios) in 3 significant digits."""
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def more_rows(groups: list[Group], group_titles: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Per row whose runs logged MORE's diagnostics: the last tracked epoch's per-class discrepancy averaged
+    over each class group, and the low-rank share ||s B A|| / ||W_g|| of the median and the largest
+    decomposed layer, each a mean ± std over the row's seeds that have them."""
+    from longtail.analysis import more_history
+
+    header = ["Run", "Seeds", "Epoch"] + [f"Discrepancy {t}" for t in group_titles] + ["Share median %", "Share max %"]
+    rows = []
+    for group in groups:
+        last = {seed: history[-1] for seed, history in
+                ((seed, more_history(Path(d))) for seed, d in zip(group.seeds(), group.dirs)) if history}
+        if not last:
+            continue
+        records = list(last.values())
+        cells = [group.name, ", ".join(map(str, last)), ", ".join(map(str, sorted({r["epoch"] for r in records})))]
+        for key in ("many", "medium", "few"):
+            values = [r["more_discrepancy"].get(key) for r in records]
+            cells.append("—" if None in values else _general(values))
+        shares = [sorted(r["more_layer_ratio"].values()) for r in records]
+        cells.append(_general([100 * statistics.median(s) for s in shares]))
+        cells.append(_general([100 * s[-1] for s in shares]))
+        rows.append(cells)
+    return header, rows
+
+
 def report(run_dirs: list[str], baseline: Optional[str] = None, show_env: bool = False) -> str:
     """A Markdown table, one row per recipe (runs differing only in seed merged), in input order; with
     `baseline`, a table of paired differences against that row; with `show_env`, where runs ran."""
@@ -259,6 +293,12 @@ def report(run_dirs: list[str], baseline: Optional[str] = None, show_env: bool =
         lines += _markdown(["Run", "Shared seeds"] + [title for title, _ in paired_columns],
                            [[g.name, ", ".join(map(str, shared))] + [paired_cell(stats[t]) for t, _ in paired_columns]
                             for g, shared, stats in paired_rows(groups, base, paired_columns)])
+    more_header, more_table = more_rows(groups, [title for title, _ in columns[1:4]])
+    if more_table:
+        lines += ["", "MORE's diagnostics at the last tracked epoch (`train.track_every`), mean ± std over the seeds "
+                      "that logged them: the per-class discrepancy averaged over each class group, and the low-rank "
+                      "share ||s B A|| / ||W_g|| of the median and the largest decomposed layer", ""]
+        lines += _markdown(more_header, more_table)
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import statistics
 from typing import Optional
 
 from longtail.report import (ENV_HEADER, Group, columns_for, environment_cells, find_baseline, group_row, group_runs,
-                             paired_cell, paired_rows)
+                             more_rows, paired_cell, paired_rows)
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}
@@ -82,6 +82,12 @@ def report_html(run_dirs: list[str], baseline: Optional[str] = None, title: str 
                  _table(["Run", "Shared seeds"] + [t for t, _ in paired_columns],
                         [[g.name, ", ".join(map(str, shared))] + [paired_cell(stats[t]) for t, _ in paired_columns]
                          for g, shared, stats in paired_rows(groups, base, paired_columns)])]
+    more_header, more_table = more_rows(groups, [t for t, _ in columns[1:4]])
+    if more_table:
+        body += ["<h2>MORE's diagnostics</h2>",
+                 "<p>At the last tracked epoch, over the seeds that logged them: the per-class discrepancy averaged "
+                 "over each class group, the low-rank share ||s B A|| / ||W_g|| of the median and largest layer.</p>",
+                 _table(more_header, more_table)]
     body.append("<h2>Per-class accuracy against class size</h2>")
     for g in groups:
         caption = f"{g.name} (seeds {', '.join(map(str, g.seeds()))}): Many blue, Medium orange, Few red"

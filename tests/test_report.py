@@ -303,3 +303,33 @@ def test_unfinished_runs_in_a_folder_are_left_out_with_a_note_and_refused_when_n
         report([str(sweep / "logs")])
     with pytest.raises(ConfigError, match="nowhere: no such directory"):
         report([str(tmp_path / "nowhere")])
+
+
+def _with_more_history(run, records):
+    with open(Path(run) / "metrics.jsonl", "w") as f:
+        for epoch, few, ratios in records:
+            f.write(json.dumps({"epoch": epoch, "train_loss": 1.0, "more_discrepancy_per_class": [1e-4, None, few],
+                                "more_discrepancy": {"many": 1e-4, "medium": None, "few": few},
+                                "more_layer_ratio": dict(zip("abc", ratios))}) + "\n")
+        f.write(json.dumps({"epoch": epoch + 1, "train_loss": 0.5}) + "\n")  # untracked epochs add nothing
+
+
+def test_more_runs_get_their_last_tracked_diagnostics_beside_the_table(tmp_path):
+    plain = _seeded(tmp_path, "more.enabled=false", [], [70.0, 71.0])
+    more = _seeded(tmp_path, "more.enabled=true", ["more.enabled=true"], [70.5, 71.5])
+    _with_more_history(more[0], [(10, 9.0, [1.0, 1.0, 1.0]), (20, 2e-3, [0.01, 0.03, 0.02])])
+    _with_more_history(more[1], [(20, 4e-3, [0.02, 0.04, 0.03])])
+    text = report([*plain, *more])
+    assert "Paired differences" not in text
+    rows = _rows("\n".join(text.split("MORE's diagnostics")[1].splitlines()[2:]))
+    assert len(rows) == 1  # the plain row logged none
+    row = rows[0]
+    assert row["Run"] == more[0] and row["Seeds"] == "0, 1" and row["Epoch"] == "20"
+    assert row["Discrepancy Many"] == "0.0001 ± 0" and row["Discrepancy Medium"] == "—"
+    assert row["Discrepancy Few"] == f"0.003 ± {statistics.stdev([2e-3, 4e-3]):.2g}"
+    assert row["Share median %"] == f"2.5 ± {statistics.stdev([2.0, 3.0]):.2g}"  # the middle layer, in %
+    assert row["Share max %"] == f"3.5 ± {statistics.stdev([3.0, 4.0]):.2g}"
+    assert "MORE's diagnostics" not in report(plain)
+    from longtail.report_html import report_html
+    page = report_html([*plain, *more])
+    assert "<h2>MORE's diagnostics</h2>" in page and "<td>0.0001 ± 0</td>" in page
