@@ -250,6 +250,8 @@ class Recorded:
     config: dict  # flattened, today's defaults filled in
     results: dict
     best_test: Optional[float]  # max over metrics.jsonl's test top1: the LDAM-DRW reference code's selection
+    best_epoch: Optional[dict]  # that epoch's record (its `test` metrics), the first one reaching it
+    train_seconds: float  # the sum of the epochs' training times (evaluation excluded)
 
 
 def match_key(flat: dict) -> tuple:
@@ -265,14 +267,17 @@ def read_recorded(root: Path) -> list[Recorded]:
         if not (run / "config.yaml").is_file():
             continue
         metrics = run / "metrics.jsonl"
-        tops = []
+        epochs: dict[int, dict] = {}  # by epoch: a resumed run's replayed epoch counts once, as last written
         if metrics.is_file():
             for line in metrics.read_text().splitlines():
-                test = json.loads(line).get("test") if line.strip() else None
-                if test and test.get("top1") is not None:
-                    tops.append(test["top1"])
+                record = json.loads(line) if line.strip() else {}
+                if "epoch" in record:
+                    epochs[record["epoch"]] = record
+        tested = [r for _, r in sorted(epochs.items()) if (r.get("test") or {}).get("top1") is not None]
+        best = max(tested, key=lambda r: r["test"]["top1"], default=None)  # max keeps the first of equals
         runs.append(Recorded(run, flatten_saved(read_yaml(run / "config.yaml")), json.loads(results.read_text()),
-                             max(tops, default=None)))
+                             best and best["test"]["top1"], best,
+                             sum(r.get("epoch_seconds", 0.0) for r in epochs.values())))
     if not runs:
         raise ConfigError(f"--from {root}: no run directories under it (each holds config.yaml, results.json and "
                           "metrics.jsonl, as `longtail train` writes them)")
@@ -295,11 +300,11 @@ def render_recorded(table: dict, rows: list[Row], runs: list[Recorded], root: Pa
     header = ["Row", "Paper (accuracy)", "Recorded", "Δ recorded", "Best test epoch", "Δ best test",
               "Many / Med / Few (recorded)", "ECE", "Seeds", "Runs", "Paper's selection", "Source"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    used = set()
+    used: list[Recorded] = []  # in the table's row order
     for row in rows:
         key = match_key(flatten(load_config(row.config, row.overrides).to_dict()))
         mine = sorted((r for r in runs if match_key(r.config) == key), key=lambda r: r.config["train.seed"])
-        used.update(r.path for r in mine)
+        used += [r for r in mine if r not in used]
         paper = paper_accuracy(row.paper, "all")
         results = [r.results for r in mine]
         recorded = _measured(results, "top1")
@@ -317,10 +322,40 @@ def render_recorded(table: dict, rows: list[Row], runs: list[Recorded], root: Pa
     notes = [f"- {row.label}: {row.paper['note']}" for row in rows if row.paper.get("note")]
     if notes:
         lines += ["", *notes]
-    others = [str(r.path.relative_to(root)) for r in runs if r.path not in used]
+    others = [str(r.path.relative_to(root)) for r in runs if r not in used]
     if others:
         lines += ["", f"Runs under `{root}` that match no row of this table: {', '.join(others)}"]
+    if used:
+        lines += ["", "How each run was made: its best test epoch in full, and where each (re)started part of it "
+                      "ran (results.json's `segments`; commit, CPU, threads and precision as each part recorded "
+                      "them). Training time is the sum of the epochs' training, evaluation excluded.", ""]
+        lines += made_table(used, root)
     return "\n".join(lines)
+
+
+def _once(values: list) -> str:
+    return ", ".join(dict.fromkeys(str(v) for v in values if v is not None)) or "—"
+
+
+def made_table(runs: list[Recorded], root: Path) -> list[str]:
+    """One line per recorded run: its best test epoch (All / Many / Medium / Few, ECE) and its segments."""
+    header = ["Run", "Seed", "Best test epoch", "All / Many / Med / Few at it", "ECE at it", "Parts", "Commit",
+              "CPU", "Threads", "Precision", "torch", "Training time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for run in runs:
+        # Runs finished before segments were recorded name only the process that finished them.
+        parts = run.results.get("segments") or [run.results.get("environment") or {}]
+        test = (run.best_epoch or {}).get("test", {})
+        at = " / ".join("—" if test.get(k) is None else f"{test[k]:.2f}" for k in ("top1", "many", "medium", "few"))
+        hours, minutes = divmod(round(run.train_seconds / 60), 60)
+        cells = [str(run.path.relative_to(root)), str(run.config["train.seed"]),
+                 "—" if run.best_epoch is None else f"{run.best_epoch['epoch']} of {run.config['train.epochs']}",
+                 at if test else "—", "—" if test.get("ece") is None else f"{test['ece']:.2f}", str(len(parts)),
+                 _once([p.get("commit") and p["commit"][:10] for p in parts]), _once([p.get("cpu") for p in parts]),
+                 _once([p.get("threads") for p in parts]), _once([p.get("precision") for p in parts]),
+                 _once([p.get("torch") for p in parts]), f"{hours}h{minutes:02d}m"]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return lines
 
 
 def show_recorded(name: str, root: str) -> str:

@@ -1,5 +1,6 @@
 """`longtail reproduce`: shipped tables load and plan under every budget, the rendering compares in the
 paper's metric, and a whole table (with a two-stage row) runs on fake data at the smoke budget."""
+import json
 import os
 import subprocess
 import sys
@@ -204,6 +205,20 @@ def test_from_shows_recorded_runs_beside_the_paper_matched_by_config_not_folder(
     assert ldam[2] == f"{final:.2f} (final)" and ldam[4] == f"{best:.2f}" and ldam[5] == f"{best - 60:+.2f}"
     assert rows["IF10 row"][2] == "no recorded run" and rows["IF10 row"][3] == "paper number unknown"
     assert "match no row of this table: longer" in out
+
+    made = {r[0].strip("| "): r for r in (line.split(" | ") for line in out.split("How each run was made")[1].splitlines()
+                                           if line.startswith("| "))}
+    assert list(made)[1:] == ["cifar/ce-seed0", "cifar/ce-seed1", "ce-seed2"]  # the rows' runs, not `longer`
+    records = [json.loads(line) for line in (root / "ce-seed2" / "metrics.jsonl").read_text().splitlines()]
+    best_record = next(r for r in records if r["test"]["top1"] == best)
+    cells = made["ce-seed2"]
+    assert cells[2] == f"{best_record['epoch']} of 2"
+    assert cells[3] == " / ".join("—" if best_record["test"][k] is None else f"{best_record['test'][k]:.2f}"
+                                  for k in ("top1", "many", "medium", "few"))
+    results = json.loads((root / "ce-seed2" / "results.json").read_text())
+    assert cells[5] == "1" and cells[7] == results["environment"]["cpu"] and cells[9] == "float32 + channels_last"
+    minutes = round(sum(r["epoch_seconds"] for r in records) / 60)
+    assert cells[11].strip(" |") == f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def test_from_a_folder_without_runs_is_refused(tmp_path, capsys):
