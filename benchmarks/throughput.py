@@ -11,7 +11,8 @@ the overhead is the median of the per-round ratios. Target: under 5 % on CPU.
 
 `--compare`: fp32, bf16 autocast, bf16 + channels_last, bf16 + channels_last + torch.compile and fp32 +
 torch.compile, each a run of its own through the engine's `train_one_epoch` (the method's loss, backward,
-optimiser step) and `collect_logits` (evaluation, float32 in every setting), round-robin over the settings
+optimiser step) and `collect_logits` (evaluation, in bfloat16 for the bf16 settings as `--fast` evaluates, else
+float32), round-robin over the settings
 and the `--threads` counts (torch.set_num_threads) in one process after a warm-up round that compiles;
 the median of the rounds. It prints the CPU model and its native bfloat16 instructions, each setting's
 ratio to fp32 at each thread count, and the projected wall time of the config's whole recipe (epochs x
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from longtail.config import load_config
-from longtail.engine import build_loop, collect_logits, epoch_generator, setup, train_one_epoch
+from longtail.engine import build_loop, collect_logits, epoch_generator, eval_precision, setup, train_one_epoch
 from longtail.progress import duration, set_quiet
 from longtail.provenance import cpu_model, native_bf16
 
@@ -119,12 +120,16 @@ def tool_against_bare(args: argparse.Namespace) -> None:
 
 
 # Each setting's keys, all set so that a config's own choice does not leak into another setting.
+# The bf16 settings evaluate in bfloat16 too (eval.amp), as `--fast` (bf16+cl) does.
 SETTINGS = {
-    "fp32": ["train.amp=false", "train.channels_last=false", "train.compile=false"],
-    "bf16": ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=false", "train.compile=false"],
-    "bf16+cl": ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true", "train.compile=false"],
-    "bf16+cl+compile": ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true", "train.compile=true"],
-    "fp32+compile": ["train.amp=false", "train.channels_last=false", "train.compile=true"],
+    "fp32": ["train.amp=false", "train.channels_last=false", "train.compile=false", "eval.amp=false"],
+    "bf16": ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=false", "train.compile=false",
+             "eval.amp=true"],
+    "bf16+cl": ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true", "train.compile=false",
+                "eval.amp=true"],
+    "bf16+cl+compile": ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true", "train.compile=true",
+                        "eval.amp=true"],
+    "fp32+compile": ["train.amp=false", "train.channels_last=false", "train.compile=true", "eval.amp=false"],
 }
 TINY = ["model.name=mlp", "model.width=32", "data.batch_size=16", "eval.batch_size=16"]
 PHASES = ("data", "augmentation", "forward", "backward", "optimiser", "evaluation")
@@ -173,7 +178,7 @@ def profile_epoch(run, loop) -> dict[str, float]:
         loop.method.after_step(model)
         seconds["optimiser"] += time.perf_counter() - mark
     mark = time.perf_counter()
-    collect_logits(model, run.data.test, device, cfg.eval.batch_size)
+    collect_logits(model, run.data.test, device, cfg.eval.batch_size, **eval_precision(cfg))
     seconds["evaluation"] = time.perf_counter() - mark
     return seconds
 
@@ -201,7 +206,7 @@ def compare(args: argparse.Namespace) -> dict:
                 train = train_one_epoch(loops[name], FirstBatches(run.data.train, args.batches), 0)["images_per_sec"]
                 test = FirstBatches(run.data.test, args.eval_batches)
                 start = time.perf_counter()
-                collect_logits(run.model, test, run.device, run.cfg.eval.batch_size)
+                collect_logits(run.model, test, run.device, run.cfg.eval.batch_size, **eval_precision(run.cfg))
                 evaluated = len_of(test, run.cfg.eval.batch_size) / (time.perf_counter() - start)
                 if r:
                     rates[t][name]["train"].append(train)
@@ -231,8 +236,8 @@ def compare(args: argparse.Namespace) -> dict:
     print(f"\nCPU: {result['cpu']}; native bfloat16: {result['native_bf16'] or 'none (bfloat16 is emulated)'}; "
           f"torch {result['torch']}")
     print(f"{cfg.model.name} on {data.name}, training batches of {cfg.data.batch_size} through the engine's step, "
-          f"{args.rounds} interleaved rounds of {args.batches} batches (medians); evaluation in float32, batches of "
-          f"{cfg.eval.batch_size}")
+          f"{args.rounds} interleaved rounds of {args.batches} batches (medians); evaluation in each setting's "
+          f"precision (bf16: eval.amp), batches of {cfg.eval.batch_size}")
     print(f"recipe: {epochs} epochs x {len(data.train)} training images + {evaluations} evaluations x "
           f"{len(data.test)} test images\n")
     print("| threads | setting | train img/s | ratio to fp32 | eval img/s | recipe wall time |")

@@ -17,9 +17,10 @@ RECIPE = "a YAML config file or a shipped recipe's name (longtail configs lists 
 SETTINGS = ("Every setting is a section.key: `longtail config RECIPE` prints a recipe's, `--diff` what it changes; "
             "docs/config.md lists them all with their defaults and allowed values.")
 
-# bfloat16 autocast (float32's range: no loss scaling) with NHWC convolutions: the fastest setting that keeps
-# float32's accuracy on a CPU with native bfloat16 (AMX, AVX512-BF16) and on a recent GPU (docs/cli.md#speed).
-FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true"]
+# bfloat16 autocast (float32's range: no loss scaling) with NHWC convolutions, for training and evaluation: the
+# fastest setting that keeps float32's accuracy on a CPU with native bfloat16 (AMX, AVX512-BF16) and on a recent
+# GPU (docs/cli.md#speed).
+FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true", "eval.amp=true"]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>, the folder the two-stage "
                    "recipes' method.init_from names)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    p.add_argument("--fast", action="store_true", help="train in bfloat16 autocast with channels_last (" +
+    p.add_argument("--fast", action="store_true", help="train and evaluate in bfloat16 autocast with channels_last (" +
                    " ".join(FAST) + "): about 2.4x faster training on a CPU with AMX (docs/cli.md#speed)")
     p.add_argument("--download-weights", action="store_true",
                    help="hf_clip / hf_vit: fetch model.pretrained (a hub id) into the Hugging Face cache first")

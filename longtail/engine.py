@@ -7,7 +7,7 @@ finished runs) and `runtime` (device, seeds). This module only re-exports them.
 
 Layer: tools. Nothing in the package imports it.
 """
-from longtail.inference import collect_features, collect_logits, evaluate, run_split
+from longtail.inference import collect_features, collect_logits, eval_precision, evaluate, run_split
 from longtail.methods import training_folds
 from longtail.rundir import (LoadedRun, calibrate, eval_transform, evaluate_run, export_model, folded_temperature,
                              load_model, load_run, model_file, score_model)
@@ -23,7 +23,7 @@ from longtail.training.stopping import Preempted, StopFlag, stop_signals
 __all__ = [
     "LoadedRun", "Loop", "Preempted", "RESUME_FREE_KEYS", "Run", "StopFlag", "augmentation_summary", "build_loop",
     "build_optimizer", "calibrate", "collect_features", "collect_logits", "config_differences", "effective_batch_size",
-    "effective_lr", "epoch_generator", "eval_transform", "evaluate", "evaluate_run", "export_model", "finish", "fit",
+    "effective_lr", "epoch_generator", "eval_precision", "eval_transform", "evaluate", "evaluate_run", "export_model", "finish", "fit",
     "folded_temperature", "load_model", "load_run", "lr_factor", "model_file", "needs_two_samples", "place_splits", "precision",
     "precision_hint", "resolved_schedule", "restore_rng", "resume_loop", "rng_state", "run_split", "save_checkpoint",
     "score_model", "seed_everything", "select_device", "setup", "stop_signals", "train_one_epoch", "training_folds",

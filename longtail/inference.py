@@ -9,7 +9,7 @@ Layer: run services. Imports the foundation and the building blocks (distributed
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -53,11 +53,26 @@ def run_split(model: nn.Module, split: Any, device: torch.device, forward: Calla
 
 def collect_logits(
     model: nn.Module, split: Any, device: torch.device, batch_size: int = 512, tta: str = "none",
-    desc: str = "evaluate",
+    desc: str = "evaluate", autocast: Optional[torch.dtype] = None, channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of a whole split, in split order, each sample exactly once across processes.
-    `desc` names the pass in its progress."""
-    return run_split(model, split, device, lambda x: tta_logits(model, x, tta), batch_size, desc, tta)
+    `desc` names the pass in its progress; `autocast` a dtype to compute in (`eval_precision`), with
+    `channels_last` image batches for a model stored so."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            return tta_logits(model, x, tta)
+
+    return run_split(model, split, device, forward, batch_size, desc, tta)
+
+
+def eval_precision(cfg: Config) -> dict:
+    """`collect_logits`' precision arguments for the run's evaluations: float32 unless `eval.amp`."""
+    if not cfg.eval.amp:
+        return {}
+    dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
+    return {"autocast": dtype, "channels_last": cfg.train.channels_last}
 
 
 def collect_features(
@@ -70,7 +85,7 @@ def collect_features(
 
 def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, data: LTData,
              desc: str = "evaluate") -> dict:
-    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, desc)
+    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, desc, **eval_precision(cfg))
     if not torch.isfinite(logits).all():
         # Weights can explode while the training loss stays finite; such a model must not be recorded or exported.
         raise DivergedError("the model's logits are not finite (its weights exploded though the training loss stayed "

@@ -22,7 +22,7 @@ from longtail.data.image_transforms import LIFT_EXPAND, eval_resize
 from longtail.data.splits import InMemorySplit
 from longtail.errors import ConfigError
 from longtail.finetune import adapter_spec
-from longtail.inference import collect_logits
+from longtail.inference import collect_logits, eval_precision
 from longtail.models import load_exported, model_spec, scale_head
 from longtail.priors import logit_prior, logit_prior_vector
 from longtail.runtime import select_device
@@ -131,7 +131,8 @@ def score_model(model: nn.Module, spec: dict, cfg: Config, data: LTData, split_n
     """An exported model's metrics on a split (with its folded temperature's calibration record), its logits
     and targets: what `fit` records as the final result and what `longtail eval` reports."""
     split = data.val if split_name == "val" else data.test
-    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, f"evaluate {split_name}")
+    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, f"evaluate {split_name}",
+                                     **eval_precision(cfg))
     metrics = task_of(data).summarize(logits, targets, data, cfg)
     metrics.update(calibration_record(logits, targets, folded_temperature(spec), cfg.eval.ece_bins))
     return metrics, logits, targets

@@ -8,7 +8,7 @@ import torch
 
 import tiny
 from crash_method import killed_at
-from longtail import engine
+from longtail import engine, rundir
 from longtail.cli import FAST, main
 from longtail.config import load_config
 from longtail.engine import fit, precision_hint
@@ -79,10 +79,41 @@ def test_channels_last_and_bfloat16_apply_on_a_cpu(tmp_path, data_root, monkeypa
         model.conv1.register_forward_hook(hook)
 
     monkeypatch.setattr(engine.Loop, "__init__", spy)
+    scored = []  # the exported model's final scoring (results.json) is evaluated as the epochs were
+    collect = rundir.collect_logits
+    monkeypatch.setattr(rundir, "collect_logits", lambda *a, **k: scored.append(k.get("autocast")) or collect(*a, **k))
     results = fit(load_config(None, [*TINY_CNN, *FAST]), tmp_path / "run", data_root=data_root)
     assert seen[0] == (True, torch.bfloat16, True)  # training: NHWC input and weights, bfloat16 convolutions
-    assert seen[-1][1] == torch.float32  # evaluation runs in float32
+    assert seen[-1] == (True, torch.bfloat16, True)  # --fast evaluates so too (eval.amp)
+    assert scored == [torch.bfloat16]
+    assert results["segments"][0]["precision"] == "bfloat16 autocast + channels_last, evaluated in bfloat16"
+    seen.clear()
+    results = fit(load_config(None, [*TINY_CNN, *FAST, "eval.amp=false"]), tmp_path / "run2", data_root=data_root)
+    assert seen[0][1] == torch.bfloat16 and seen[-1][1] == torch.float32  # evaluation in float32
+    assert scored[-1] is None
     assert results["segments"][0]["precision"] == "bfloat16 autocast + channels_last"
+
+
+def test_eval_amp_computes_the_logits_in_bfloat16_close_to_float32(data_root):
+    from longtail.inference import collect_logits, eval_precision
+    from longtail.training.setup import setup
+
+    run = setup(load_config(None, [*TINY_CNN, "train.channels_last=true", "train.amp_dtype=bfloat16"]), data_root)
+    exact, targets = collect_logits(run.model, run.data.test, run.device, 64)
+    assert eval_precision(run.cfg) == {}
+    run.cfg.eval.amp = True
+    assert eval_precision(run.cfg) == {"autocast": torch.bfloat16, "channels_last": True}
+    rounded, same = collect_logits(run.model, run.data.test, run.device, 64, **eval_precision(run.cfg))
+    assert torch.equal(targets, same) and rounded.dtype == torch.float32
+    error = float((rounded - exact).abs().max() / exact.abs().max())
+    assert 0 < error < 0.05  # rounded (bfloat16 keeps 8 bits of mantissa), not another model's logits
+
+
+def test_eval_amp_in_float16_on_a_cpu_is_refused_before_anything_is_written(tmp_path, data_root):
+    cfg = load_config(None, [*TINY_MLP, "eval.amp=true"])  # train.amp_dtype defaults to float16
+    with pytest.raises(ConfigError, match="eval.amp evaluates in train.amp_dtype, float16"):
+        fit(cfg, tmp_path / "run", data_root=data_root)
+    assert not (tmp_path / "run").exists()
 
 
 def test_fast_sets_its_keys_and_an_explicit_override_wins(tmp_path, data_root, monkeypatch):
@@ -92,8 +123,9 @@ def test_fast_sets_its_keys_and_an_explicit_override_wins(tmp_path, data_root, m
     config.write_text("data:\n  name: fashion_mnist_lt\n")
     assert main(["train", str(config), *TINY_MLP, "train.epochs=1", "train.channels_last=false", "--fast",
                  "--out", str(out), "--quiet"]) == 0
-    saved = (out / "config.yaml").read_text()
-    assert "amp: true" in saved and "amp_dtype: bfloat16" in saved and "channels_last: false" in saved
+    saved = load_config(out / "config.yaml", [])
+    assert saved.train.amp and saved.train.amp_dtype == "bfloat16" and saved.eval.amp
+    assert not saved.train.channels_last
 
 
 def test_each_restarted_segment_of_a_run_records_where_it_ran(tmp_path, data_root):
@@ -108,3 +140,18 @@ def test_each_restarted_segment_of_a_run_records_where_it_ran(tmp_path, data_roo
         assert part["torch"] == torch.__version__ and part["cpu"] == cpu_model() and part["precision"] == "float32"
         assert {"commit", "threads", "started", "device"} <= part.keys()
     assert json.loads((out / "results.json").read_text())["segments"] == results["segments"]
+
+
+def test_eval_parity_scores_a_run_both_ways_and_its_float32_column_is_the_recorded_one(tmp_path, data_root, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("eval_parity", Path(__file__).parents[1] / "benchmarks" / "eval_parity.py")
+    eval_parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_parity)
+    results = fit(load_config(None, TINY_CNN), tmp_path / "run", data_root=data_root)
+    [row] = eval_parity.main([str(tmp_path / "run"), "--data-root", str(data_root), "--json", str(tmp_path / "p.json")])
+    assert row["float32"]["top1"] == results["top1"] and row["float32"]["ece"] == pytest.approx(results["ece"])
+    assert abs(row["bfloat16"]["top1"] - results["top1"]) <= 100 * row["changed_predictions"] / row["test_images"]
+    assert json.loads((tmp_path / "p.json").read_text()) == [row]
+    assert "changed predictions |" in capsys.readouterr().out

@@ -229,6 +229,7 @@ class EvalConfig:
     tta: Literal["none", "flip", "lift_crops"] = "none"  # lift_crops: LIFT's five crops, logits averaged
     batch_size: int = 512
     every: int = 1  # epochs between evaluations during training
+    amp: bool = False  # evaluate under autocast in train.amp_dtype (channels_last input under train.channels_last)
 
 
 @dataclass

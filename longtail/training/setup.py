@@ -50,6 +50,9 @@ def setup(cfg: Config, data_root: Optional[str] = None, download: bool = False, 
         # CPU autocast in float16 is slow and has no loss scaling: refuse rather than train in another precision.
         raise ConfigError(f"train.amp with train.amp_dtype: float16 needs a CUDA device and this run is on {device}; "
                           "on a CPU use train.amp_dtype=bfloat16 (or --fast), or train.amp=false")
+    if cfg.eval.amp and cfg.train.amp_dtype == "float16" and device.type != "cuda":
+        raise ConfigError(f"eval.amp evaluates in train.amp_dtype, float16, which needs a CUDA device and this run is "
+                          f"on {device}; on a CPU set train.amp_dtype=bfloat16 (or --fast), or eval.amp=false")
     seed_everything(cfg.train.seed)
     if cfg.data.root is not None:  # saved absolute, so that `longtail eval` finds the data from any directory
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
