@@ -20,12 +20,15 @@ import torch
 from longtail.engine import load_run, score_model, select_device
 from longtail.progress import set_quiet
 from longtail.provenance import cpu_model, native_bf16
+from longtail.task import task_of
 
 KEYS = ("top1", "many", "medium", "few", "ece")
 
 
 def parity(run_dir: str, data_root: str | None) -> dict:
     run = load_run(run_dir, data_root)
+    if task_of(run.data).multilabel:
+        sys.exit(f"{run_dir}: a multi-label run; this script compares single-label accuracies and predictions")
     device = select_device(run.cfg.train.device)
     model = run.model.to(device)
     row: dict = {"run": run_dir}
@@ -34,7 +37,7 @@ def parity(run_dir: str, data_root: str | None) -> dict:
         run.cfg.eval.amp, run.cfg.train.amp_dtype, run.cfg.train.channels_last = amp, "bfloat16", amp
         metrics, logits, _ = score_model(model, run.spec, run.cfg, run.data, "test", device)
         row[name] = {k: metrics.get(k) for k in KEYS}
-        predictions[name] = logits.argmax(1) if logits.ndim == 2 else logits
+        predictions[name] = logits.argmax(1)
     row["changed_predictions"] = int((predictions["float32"] != predictions["bfloat16"]).sum())
     row["test_images"] = len(predictions["float32"])
     return row
