@@ -22,9 +22,10 @@ from longtail.training.stopping import Preempted, StopFlag, stop_signals
 
 __all__ = [
     "LoadedRun", "Loop", "Preempted", "RESUME_FREE_KEYS", "Run", "StopFlag", "augmentation_summary", "build_loop",
-    "build_optimizer", "calibrate", "collect_features", "collect_logits", "config_differences", "effective_batch_size",
-    "effective_lr", "epoch_generator", "eval_precision", "eval_transform", "evaluate", "evaluate_run", "export_model", "finish", "fit",
-    "folded_temperature", "load_model", "load_run", "lr_factor", "model_file", "needs_two_samples", "place_splits", "precision",
-    "precision_hint", "resolved_schedule", "restore_rng", "resume_loop", "rng_state", "run_split", "save_checkpoint",
-    "score_model", "seed_everything", "select_device", "setup", "stop_signals", "train_one_epoch", "training_folds",
+    "build_optimizer", "calibrate", "collect_features", "collect_logits", "config_differences",
+    "effective_batch_size", "effective_lr", "epoch_generator", "eval_precision", "eval_transform", "evaluate",
+    "evaluate_run", "export_model", "finish", "fit", "folded_temperature", "load_model", "load_run", "lr_factor",
+    "model_file", "needs_two_samples", "place_splits", "precision", "precision_hint", "resolved_schedule",
+    "restore_rng", "resume_loop", "rng_state", "run_split", "save_checkpoint", "score_model", "seed_everything",
+    "select_device", "setup", "stop_signals", "train_one_epoch", "training_folds",
 ]

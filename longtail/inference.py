@@ -85,7 +85,8 @@ def collect_features(
 
 def evaluate(model: nn.Module, split: Any, device: torch.device, cfg: Config, data: LTData,
              desc: str = "evaluate") -> dict:
-    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, desc, **eval_precision(cfg))
+    logits, targets = collect_logits(model, split, device, cfg.eval.batch_size, cfg.eval.tta, desc,
+                                     **eval_precision(cfg))
     if not torch.isfinite(logits).all():
         # Weights can explode while the training loss stays finite; such a model must not be recorded or exported.
         raise DivergedError("the model's logits are not finite (its weights exploded though the training loss stayed "
