@@ -271,7 +271,7 @@ def precision_hint(cfg: Config, device: torch.device, cpuinfo: Optional[str] = N
         return None
     return (f"hint: this CPU has native bfloat16 ({native}) and the run trains in float32; `longtail train ... --fast` "
             "(train.amp=true train.amp_dtype=bfloat16 train.channels_last=true eval.amp=true) trains ResNet-32 about "
-            "2.4x faster and evaluates it about 3x faster (docs/cli.md#speed)")
+            "2.4x faster and evaluates it about 4x faster (docs/cli.md#speed)")
 
 
 def augmentation_summary(cfg: Config) -> str:
