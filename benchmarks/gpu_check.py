@@ -722,9 +722,10 @@ def measure_speed(ctx: Ctx) -> None:
                 skipped[key] = f"skipped: {ctx.left():.0f} s of the {args.budget:.0f} s budget left, compiling takes ~1 min"
                 continue
             if not ctx.cuda:
-                over = ["train.compile=true"]  # the CPU ignores the fast set: compile the float32 step
+                over = ["train.compile=true"]  # the fast set is this check's GPU rows; on a CPU compile float32 alone
         elif needs_cuda and not ctx.cuda:
-            skipped[key] = "skipped: needs CUDA (the engine applies it on GPUs only)"
+            # bfloat16 and channels_last do apply on a CPU: benchmarks/throughput.py --compare measures them there.
+            skipped[key] = "skipped: needs CUDA (a GPU setting here; a CPU's: benchmarks/throughput.py --compare)"
             continue
         cfg = load_config(CONFIGS / "ce.yaml", [f"train.device={'cuda:0' if ctx.cuda else 'cpu'}",
                                                 *(TINY if args.tiny else []), "data.on_device=true", *over])
