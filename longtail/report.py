@@ -262,8 +262,11 @@ def more_rows(groups: list[Group], group_titles: list[str]) -> tuple[list[str], 
     header = ["Run", "Seeds", "Epoch"] + [f"Discrepancy {t}" for t in group_titles] + ["Share median %", "Share max %"]
     rows = []
     for group in groups:
-        last = {seed: history[-1] for seed, history in
-                ((seed, more_history(Path(d))) for seed, d in zip(group.seeds(), group.dirs)) if history}
+        config = group.results[0]["config"]  # the row's runs differ in seed alone
+        if not (config.get("more", {}).get("enabled") and config["train"].get("track_every")):
+            continue  # no diagnostics logged: its metrics.jsonl files are not read
+        histories = {seed: more_history(Path(d)) for seed, d in zip(group.seeds(), group.dirs)}
+        last = {seed: history[-1] for seed, history in histories.items() if history}
         if not last:
             continue
         records = list(last.values())

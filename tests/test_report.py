@@ -316,7 +316,7 @@ def _with_more_history(run, records):
 
 def test_more_runs_get_their_last_tracked_diagnostics_beside_the_table(tmp_path):
     plain = _seeded(tmp_path, "more.enabled=false", [], [70.0, 71.0])
-    more = _seeded(tmp_path, "more.enabled=true", ["more.enabled=true"], [70.5, 71.5])
+    more = _seeded(tmp_path, "more.enabled=true", ["more.enabled=true", "train.track_every=10"], [70.5, 71.5])
     _with_more_history(more[0], [(10, 9.0, [1.0, 1.0, 1.0]), (20, 2e-3, [0.01, 0.03, 0.02])])
     _with_more_history(more[1], [(20, 4e-3, [0.02, 0.04, 0.03])])
     text = report([*plain, *more])
