@@ -59,6 +59,19 @@ def test_a_non_finite_loss_stops_before_anything_is_folded_or_saved(monkeypatch)
     assert ep.sums == {}
 
 
+@pytest.mark.parametrize("overrides, advice", [
+    ([], "Try a lower optim.lr."),
+    (["more.enabled=true", "more.amplitude=0.5"], "Try a lower optim.lr or a lower more.amplitude (now 0.5)."),
+    (["train.amp=true", "train.amp_dtype=bfloat16"], "Try a lower optim.lr or train.amp=false."),
+])
+def test_the_divergence_advice_names_only_the_keys_the_run_uses(overrides, advice):
+    loop = _loop()
+    loop.cfg = load_config(None, ["train.epochs=2", *overrides])
+    with pytest.raises(DivergedError) as raised:
+        check(loop, _epoch({"loss": torch.tensor(float("inf"))}, 1, nonfinite=True), i=0)
+    assert str(raised.value).endswith(advice)
+
+
 def test_a_due_checkpoint_records_the_position_and_a_stop_checkpoints_then_raises(monkeypatch):
     saved = []
     monkeypatch.setattr(loop_module, "save_checkpoint", lambda loop, epoch, partial: saved.append((epoch, partial)))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from longtail import distributed as dist
+from longtail.config import Config
 from longtail.errors import DivergedError
 from longtail.finetune import part_groups
 from longtail.mixing import Mixer
@@ -53,6 +54,17 @@ class Epoch:
     window_steps: int = 0
 
 
+def divergence_remedies(cfg: Config) -> str:
+    """What a diverged run can change, of the keys it uses: MORE's steps on alpha * L_MORE grow with the
+    amplitude (docs/methods/more.md#stability); half precision can overflow where float32 does not."""
+    remedies = ["a lower optim.lr"]
+    if cfg.more.enabled:
+        remedies.append(f"a lower more.amplitude (now {cfg.more.amplitude:g})")
+    if cfg.train.amp:
+        remedies.append("train.amp=false")
+    return " or ".join(remedies)
+
+
 def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
     """After the step ending with batch `i`, read the flags (the one wait for the device): stop on a
     non-finite loss, fold the window into the epoch's sums and log it, checkpoint when due or asked to stop."""
@@ -62,8 +74,7 @@ def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
     if bad:
         raise DivergedError(
             f"the loss became non-finite in epoch {epoch + 1}, at or before step {i // accum + 1}; training stopped "
-            f"and the last good checkpoint ({loop.out / 'checkpoint.pt'}) is kept. Try a lower optim.lr or "
-            "train.amp=false.")
+            f"and the last good checkpoint ({loop.out / 'checkpoint.pt'}) is kept. Try {divergence_remedies(cfg)}.")
     for key, value in ep.window.items():
         ep.sums[key] = ep.sums[key] + value if key in ep.sums else value
     if ep.window_steps:
