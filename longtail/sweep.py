@@ -110,11 +110,12 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def slot_environments(jobs: int, cores: int, gpus: list[str]) -> list[dict]:
+def slot_environments(jobs: int, cores: int, gpus: list[str], cap: Optional[int] = None) -> list[dict]:
     """The environment of each of `jobs` concurrent runs: the cores split evenly (at least one each, so
-    the runs together never ask for more threads than there are cores, where jobs <= cores), and with
+    the runs together never ask for more threads than there are cores, where jobs <= cores), at most
+    `cap` each (the sweep's own OMP_NUM_THREADS: a user sharing the machine asked for no more), and with
     GPUs one GPU per run, round-robin where there are more runs than GPUs."""
-    threads = str(max(1, cores // jobs))
+    threads = str(max(1, min(cores // jobs, cap or cores)))
     envs = []
     for slot in range(jobs):
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -122,6 +123,12 @@ def slot_environments(jobs: int, cores: int, gpus: list[str]) -> list[dict]:
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
         envs.append(env)
     return envs
+
+
+def thread_cap() -> Optional[int]:
+    """OMP_NUM_THREADS of this process as a positive whole number, else None (unset or not a count)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class SweepStopped(LongtailError):
@@ -140,7 +147,7 @@ def run_local(points: list[Point], jobs: int, data_root: Optional[str], download
     and no further point starts: the sweep then raises SweepStopped, and the same command continues."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     slots: Queue = Queue()
-    for env in slot_environments(jobs, cores, visible_gpus()):
+    for env in slot_environments(jobs, cores, visible_gpus(), thread_cap()):
         slots.put(env)
     log_dir.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()

@@ -12,7 +12,8 @@ import yaml
 import longtail
 from fake_data import write_fashion_mnist
 from longtail.errors import ConfigError
-from longtail.sweep import Outcome, Point, check_points, parse_grid, parse_seeds, plan, progress_line, slot_environments
+from longtail.sweep import (Outcome, Point, check_points, parse_grid, parse_seeds, plan, progress_line, slot_environments,
+                            thread_cap)
 
 pytestmark = pytest.mark.e2e  # trains or runs whole commands: `pytest -m "not e2e"` leaves it out
 
@@ -76,6 +77,16 @@ def test_the_cores_are_split_between_jobs_and_each_job_gets_one_gpu():
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["4", "5", "4"]
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in slot_environments(jobs=2, cores=2, gpus=[]))
     assert slot_environments(jobs=4, cores=2, gpus=[])[0]["OMP_NUM_THREADS"] == "1"
+
+
+def test_the_sweeps_own_thread_count_caps_each_run(monkeypatch):
+    assert [e["OMP_NUM_THREADS"] for e in slot_environments(jobs=1, cores=2, gpus=[], cap=1)] == ["1"]
+    assert [e["OMP_NUM_THREADS"] for e in slot_environments(jobs=2, cores=16, gpus=[], cap=32)] == ["8", "8"]
+    for value, cap in [("1", 1), (" 3 ", 3), ("0", None), ("two", None), ("", None)]:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert thread_cap() == cap
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert thread_cap() is None
 
 
 def test_sweep_runs_skips_finished_and_resumes_interrupted_points(setup):
