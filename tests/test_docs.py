@@ -144,3 +144,29 @@ def test_user_docs_cite_papers_and_docs_not_internal_notes():
     for path in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]:
         text = path.read_text()
         assert not re.search(r"\bSPEC\b|\.\./shared", text), path
+
+
+FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+LINK = re.compile(r"\]\(([^)#\s]*\.md|)#([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings (lower case, punctuation dropped, spaces to hyphens, repeats -1, -2)."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#+ (.*)$", FENCE.sub("", text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+def test_every_link_to_a_heading_finds_it():
+    pages = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target, anchor in LINK.findall(FENCE.sub("", page.read_text())):
+            path = (page.parent / target).resolve() if target else page
+            if path.is_file() and anchor not in heading_anchors(path.read_text()):
+                broken.append(f"{page.relative_to(REPO)}: {target}#{anchor}")
+    assert not broken, "links to headings that do not exist:\n" + "\n".join(broken)
