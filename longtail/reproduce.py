@@ -290,9 +290,33 @@ def _delta(values: list[float], paper: Optional[float]) -> str:
     return f"{statistics.mean(values) - paper:+.2f}" if values else "—"
 
 
+def precision(flat: dict) -> str:
+    """The precision a run trained in: its seeds are averaged only with runs of the same one."""
+    return str(flat["train.amp_dtype"]) if flat["train.amp"] else "float32"
+
+
+def recorded_line(row: Row, label: str, mine: list[Recorded], root: Path) -> str:
+    """One Markdown row: the paper's accuracy beside `mine`, the recorded runs of one precision, one per seed."""
+    paper = paper_accuracy(row.paper, "all")
+    results = [r.results for r in mine]
+    recorded = _measured(results, "top1")
+    best = [r.best_test for r in mine if r.best_test is not None]
+    rules = sorted({str(r.get("checkpoint", "?")) for r in results})
+    groups = " / ".join(_fmt(_measured(results, key)) for _, key in GROUPS[1:])
+    source = row.paper["source"]
+    source = source if isinstance(source, str) else ", ".join(f"{k}: {v}" for k, v in source.items() if v)
+    cells = [label, "unknown" if paper is None else f"{paper:g}" + (" (100 − error)" if row.paper["metric"] == "error" else ""),
+             f"{_fmt(recorded)} ({', '.join(rules)})" if mine else "no recorded run", _delta(recorded, paper),
+             _fmt(best), _delta(best, paper), groups if mine else "—", _fmt(_measured(results, "ece")),
+             ", ".join(str(r.config["train.seed"]) for r in mine) or "—",
+             ", ".join(str(r.path.relative_to(root)) for r in mine) or "—", row.paper["selection"], source]
+    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+
+
 def render_recorded(table: dict, rows: list[Row], runs: list[Recorded], root: Path) -> str:
     """Markdown: per row the paper's accuracy beside the recorded runs that trained the row's recipe, mean ± std
-    over their seeds, at the run's own checkpoint rule and at its best test epoch."""
+    over their seeds, at the run's own checkpoint rule and at its best test epoch; runs of one row in different
+    precisions (a float32 twin of a bfloat16 run) get a line each, since a mean ± std is over seeds."""
     lines = [f"## {table.get('title', '')}", "",
              f"Recorded runs under `{root}`, matched to the rows by {', '.join(MATCH_KEYS)}; nothing was re-run. "
              "\"best test epoch\" is the highest test top-1 over the run's epochs (metrics.jsonl), the LDAM-DRW "
@@ -303,22 +327,17 @@ def render_recorded(table: dict, rows: list[Row], runs: list[Recorded], root: Pa
     used: list[Recorded] = []  # in the table's row order
     for row in rows:
         key = match_key(flatten(load_config(row.config, row.overrides).to_dict()))
-        mine = sorted((r for r in runs if match_key(r.config) == key), key=lambda r: r.config["train.seed"])
-        used += [r for r in mine if r not in used]
-        paper = paper_accuracy(row.paper, "all")
-        results = [r.results for r in mine]
-        recorded = _measured(results, "top1")
-        best = [r.best_test for r in mine if r.best_test is not None]
-        rules = sorted({str(r.get("checkpoint", "?")) for r in results})
-        groups = " / ".join(_fmt(_measured(results, key)) for _, key in GROUPS[1:])
-        source = row.paper["source"]
-        source = source if isinstance(source, str) else ", ".join(f"{k}: {v}" for k, v in source.items() if v)
-        cells = [row.label, "unknown" if paper is None else f"{paper:g}" + (" (100 − error)" if row.paper["metric"] == "error" else ""),
-                 f"{_fmt(recorded)} ({', '.join(rules)})" if mine else "no recorded run", _delta(recorded, paper),
-                 _fmt(best), _delta(best, paper), groups if mine else "—", _fmt(_measured(results, "ece")),
-                 ", ".join(str(r.config["train.seed"]) for r in mine) or "—",
-                 ", ".join(str(r.path.relative_to(root)) for r in mine) or "—", row.paper["selection"], source]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        matched = sorted((r for r in runs if match_key(r.config) == key), key=lambda r: r.config["train.seed"])
+        used += [r for r in matched if r not in used]
+        by_precision = {p: [r for r in matched if precision(r.config) == p] for p in (precision(r.config) for r in matched)}
+        for prec, mine in (by_precision or {"": []}).items():
+            seeds = [r.config["train.seed"] for r in mine]
+            if len(set(seeds)) < len(seeds):
+                twins = ", ".join(str(r.path.relative_to(root)) for r in mine if seeds.count(r.config["train.seed"]) > 1)
+                raise ConfigError(f"--from {root}: runs {twins} trained row {row.label!r} with the same seed and "
+                                  f"precision ({prec}); a row averages over seeds, so keep one of them under --from")
+            label = f"{row.label} ({prec})" if len(by_precision) > 1 else row.label
+            lines.append(recorded_line(row, label, mine, root))
     notes = [f"- {row.label}: {row.paper['note']}" for row in rows if row.paper.get("note")]
     if notes:
         lines += ["", *notes]

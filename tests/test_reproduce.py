@@ -221,6 +221,30 @@ def test_from_shows_recorded_runs_beside_the_paper_matched_by_config_not_folder(
     assert cells[11].strip(" |") == f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def test_runs_of_one_seed_in_two_precisions_get_a_line_each_and_twins_are_refused(evidence, tmp_path, capsys):
+    import shutil
+    from longtail.cli import main
+
+    table, root = evidence
+    shutil.copytree(root / "cifar" / "ce-seed0", tmp_path / "ce-seed0")
+    twin = tmp_path / "ce_bf16-seed0"
+    shutil.copytree(root / "cifar" / "ce-seed0", twin)
+    config = (twin / "config.yaml").read_text()
+    assert "  amp: false\n" in config and "  amp_dtype: float16\n" in config
+    (twin / "config.yaml").write_text(config.replace("  amp: false\n", "  amp: true\n")
+                                      .replace("  amp_dtype: float16\n", "  amp_dtype: bfloat16\n"))
+    assert main(["reproduce", str(table), "--from", str(tmp_path)]) == 0
+    lines = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| CE row")]
+    assert [(c[0], c[8], c[9]) for c in lines] == [("| CE row (float32)", "0", "ce-seed0"),
+                                                 ("| CE row (bfloat16)", "0", "ce_bf16-seed0")]
+    assert "±" not in lines[0][2] and "±" not in lines[1][2]  # one seed each: no mean over the twins
+
+    (twin / "config.yaml").write_text(config)  # now the same seed and precision twice
+    assert main(["reproduce", str(table), "--from", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "ce-seed0, ce_bf16-seed0" in err and "same seed and precision (float32)" in err
+
+
 def test_from_a_folder_without_runs_is_refused(tmp_path, capsys):
     from longtail.cli import main
 
