@@ -290,8 +290,9 @@ def _delta(values: list[float], paper: Optional[float]) -> str:
     return f"{statistics.mean(values) - paper:+.2f}" if values else "—"
 
 
-def precision(flat: dict) -> str:
-    """The precision a run trained in: its seeds are averaged only with runs of the same one."""
+def trained_dtype(flat: dict) -> str:
+    """The dtype a run trained its steps in (not the speed keys of `training.fit.precision`, such as channels-last):
+    its seeds are averaged only with runs of the same one."""
     return str(flat["train.amp_dtype"]) if flat["train.amp"] else "float32"
 
 
@@ -329,14 +330,16 @@ def render_recorded(table: dict, rows: list[Row], runs: list[Recorded], root: Pa
         key = match_key(flatten(load_config(row.config, row.overrides).to_dict()))
         matched = sorted((r for r in runs if match_key(r.config) == key), key=lambda r: r.config["train.seed"])
         used += [r for r in matched if r not in used]
-        by_precision = {p: [r for r in matched if precision(r.config) == p] for p in (precision(r.config) for r in matched)}
-        for prec, mine in (by_precision or {"": []}).items():
+        by_dtype: dict[str, list[Recorded]] = {}
+        for r in matched:
+            by_dtype.setdefault(trained_dtype(r.config), []).append(r)
+        for dtype, mine in (by_dtype or {"": []}).items():  # a row without runs still gets its line
             seeds = [r.config["train.seed"] for r in mine]
             if len(set(seeds)) < len(seeds):
                 twins = ", ".join(str(r.path.relative_to(root)) for r in mine if seeds.count(r.config["train.seed"]) > 1)
                 raise ConfigError(f"--from {root}: runs {twins} trained row {row.label!r} with the same seed and "
-                                  f"precision ({prec}); a row averages over seeds, so keep one of them under --from")
-            label = f"{row.label} ({prec})" if len(by_precision) > 1 else row.label
+                                  f"precision ({dtype}); a row averages over seeds, so keep one of them under --from")
+            label = f"{row.label} ({dtype})" if len(by_dtype) > 1 else row.label
             lines.append(recorded_line(row, label, mine, root))
     notes = [f"- {row.label}: {row.paper['note']}" for row in rows if row.paper.get("note")]
     if notes:

@@ -5,6 +5,7 @@ in a fresh working directory with `configs/` linked in and tiny fake CIFAR-10 an
 $LONGTAIL_DATA. A block whose first line is `# not run` is skipped; one whose first line is
 `# file: NAME.py` is written to NAME.py in that directory (importable) instead of being executed.
 """
+import functools
 import math
 import re
 import sys
@@ -150,10 +151,11 @@ FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 LINK = re.compile(r"\]\(([^)#\s]*\.md|)#([^)\s]+)\)")
 
 
-def heading_anchors(text: str) -> set[str]:
+@functools.cache
+def heading_anchors(page: Path) -> set[str]:
     """GitHub's anchors of a page's headings (lower case, punctuation dropped, spaces to hyphens, repeats -1, -2)."""
     seen: dict[str, int] = {}
-    for heading in re.findall(r"^#+ (.*)$", FENCE.sub("", text), re.M):
+    for heading in re.findall(r"^#+ (.*)$", FENCE.sub("", page.read_text()), re.M):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         seen[slug] = seen.get(slug, -1) + 1
         if seen[slug]:
@@ -167,6 +169,6 @@ def test_every_link_to_a_heading_finds_it():
     for page in pages:
         for target, anchor in LINK.findall(FENCE.sub("", page.read_text())):
             path = (page.parent / target).resolve() if target else page
-            if path.is_file() and anchor not in heading_anchors(path.read_text()):
+            if path.is_file() and anchor not in heading_anchors(path):
                 broken.append(f"{page.relative_to(REPO)}: {target}#{anchor}")
     assert not broken, "links to headings that do not exist:\n" + "\n".join(broken)
