@@ -120,7 +120,17 @@ def test_a_stop_signal_checkpoints_mid_epoch_and_the_resumed_run_is_identical(tm
     _assert_same_run(out, reference)
 
 
-def test_ctrl_c_checkpoints_like_a_stop_signal_and_a_second_stops_at_once(tmp_path, data_root, reference, capsys):
+@pytest.fixture
+def foreground_ctrl_c():
+    """Python's own Ctrl-C handler, as in a foreground start: a suite started in the background (`pytest &`) has
+    SIGINT ignored, and a run started so rightly leaves Ctrl-C ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_like_a_stop_signal_and_a_second_stops_at_once(tmp_path, data_root, reference, capsys,
+                                                                         foreground_ctrl_c):
     out = tmp_path / "run"
     SignalAt.calls, SignalAt.stop_at, SignalAt.signum, SignalAt.times = 0, 17, signal.SIGINT, 1
     with pytest.raises(Preempted, match="stopped by Ctrl-C after step 4 of epoch 2; .*--resume") as stopped:
