@@ -41,11 +41,25 @@ def unwritable(path: Path, exc: OSError, kept: str) -> LongtailError:
                          "Free space or make the directory writable, then rerun")
 
 
+def make_directory(path: str | Path) -> Path:
+    """`mkdir -p`; a file where a directory of the path must be is a one-line error naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise ConfigError(f"cannot make the directory {path}: {blocker} is a file, not a directory; "
+                          "choose another path") from None
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"cannot write the file {path}: it is a directory; choose another path")
     kept = f"the previous {path.name} is unchanged" if path.exists() else f"no partial {path.name} was left"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         if exc.errno in UNWRITABLE:
@@ -109,8 +123,9 @@ def run_lock(directory: str | Path) -> Iterator[Path]:
     directory = Path(directory)
     path = directory / LOCK_FILE
     created = not directory.exists()
+    before = set(directory.iterdir()) if directory.is_dir() and not path.exists() else None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         raise ConfigError(f"{directory}: cannot create its lock file {path.name} ({exc.strerror}); "
@@ -133,9 +148,12 @@ def run_lock(directory: str | Path) -> Iterator[Path]:
             shutil.rmtree(new)
         yield directory
     finally:
+        # A command refused before writing anything leaves no directory, and no lock file in a user's directory.
         if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:
-            path.unlink()  # a command refused before writing anything leaves no directory behind
+            path.unlink()
             directory.rmdir()
+        elif before is not None and set(directory.iterdir()) == before | {path}:
+            path.unlink()
         _held_locks.discard(fd)
         os.close(fd)  # releases the lock
 
@@ -245,16 +263,19 @@ def _zip_problem(path: Path) -> Optional[str]:
     return None if bad is None else f"member {bad} fails its CRC check"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", kind: str = "checkpoint") -> Any:
     """Load with `weights_only=True`: tensors, numbers, strings and containers only, no code.
 
     A file that fails to load is diagnosed: one that is not a complete zip archive (a crash or a full
-    disk while copying, a partial download) is reported as truncated or corrupt; one that is whole
-    but holds something `weights_only` refuses keeps torch's explanation.
+    disk while copying, a partial download, a file of another kind) is reported as truncated or corrupt;
+    one that is whole but holds something `weights_only` refuses keeps torch's explanation. `kind` names
+    the file in messages: a training "checkpoint" (which a run can restart without), or a "model file".
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{kind} {path} is a directory; expected a file written by torch.save")
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
+        raise ConfigError(f"{kind} {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
@@ -262,6 +283,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             legacy = f.read(1) == b"\x80"  # torch's pre-1.6 format is a bare pickle, not a zip
         problem = None if legacy else _zip_problem(path)
         if problem is not None:
-            raise ConfigError(f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes, {problem}): "
-                              f"restart without it") from None
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely: {exc}") from None
+            remedy = ("restart without it" if kind == "checkpoint" else
+                      "it is not a whole file written by torch.save; copy it again from where it was made")
+            raise ConfigError(f"{kind} {path} is truncated or corrupt ({path.stat().st_size} bytes, {problem}): "
+                              f"{remedy}") from None
+        raise ConfigError(f"{kind} {path} cannot be loaded safely: {exc}") from None

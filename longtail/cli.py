@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,27 @@ SETTINGS = ("Every setting is a section.key: `longtail config RECIPE` prints a r
 # fastest setting that keeps float32's accuracy on a CPU with native bfloat16 (AMX, AVX512-BF16) and on a recent
 # GPU (docs/cli.md#speed).
 FAST = ["train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true", "eval.amp=true"]
+
+
+def finite(text: str) -> float:
+    """argparse type: a finite number (float() also takes nan and inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def given(text: str) -> str:
+    """argparse type: a non-empty value; an empty path or list would silently mean the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text
+
+
+def refuse_to_replace(path: str | None, flag: str, overwrite: bool) -> None:
+    """A file the user names as output replaces an existing one only when asked to (before anything is written)."""
+    if path and Path(path).exists() and not Path(path).is_dir() and not overwrite:
+        raise ConfigError(f"{flag} {path} already exists; pass --overwrite to replace it, or name another file")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -111,6 +133,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         cfg = load_config(args.name_or_config, overrides)
     else:
         cfg = load_config(None, [f"data.name={args.name_or_config}", *overrides])
+    refuse_to_replace(args.indices, "--indices", args.overwrite)
     data = build_data(cfg.data, args.data_root, args.download)
     info = summarize(data, cfg.data)
     if args.indices:
@@ -176,6 +199,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from longtail.report import plot_report, report, report_csv
 
+    refuse_to_replace(args.html, "--html", args.overwrite)
+    refuse_to_replace(args.plot, "--plot", args.overwrite)
     if args.html:
         from longtail.checkpoint import atomic_write_text
         from longtail.report_html import report_html
@@ -210,11 +235,17 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from longtail.sweep import parse_seeds
 
     if args.list:
+        if args.table:
+            raise ConfigError(f"--list lists every table; leave out the table name ({args.table}), or --list")
         print(list_tables())
         return
     if not args.table:
         raise LongtailError("reproduce: name a TABLE (longtail reproduce --list shows them)")
     if args.from_dir:
+        ignored = [flag for flag, value in (("--out", args.out), ("--seeds", args.seeds)) if value is not None]
+        if ignored:
+            raise ConfigError(f"--from shows runs that exist and runs nothing, so {' and '.join(ignored)} would do "
+                              "nothing; leave them out, or --from")
         show_recorded(args.table, args.from_dir)
         return
     reproduce(args.table, budget=args.budget, out=args.out, jobs=args.jobs, slurm=slurm_options(args),
@@ -234,13 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def data_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-root", help="dataset directory (default: data.root, $LONGTAIL_DATA, ~/.cache/longtail-data)")
+        p.add_argument("--data-root", type=given,
+                       help="dataset directory (default: data.root, $LONGTAIL_DATA, ~/.cache/longtail-data)")
         p.add_argument("--download", action="store_true", help="fetch the official archive when it is missing")
 
     p = command("train", "train a config; writes a run directory", cmd_train, epilog=SETTINGS)
     p.add_argument("config", help=RECIPE)
     p.add_argument("overrides", nargs="*", help="dotted overrides without dashes, e.g. train.epochs=5 optim.lr=0.05")
-    p.add_argument("--out", help="run directory (default: runs/<dataset>/<config name>, the folder the two-stage "
+    p.add_argument("--out", type=given, help="run directory (default: runs/<dataset>/<config name>, the folder the two-stage "
                    "recipes' method.init_from names)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     p.add_argument("--fast", action="store_true", help="train and evaluate in bfloat16 autocast with channels_last (" +
@@ -274,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", default=None,
                    help="deployment class prior: uniform (default), train, or a file of one probability or count per "
                         "line in class-id order (single-label models)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=finite, default=None,
                    help="multi-label models: the sigmoid score from which a class is predicted (default 0.5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
     p.add_argument("--skip-bad", action="store_true", help="an image that cannot be read (or is not the model's "
@@ -289,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")
     p.add_argument("overrides", nargs="*", help="overrides, e.g. imbalance=50 selection=first")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--indices", help="write the selected original train indices to this file, one per line")
+    p.add_argument("--indices", type=given, help="write the selected original train indices to this file, one per "
+                   "line")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --indices file")
     p.add_argument("--check", action="store_true", help="also decode every image file of the splits once and list "
                    "the unreadable ones (exit 2 when there are any); data.num_workers=N decodes in N processes")
     data_options(p)
@@ -297,13 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("posthoc", "post-hoc logit adjustment of a finished run, folded into its head", cmd_posthoc)
     p.add_argument("run", help="run directory")
     p.add_argument("--kind", choices=["multiplicative", "additive"], default=None)
-    p.add_argument("--tau", type=float, default=None, help="fixed tau (default: search on the validation split)")
+    p.add_argument("--tau", type=finite, default=None, help="fixed tau (default: search on the validation split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing posthoc-<kind>/ result")
-    p.add_argument("--data-root")
+    p.add_argument("--data-root", type=given)
 
     p = command("analyze", "FDR, cosine similarities, BN gamma, feature and classifier norms", cmd_analyze)
     p.add_argument("run", help="run directory")
-    p.add_argument("--data-root")
+    p.add_argument("--data-root", type=given)
 
     def run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine; the cores (and GPUs) "
@@ -320,18 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="a run directory or sweep point name (loss.name=ce): paired differences "
                    "against its row over shared seeds")
     p.add_argument("--csv", action="store_true", help="print CSV instead of Markdown")
-    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with per-class plots")
+    p.add_argument("--html", metavar="FILE", type=given, help="also write a self-contained HTML page with per-class "
+                   "plots")
     p.add_argument("--show-env", action="store_true", help="add commit, torch version, device, world size")
-    p.add_argument("--plot", metavar="FILE", help="also draw the per-class accuracy of every row against class "
-                   "size into FILE (a .png; runs on one dataset)")
+    p.add_argument("--plot", metavar="FILE", type=given, help="also draw the per-class accuracy of every row against "
+                   "class size into FILE (a .png; runs on one dataset)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --html or --plot file")
 
     p = command("sweep", "a config over a grid of settings and seeds, one run directory each", cmd_sweep)
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=50")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
                    help="a key and its values as a YAML flow list; repeat for a product of grids")
-    p.add_argument("--seeds", help="train.seed values, e.g. 0,1,2 (default: the config's seed)")
-    p.add_argument("--out", required=True, help="the sweep directory: one run directory per point inside")
+    p.add_argument("--seeds", type=given, help="train.seed values, e.g. 0,1,2 (default: the config's seed)")
+    p.add_argument("--out", type=given, required=True, help="the sweep directory: one run directory per point inside")
     p.add_argument("--baseline", help="the report's baseline: a point name without its seed, e.g. loss.name=ce")
     run_options(p)
     data_options(p)
@@ -341,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the tables")
     p.add_argument("--budget", choices=["smoke", "short", "full"], default="full",
                    help="full: the configs as they are; short: a tenth of the epochs; smoke: 1 epoch of a tiny model")
-    p.add_argument("--seeds", help="train.seed values (default: the table's)")
-    p.add_argument("--out", help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
-    p.add_argument("--from", dest="from_dir", metavar="DIR",
+    p.add_argument("--seeds", type=given, help="train.seed values (default: the table's)")
+    p.add_argument("--out", type=given, help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", type=given,
                    help="run nothing: show the finished runs under DIR (e.g. docs/evidence) beside the paper's numbers")
     run_options(p)
     data_options(p)

@@ -119,7 +119,7 @@ def prior_note(spec: dict, prior: str) -> str:
 class Predictor:
     """An exported model ready to predict: on the best device, with its prior correction computed once."""
 
-    def __init__(self, model_path: str | Path, prior: Optional[str] = None, threshold: float = 0.5):
+    def __init__(self, model_path: str | Path, prior: Optional[str] = None, threshold: Optional[float] = None):
         self.model, self.spec, model_pt = load_model(model_path)
         check_spec(self.spec, model_pt.parent / "model.yaml")
         self.device = select_device("auto")
@@ -130,11 +130,15 @@ class Predictor:
             if prior is not None:
                 raise ArgumentError("prior", prior, "a multi-label model scores each class with its own sigmoid, so "
                                     "a class prior does not apply; leave the prior out (set the threshold)")
+            threshold = 0.5 if threshold is None else threshold
             if not 0 < threshold < 1:
                 raise ArgumentError("threshold", threshold, "give a probability in (0, 1)")
             self.threshold = threshold
             self.note = f"model.yaml: task multi_label: per-class sigmoid scores, positive at >= {threshold:g}"
             return
+        if threshold is not None:
+            raise ArgumentError("threshold", threshold, "a single-label model predicts its top classes under the "
+                                "prior; the threshold applies to multi-label models only, so leave it out")
         prior = prior or "uniform"
         counts = self.spec["data"]["class_counts"]
         self.shift = prior_shift(prior_vector(prior, counts), logit_prior_vector(self.spec["logit_prior"], counts))

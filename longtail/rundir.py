@@ -14,8 +14,8 @@ import yaml
 from torch import nn
 
 from longtail.calibration import calibration_record, fit_temperature
-from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, read_json,
-                                 remove_stale_temporaries, run_lock)
+from longtail.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint,
+                                 make_directory, read_json, remove_stale_temporaries, run_lock)
 from longtail.config import Config, from_dict, read_yaml
 from longtail.data import LTData, build_data
 from longtail.data.image_transforms import LIFT_EXPAND, eval_resize
@@ -101,7 +101,7 @@ def load_model(path: str | Path, needs: tuple[str, ...] = ()) -> tuple[nn.Module
             raise ConfigError(f"{needed} does not exist: expected a run directory written by `longtail train` "
                               f"({', '.join((*needs, 'model.yaml', 'model.pt'))})")
     spec = read_yaml(model_pt.parent / "model.yaml")
-    state = load_checkpoint(model_pt)
+    state = load_checkpoint(model_pt, kind="model file")
     # checkpoint.pt / best.pt hold the weights before the method's finalize (MORE merge, head folding).
     if not isinstance(state, dict) or ("model" in state and "epoch" in state):
         raise ConfigError(f"{model_pt} is not an exported model (a plain state dict; checkpoint.pt and best.pt "
@@ -157,7 +157,7 @@ def _evaluate_run(path: str | Path, split_name: str, plots: bool, data_root: Opt
     metrics.update(task=task.name, split=split_name, model_file=str(Path(path)), tta=run.cfg.eval.tta)
     if plots:
         fig = run.run_dir / "figures"
-        fig.mkdir(exist_ok=True)
+        make_directory(fig)
         remove_stale_temporaries(fig)  # of a killed `eval --plots` or `analyze`
         metrics["figures"] = [str(f) for f in task.figures(metrics, logits, targets, run.data, run.cfg, fig, split_name,
                                                            temperature)]

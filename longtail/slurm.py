@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from longtail.checkpoint import make_directory
 from longtail.errors import ConfigError
 from longtail.jobs import Outcome, last_error, read_results, train_command
 
@@ -119,7 +120,7 @@ def submit(points: list, options: dict, data_root: Optional[str], download: bool
            folder: Path) -> list:
     """Submit the points as one array; returns the submitit jobs in the points' order."""
     check_slurm(options, folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_directory(folder)
     executor = make_executor(folder, options)
     calls = [TrainPoint(train_command(p, data_root, download), str(folder / f"{p.name}.log"))
              for p in points]

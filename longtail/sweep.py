@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from longtail.checkpoint import make_directory
 from longtail.config import load_config, read_yaml
 from longtail.errors import ConfigError, LongtailError
 from longtail.jobs import Outcome, Point, last_error, read_results, train_command
@@ -149,7 +150,7 @@ def run_local(points: list[Point], jobs: int, data_root: Optional[str], download
     slots: Queue = Queue()
     for env in slot_environments(jobs, cores, visible_gpus(), thread_cap()):
         slots.put(env)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(log_dir)
     lock = threading.Lock()
     running: set[subprocess.Popen] = set()
     stopped = threading.Event()
@@ -227,6 +228,12 @@ def run_points(points: list[Point], out: str | Path, jobs: int = 1, slurm: Optio
     A failed point does not stop the others: the outcomes say which failed."""
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a file; a sweep writes a directory of runs, one per point: choose another "
+                          "--out")
+    if any((Path(out) / name).exists() for name in ("config.yaml", "checkpoint.pt", "results.json")):
+        raise ConfigError(f"--out {out} holds a single run (its config.yaml); a sweep writes a directory of runs, one "
+                          "per point, and its report would not see them there: choose another --out")
     if slurm is not None:
         from longtail.slurm import check_slurm
 

@@ -125,6 +125,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+class NanFromTheStart(Method):
+    def criterion(self, features, logits, y, progress):
+        loss, logs = super().criterion(features, logits, y, progress)
+        return loss * float("nan"), logs
+
+
+def test_a_loss_non_finite_before_any_checkpoint_says_none_is_kept(tmp_path, data_root):
+    register_method("nan_start_test", f"{__name__}:NanFromTheStart")
+    cfg = load_config(None, TINY)
+    cfg.method.name = "nan_start_test"
+    with pytest.raises(DivergedError, match="no checkpoint had been written yet, so the same command starts the run "
+                                            "over"):
+        fit(cfg, tmp_path / "run", data_root=str(data_root))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_best_val_selection_is_recorded(tmp_path, data_root):
     cfg = load_config(None, [*TINY, "data.val_per_class=3", "eval.select=best_val"])
     results = fit(cfg, tmp_path / "run", data_root=str(data_root))

@@ -161,6 +161,7 @@ def test_bad_models_and_inputs_are_refused(run, tmp_path):
     (["--topk", "11"], "--topk 11: the model has 10 classes; give 1..10"),
     (["--topk", "0"], "--topk 0: the model has 10 classes"),
     (["--prior", "uniformm"], "--prior uniformm: not uniform, train, or an existing file"),
+    (["--threshold", "0.3"], "--threshold 0.3: a single-label model predicts its top classes under the prior"),
 ])
 def test_the_command_names_its_flags(run, capsys, flags, message):
     _, out, images, _ = run

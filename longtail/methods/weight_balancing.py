@@ -24,6 +24,7 @@ from longtail.errors import ConfigError
 from longtail.inference import collect_features
 from longtail.losses import class_balanced_weights
 from longtail.methods.base import LossFn, Method, RunInfo
+from longtail.models import state_dict_mismatch
 
 # The data keys that decide which images form the training split.
 SUBSET_KEYS = ("name", "imbalance", "profile", "minority_fraction", "selection", "val_per_class", "subset_seed",
@@ -50,13 +51,16 @@ def load_init(model: nn.Module, cfg: Config) -> None:
                           "model.pt")
     check_same_subset(model_pt.parent / "config.yaml", cfg)
     try:
-        model.load_state_dict(load_checkpoint(model_pt))
+        state = load_checkpoint(model_pt, kind="model file")
+    except ConfigError as exc:
+        raise ConfigError(f"method.init_from: {exc}") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        # torch's first line only names the model class; the next ones name the offending keys
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:300]
         raise ConfigError(
             f"method.init_from: {model_pt} does not fit this config's model ({cfg.model.name}, head "
-            f"{cfg.model.head}): {detail}; the model.* settings must match those of the run it comes from"
+            f"{cfg.model.head}): {state_dict_mismatch(exc)}; the model.* settings must match those of the run it "
+            "comes from"
         ) from None
 
 

@@ -23,7 +23,7 @@ from longtail.models.heads import CosineHead, ETFHead, LinearHead, build_head, s
 from longtail.models.registry import MODELS, get_factory, register
 
 __all__ = [
-    "MODELS", "register", "get_factory", "build_model", "model_spec", "load_exported",
+    "MODELS", "register", "get_factory", "build_model", "model_spec", "load_exported", "state_dict_mismatch",
     "build_head", "scale_head", "LinearHead", "CosineHead", "ETFHead",
 ]
 
@@ -138,5 +138,14 @@ def load_exported(spec: dict, state_dict: dict, where: str = "model.yaml") -> nn
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise ConfigError(f"model.pt does not fit the architecture in model.yaml ({model_cfg.name}): {exc}") from None
+        raise ConfigError(f"model.pt does not fit the architecture in model.yaml ({model_cfg.name}): "
+                          f"{state_dict_mismatch(exc)}") from None
     return model
+
+
+def state_dict_mismatch(exc: RuntimeError, shown: int = 2) -> str:
+    """torch's load_state_dict error on one line: its first line only names the model class, each further one
+    a key that does not fit."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+    more = f" (and {len(lines) - shown} more)" if len(lines) > shown else ""
+    return " ".join(lines[:shown]) + more

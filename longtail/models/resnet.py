@@ -88,7 +88,7 @@ class ResNet(nn.Module):
         """Load a state dict with torchvision's names (docs/large_datasets.md#pretrained-backbones); keep its
         `fc.*` tensors for `init_head`."""
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, kind="model file")
         except ConfigError as exc:
             raise ConfigError(f"model.pretrained: {exc}") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

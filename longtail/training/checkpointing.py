@@ -134,6 +134,33 @@ def occupied(out: Path, cfg: Config) -> ConfigError:
                        f"pass {beside} (a free directory) to train this one beside it")
 
 
+def check_new_run_directory(out: Path, cfg: Config) -> None:
+    """A run without a checkpoint starts in a new or empty directory, or in one where a run of this config was
+    stopped before its first checkpoint: never over files of the user's, which `start_fresh` would replace."""
+    if not out.is_dir():
+        return
+    config = out / "config.yaml"
+    if config.exists():
+        text = config.read_text(errors="replace")
+        saved = read_yaml(config)
+        # A config longtail saved is a plain dump of every section: no comments, no `base:`.
+        if "base" in saved or any(line.lstrip().startswith("#") for line in text.splitlines()):
+            raise ConfigError(f"--out {out} holds a config.yaml written by hand (it has comments or a base: key), "
+                              f"which a run would overwrite with its own; give --out a directory of its own, "
+                              f"e.g. {out / 'run'}")
+        differ = config_differences(saved, cfg)
+        if differ:
+            raise ConfigError(f"--out {out} holds the config.yaml of another config that never reached a checkpoint "
+                              f"({shown_differences(saved, cfg, differ)}); remove that directory, or pass "
+                              f"--out {free_directory(out)}")
+        return
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ConfigError(f"--out {out} is not empty and holds no run ({shown}); a run writes config.yaml, "
+                          f"metrics.jsonl and more there: give a new or empty directory, e.g. {out / 'run'}")
+
+
 def start_fresh(cfg: Config, out: Path) -> None:
     """A new run directory, or one whose run was killed before its first checkpoint: that attempt's
     epoch records, best.pt, TensorBoard events, CSV rows and tracker runs (trackers.json) belong to a branch

@@ -32,8 +32,8 @@ from longtail.provenance import environment, native_bf16, segment
 from longtail.methods import check_config, training_folds
 from longtail.rundir import calibrate, export_model, load_model, score_model
 from longtail.task import get_task, task_of
-from longtail.training.checkpointing import (check_resumable, occupied, restore_best, resume_loop, save_checkpoint,
-                                             start_fresh, truncate_metrics)
+from longtail.training.checkpointing import (check_new_run_directory, check_resumable, occupied, restore_best,
+                                             resume_loop, save_checkpoint, start_fresh, truncate_metrics)
 from longtail.training.loop import build_loop, needs_two_samples, train_one_epoch
 from longtail.training.optim import describe_schedule, effective_batch_size, effective_lr, resolved_schedule
 from longtail.training.setup import Run, setup
@@ -70,6 +70,8 @@ def _fit(cfg: Config, out: Path, resume: bool, data_root: Optional[str], downloa
     ckpt_path, results_path = out / "checkpoint.pt", out / "results.json"
     if not resume and (ckpt_path.exists() or results_path.exists()):
         raise occupied(out, cfg)
+    if not ckpt_path.exists() and not results_path.exists():
+        check_new_run_directory(out, cfg)
     if resume and (out / "config.yaml").exists():  # before any work; again once setup resolved the nulls
         check_resumable(read_yaml(out / "config.yaml"), cfg, out / "config.yaml")
     if resume and results_path.exists():

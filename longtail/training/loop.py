@@ -72,9 +72,11 @@ def check(loop: Loop, ep: Epoch, i: int, due: bool = False) -> None:
     steps = loop.steps_per_epoch
     bad, stopping = read_flags(ep.nonfinite, loop.stop)
     if bad:
-        raise DivergedError(
-            f"the loss became non-finite in epoch {epoch + 1}, at or before step {i // accum + 1}; training stopped "
-            f"and the last good checkpoint ({loop.out / 'checkpoint.pt'}) is kept. Try {divergence_remedies(cfg)}.")
+        ckpt = loop.out / "checkpoint.pt"
+        kept = (f"the last good checkpoint ({ckpt}) is kept" if ckpt.exists() else
+                "no checkpoint had been written yet, so the same command starts the run over")
+        raise DivergedError(f"the loss became non-finite in epoch {epoch + 1}, at or before step {i // accum + 1}; "
+                            f"training stopped and {kept}. Try {divergence_remedies(cfg)}.")
     for key, value in ep.window.items():
         ep.sums[key] = ep.sums[key] + value if key in ep.sums else value
     if ep.window_steps:
