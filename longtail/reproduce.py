@@ -260,7 +260,8 @@ def match_key(flat: dict) -> tuple:
 
 def read_recorded(root: Path) -> list[Recorded]:
     if not root.is_dir():
-        raise ConfigError(f"--from {root}: no such directory (give a folder of run directories, e.g. docs/evidence)")
+        raise ConfigError(f"--from {root}: {'not a directory' if root.exists() else 'no such directory'} (give a "
+                          "folder of run directories, e.g. docs/evidence)")
     runs = []
     for results in sorted(root.rglob("results.json")):
         run = results.parent

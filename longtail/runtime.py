@@ -12,15 +12,23 @@ import torch
 from longtail.errors import ConfigError
 
 
+def check_device_name(name: str) -> None:
+    """That `name` names a device (not that this machine has it: a sweep for a cluster is planned on a login node)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
 def select_device(name: str) -> torch.device:
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} was asked for but CUDA is not available; use auto or cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -130,6 +130,8 @@ def test_reproduce_refuses_flags_that_would_do_nothing(tmp_path, capsys):
     refused(capsys, ["reproduce", "wb", "--from", str(tmp_path), "--out", str(tmp_path / "x")],
             "--from shows runs that exist and runs nothing, so --out would do nothing")
     refused(capsys, ["reproduce", "wb", "--list"], "--list lists every table; leave out the table name (wb)")
+    (tmp_path / "afile").write_text("mine")
+    refused(capsys, ["reproduce", "wb", "--from", str(tmp_path / "afile")], "afile: not a directory")
 
 
 def test_a_broken_model_file_is_not_called_a_checkpoint_to_restart_without(run, tmp_path, capsys, data_root):
@@ -149,3 +151,15 @@ def test_a_model_that_does_not_fit_its_model_yaml_is_one_line(run, tmp_path, cap
     shutil.copy(other / "model.pt", out / "model.pt")
     refused(capsys, ["eval", str(out), "--data-root", str(data_root)],
             "model.pt does not fit the architecture in model.yaml (mlp): size mismatch for")
+
+
+@pytest.mark.parametrize("key,good,bad,message", [
+    ("model.name", "mlp", "resnet99", "model.name: unknown model 'resnet99'; registered models:"),
+    ("model.name", "mlp", "nosuchmod:factory", "model.name: cannot import module 'nosuchmod'"),
+    ("train.device", "cpu", "banana", "train.device: 'banana' is not a device; use auto, cpu, cuda or cuda:N"),
+])
+def test_config_refuses_what_train_would_before_a_sweep_runs_a_point(tmp_path, capsys, key, good, bad, message):
+    refused(capsys, ["config", "fashion_mnist_lt/ce", f"{key}={bad}"], message)
+    refused(capsys, ["sweep", "fashion_mnist_lt/ce", "--grid", f"{key}=[{good},{bad}]", "--out", str(tmp_path / "s")],
+            message)
+    assert not (tmp_path / "s").exists()

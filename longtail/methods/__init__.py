@@ -7,6 +7,8 @@ from longtail.config import Config
 from longtail.errors import ConfigError
 from longtail.losses import check_loss_config, logit_scale
 from longtail.methods.base import LossFn, Method, RunInfo
+from longtail.models.registry import get_factory
+from longtail.runtime import check_device_name
 
 METHODS: dict[str, str] = {
     "erm": "longtail.methods.base:Method",
@@ -39,6 +41,8 @@ def check_config(cfg: Config) -> None:
     `training.setup`, the train command (before --download-weights), sweep and reproduce (before any point).
     The `loss` keys' ranges are the loss Modules' own (`longtail.losses.check_loss_config`)."""
     check_loss_config(cfg.loss)
+    get_factory(cfg.model.name)  # a misspelt model or device is refused before a sweep runs its other points
+    check_device_name(cfg.train.device)
     method_class(cfg.method.name).check_config(cfg)
     if cfg.more.enabled:
         from longtail.methods.more import More
