@@ -118,3 +118,24 @@ def test_no_config_key_is_declared_twice():
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         names = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)]
         assert len(names) == len(set(names)), f"{cls.name} declares {sorted({n for n in names if names.count(n) > 1})} twice"
+
+
+@pytest.mark.parametrize("command", ["train", "config", "data", "reproduce"])
+def test_a_config_that_is_not_utf8_is_refused_naming_the_file(tmp_path, capsys, command):
+    from longtail.cli import main
+
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  epochs: 5  # d\u00e9j\u00e0 vu\n".encode("latin-1"))
+    out = tmp_path / "out"
+    args = [command, str(latin1)] + (["--out", str(out)] if command in ("train", "reproduce") else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"longtail {command}: error: config file {latin1} is not a UTF-8 text (YAML) file: line 2" in err
+    assert not out.exists()
+
+
+def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "base.yaml").write_bytes(b"\xff\xfe")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'base.yaml'} is not a UTF-8 text"):
+        load_config(tmp_path / "child.yaml")
