@@ -139,3 +139,32 @@ def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "child.yaml").write_text("base: base.yaml\n")
     with pytest.raises(ConfigError, match=f"config file {tmp_path / 'base.yaml'} is not a UTF-8 text"):
         load_config(tmp_path / "child.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.imbalance=.nan", "data.imbalance"),  # passed ">= 1", then int(nan) crashed building the subset
+    ("optim.lr=.nan", "optim.lr"),
+    ("optim.lr=.inf", "optim.lr"),  # passed "> 0", then the run diverged
+    ("loss.tau=.inf", "loss.tau"),
+    ("optim.weight_decay=-.inf", "optim.weight_decay"),
+    ("optim.lr=nan", "optim.lr"),  # a string that float() reads as NaN
+    ("optim.lr=Infinity", "optim.lr"),
+    ("loss.drw_start=.nan", "loss.drw_start"),  # a number or null
+    ("schedule.milestones=[0.5, .nan]", r"schedule.milestones\[1\]"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: expected a finite number, got -?(nan|inf)$"):
+        load_config(None, [override])
+
+
+def test_config_refuses_a_nan_it_used_to_print(tmp_path, capsys):
+    from longtail.cli import main
+
+    assert main(["config", "cifar10_lt/ce", "data.imbalance=.nan"]) == 2
+    captured = capsys.readouterr()
+    assert "longtail config: error: data.imbalance: expected a finite number, got nan" in captured.err
+    assert captured.out == ""
+    nan_file = tmp_path / "nan.yaml"
+    nan_file.write_text("optim:\n  lr: .nan\n")
+    assert main(["train", str(nan_file), "--out", str(tmp_path / "run")]) == 2
+    assert "optim.lr: expected a finite number" in capsys.readouterr().err and not (tmp_path / "run").exists()
