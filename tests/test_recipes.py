@@ -24,6 +24,19 @@ def test_a_recipe_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
         load_config("cifar10_lt/nope")
 
 
+def test_a_mistyped_recipe_name_gets_the_closest_shipped_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "cifar10_lt/ldam_drww", "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert ("no shipped recipe is named 'cifar10_lt/ldam_drww'; did you mean cifar10_lt/ldam_drw? `longtail configs` "
+            "lists the recipes") in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"did you mean cifar100_lt/ldam_drw\?"):  # not cifar100_lt/la
+        load_config("configs/cifar100_lt/ldam.yaml")
+    with pytest.raises(ConfigError, match="'my_config.yaml'; `longtail configs`"):  # nothing close: no guess
+        load_config("my_config.yaml")
+
+
 def test_a_file_wins_over_a_recipe_of_the_same_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cifar10_lt").mkdir()

@@ -8,6 +8,7 @@ Layer: foundation. Imports only `errors`.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from pathlib import Path
 
@@ -55,7 +56,21 @@ def find_recipe(name: str | Path) -> Path:
         if not rest.is_absolute() and candidate.is_file():
             return candidate
     raise ConfigError(f"config file {path} does not exist, and no shipped recipe is named {str(name)!r}; "
-                      "`longtail configs` lists the recipes")
+                      f"{recipe_hint(rest)}")
+
+
+def recipe_hint(name: Path) -> str:
+    """Where to find the recipe a mistyped name meant: the closest shipped name, and `longtail configs`."""
+    typed = name.as_posix().removesuffix(".yaml")
+
+    def similarity(known: str) -> float:
+        return difflib.SequenceMatcher(None, typed, known).ratio()
+
+    def score(known: str) -> float:  # a name that holds the typed one's file name wins: cifar100_lt/ldam -> ldam_drw, not la
+        return similarity(known) + 0.2 * (name.stem in known.rpartition("/")[2])
+
+    best = max(recipe_names(), key=score)
+    return (f"did you mean {best}? " if similarity(best) >= 0.6 else "") + "`longtail configs` lists the recipes"
 
 
 def read_recipe(path: str | Path, inside: tuple[Path, ...] = ()) -> dict:
@@ -94,15 +109,17 @@ def describe(path: Path, limit: int = 100) -> str:
     return sentence if len(sentence) <= limit else sentence[:limit - 3].rstrip() + "..."
 
 
+def recipe_names() -> list[str]:
+    """The shipped recipes' names (`cifar10_lt/ce`, ...); the paper tables are `longtail reproduce --list`'s."""
+    root = recipes_dir()
+    return [path.relative_to(root).with_suffix("").as_posix() for path in sorted(root.glob("*/*.yaml"))
+            if path.parent.name != "tables"]
+
+
 def list_recipes(pattern: str | None = None) -> list[tuple[str, str]]:
     """(name, description) of the shipped recipes whose name matches `pattern` (a glob, or a plain word
-    matched anywhere in the name); the paper tables are `longtail reproduce --list`'s."""
-    root = recipes_dir()
+    matched anywhere in the name)."""
     if pattern and not any(c in pattern for c in "*?["):
         pattern = f"*{pattern}*"
-    found = []
-    for path in sorted(root.glob("*/*.yaml")):
-        name = path.relative_to(root).with_suffix("").as_posix()
-        if path.parent.name != "tables" and (not pattern or fnmatch.fnmatch(name, pattern)):
-            found.append((name, describe(path)))
-    return found
+    return [(name, describe(recipes_dir() / f"{name}.yaml")) for name in recipe_names()
+            if not pattern or fnmatch.fnmatch(name, pattern)]
