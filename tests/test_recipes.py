@@ -73,6 +73,24 @@ def test_base_lays_a_recipe_over_another(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_a_missing_base_names_the_file_that_refers_to_it_and_where_it_was_looked_for(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "child.yaml"
+    child.write_text("base: sub/middle.yaml\n")
+    middle = tmp_path / "sub" / "middle.yaml"
+    middle.write_text("base: nonexistent.yaml\n")
+    assert main(["config", str(child)]) == 2
+    captured = capsys.readouterr()
+    assert (f"longtail config: error: {middle}: base: nonexistent.yaml does not exist as "
+            f"{(tmp_path / 'sub' / 'nonexistent.yaml').resolve()} (a base path is relative to the folder of the file "
+            "that names it), and no shipped recipe is named 'nonexistent.yaml'") in captured.err
+    assert captured.out == ""
+    middle.write_text("base: cifar10_lt/ldam_drww\n")
+    with pytest.raises(ConfigError, match=r"middle.yaml: base: cifar10_lt/ldam_drww does not exist as .*did you mean "
+                                          r"cifar10_lt/ldam_drw\?"):
+        load_config(child)
+
+
 def test_shipped_recipes_that_use_base_resolve_to_what_they_spelled_out():
     for dataset in ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt"):
         la = recipes_dir() / dataset / "la.yaml"

@@ -45,23 +45,28 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def find_recipe(name: str | Path) -> Path:
-    """`name` when it is a file; else the shipped recipe of that name (`cifar10_lt/ce`, `cifar10_lt/ce.yaml`,
-    or `configs/cifar10_lt/ce.yaml` as the README writes it, from any directory)."""
+    """`name` when it is a file; else the shipped recipe of that name, from any directory."""
     path = Path(name)
-    if path.is_file():
-        return path
-    root = recipes_dir()
+    found = path if path.is_file() else shipped_recipe(path)
+    if found is None:
+        raise ConfigError(f"config file {path} does not exist, and no shipped recipe is named {str(name)!r}; "
+                          f"{recipe_hint(path)}")
+    return found
+
+
+def shipped_recipe(name: str | Path) -> Path | None:
+    """The shipped recipe of that name (`cifar10_lt/ce`, `cifar10_lt/ce.yaml`, or `configs/cifar10_lt/ce.yaml` as
+    the README writes it), else None."""
+    path = Path(name)
     rest = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
-    for candidate in (root / rest, root / rest.with_name(rest.name + ".yaml")):
-        if not rest.is_absolute() and candidate.is_file():
-            return candidate
-    raise ConfigError(f"config file {path} does not exist, and no shipped recipe is named {str(name)!r}; "
-                      f"{recipe_hint(rest)}")
+    root = recipes_dir()
+    candidates = () if rest.is_absolute() else (root / rest, root / rest.with_name(rest.name + ".yaml"))
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def recipe_hint(name: Path) -> str:
     """Where to find the recipe a mistyped name meant: the closest shipped name, and `longtail configs`."""
-    typed = name.as_posix().removesuffix(".yaml")
+    typed = name.as_posix().removeprefix("configs/").removesuffix(".yaml")
 
     def similarity(known: str) -> float:
         return difflib.SequenceMatcher(None, typed, known).ratio()
@@ -84,7 +89,11 @@ def read_recipe(path: str | Path, inside: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: base: expected a recipe name or a path to a YAML file, got {base!r}")
     beside = path.parent / base
     base_path = next((p for p in (beside, beside.with_name(beside.name + ".yaml")) if p.is_file()), None)
-    base_path = base_path or find_recipe(base)
+    base_path = base_path or shipped_recipe(base)
+    if base_path is None:
+        raise ConfigError(f"{path}: base: {base} does not exist as {beside.resolve()} (a base path is relative to the "
+                          f"folder of the file that names it), and no shipped recipe is named {base!r}; "
+                          f"{recipe_hint(Path(base))}")
     if base_path.resolve() in (*inside, path.resolve()):
         raise ConfigError(f"{path}: base: {base} leads back to {path}; a recipe cannot inherit from itself")
     merged = read_recipe(base_path, (*inside, path.resolve()))
