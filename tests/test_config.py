@@ -165,6 +165,6 @@ def test_config_refuses_a_nan_it_used_to_print(tmp_path, capsys):
     assert "longtail config: error: data.imbalance: expected a finite number, got nan" in captured.err
     assert captured.out == ""
     nan_file = tmp_path / "nan.yaml"
-    nan_file.write_text("optim:\n  lr: .nan\n")
+    nan_file.write_text(f"optim:\n  lr: .nan\ndata:\n  root: {tmp_path / 'none'}\n")  # no data: never trains
     assert main(["train", str(nan_file), "--out", str(tmp_path / "run")]) == 2
     assert "optim.lr: expected a finite number" in capsys.readouterr().err and not (tmp_path / "run").exists()
