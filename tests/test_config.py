@@ -168,3 +168,26 @@ def test_config_refuses_a_nan_it_used_to_print(tmp_path, capsys):
     nan_file.write_text(f"optim:\n  lr: .nan\ndata:\n  root: {tmp_path / 'none'}\n")  # no data: never trains
     assert main(["train", str(nan_file), "--out", str(tmp_path / "run")]) == 2
     assert "optim.lr: expected a finite number" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_in_a_file_is_refused_naming_the_file_key_and_lines(tmp_path, capsys):
+    from longtail.cli import main
+
+    twice = tmp_path / "twice.yaml"
+    # No data there: a run that got past the config would stop at once instead of training.
+    twice.write_text(f"data:\n  name: fashion_mnist_lt\n  name: cifar10_lt\n  root: {tmp_path / 'none'}\n")
+    assert main(["train", str(twice), "--out", str(tmp_path / "run")]) == 2
+    assert (f"longtail train: error: config file {twice} is not valid YAML: key 'name' is given twice in one mapping, "
+            "on lines 2 and 3; keep one") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.2\noptim:\n  momentum: 0.8\n")  # a section twice
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'base.yaml'} .*key 'optim' .*lines 1 and 3"):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_a_key_that_overrides_a_yaml_merge_is_no_duplicate(tmp_path):
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("optim:\n  <<: {lr: 0.2, momentum: 0.8}\n  lr: 0.05\n")
+    cfg = load_config(merged)
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.05, 0.8)

@@ -25,6 +25,23 @@ def recipes_dir() -> Path:
     return shipped if shipped.is_dir() else PACKAGE.parent / "configs"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping: the YAML spec forbids it, and PyYAML would keep
+    the last value without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:
+            # A merge key (<<) may stand beside keys that override what it merges; those are not duplicates.
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in lines:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"key {key!r} is given twice in one mapping, on lines {lines[key]} and {line}; keep one")
+                lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -36,7 +53,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not a UTF-8 text (YAML) file: line {line} holds a byte that is not "
                           "UTF-8; save the file as UTF-8") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
