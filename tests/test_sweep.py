@@ -62,6 +62,18 @@ def test_a_bad_grid_value_stops_the_sweep_before_any_run():
 
 
 
+def test_a_list_valued_key_given_one_list_gets_the_nested_form(tmp_path, capsys):
+    from longtail.cli import main
+
+    out = tmp_path / "sw"
+    assert main(["sweep", CE, "--grid", "schedule.milestones=[0.5,0.9]", "--out", str(out)]) == 2
+    assert ("longtail sweep: error: --grid 'schedule.milestones=[0.5,0.9]': schedule.milestones takes a list and 0.5 "
+            "is not one; the grid needs one list per point, e.g. --grid 'schedule.milestones=[[0.5,0.9]]'"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    assert parse_grid(["eval.thresholds=[null,[100,20]]"]) == [("eval.thresholds", [None, [100, 20]])]  # null: a value
+
+
 def test_a_baseline_that_is_no_point_stops_the_sweep_before_any_run(tmp_path):
     from longtail.sweep import sweep
 

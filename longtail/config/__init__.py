@@ -89,6 +89,14 @@ def all_keys() -> list[str]:
             for f in dataclasses.fields(section.default_factory)]
 
 
+def takes_list(dotted: str) -> bool:
+    """Whether a known dotted key's value is a list (`schedule.milestones`; `eval.thresholds`, which may be null)."""
+    section, _, name = dotted.partition(".")
+    section_type = typing.get_type_hints(Config).get(section)
+    tp = typing.get_type_hints(section_type).get(name) if section_type else None
+    return any(typing.get_origin(t) is list for t in (tp, *typing.get_args(tp)))
+
+
 def closest_keys(typed: str, n: int = 2) -> list[str]:
     """The known keys nearest to a mistyped one, in its own section or any other (`train.warmup` ->
     `schedule.warmup_epochs`); a mistyped section (`trian`) gets the nearest section names."""
