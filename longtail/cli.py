@@ -200,7 +200,7 @@ def slurm_options(args: argparse.Namespace) -> dict | None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from longtail.sweep import parse_grid, parse_seeds, sweep
 
-    seeds = parse_seeds(args.seeds) if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None  # '' is refused, not read as no --seeds
     sweep(args.config, args.overrides, parse_grid(args.grid), seeds, args.out, jobs=args.jobs,
           slurm=slurm_options(args), data_root=args.data_root, download=args.download, baseline=args.baseline)
 
@@ -218,7 +218,8 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         show_recorded(args.table, args.from_dir)
         return
     reproduce(args.table, budget=args.budget, out=args.out, jobs=args.jobs, slurm=slurm_options(args),
-              data_root=args.data_root, download=args.download, seeds=parse_seeds(args.seeds) if args.seeds else None)
+              data_root=args.data_root, download=args.download,
+              seeds=parse_seeds(args.seeds) if args.seeds is not None else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,19 @@ def test_a_grid_value_given_twice_is_refused_as_a_seed_given_twice_is(tmp_path, 
         parse_grid(["schedule.milestones=[[0.5],[0.8],[0.5]]"])
 
 
+@pytest.mark.parametrize("command", ["sweep", "reproduce"])
+def test_an_empty_seeds_value_is_refused_not_read_as_the_default(tmp_path, capsys, command):
+    from longtail.cli import main
+
+    out = tmp_path / "out"
+    # No data there: a command that got past --seeds would stop at once instead of training.
+    where = ["--out", str(out), "--data-root", str(tmp_path / "none")]
+    args = [CE, "--grid", "loss.name=[ce]"] if command == "sweep" else ["ldam_drw", "--budget", "smoke"]
+    assert main([command, *args, "--seeds", "", *where]) == 2
+    assert f"longtail {command}: error: --seeds '': expected comma-separated integers, e.g. 0,1,2" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_baseline_that_is_no_point_stops_the_sweep_before_any_run(tmp_path):
     from longtail.sweep import sweep
 
