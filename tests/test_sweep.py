@@ -96,7 +96,8 @@ def test_an_empty_seeds_value_is_refused_not_read_as_the_default(tmp_path, capsy
     where = ["--out", str(out), "--data-root", str(tmp_path / "none")]
     args = [CE, "--grid", "loss.name=[ce]"] if command == "sweep" else ["ldam_drw", "--budget", "smoke"]
     assert main([command, *args, "--seeds", "", *where]) == 2
-    assert f"longtail {command}: error: --seeds '': expected comma-separated integers, e.g. 0,1,2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"longtail {command}: error: --seeds '': expected comma-separated integers, e.g. 0,1,2" in err
     assert not out.exists()
 
 

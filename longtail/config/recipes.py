@@ -36,8 +36,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 key, line = self.construct_object(key_node), key_node.start_mark.line + 1
                 if key in lines:
-                    raise yaml.constructor.ConstructorError(
-                        problem=f"key {key!r} is given twice in one mapping, on lines {lines[key]} and {line}; keep one")
+                    raise yaml.constructor.ConstructorError(problem=f"key {key!r} is given twice in one mapping, on "
+                                                                    f"lines {lines[key]} and {line}; keep one")
                 lines[key] = line
         return super().construct_mapping(node, deep)
 
@@ -88,7 +88,8 @@ def recipe_hint(name: Path) -> str:
     def similarity(known: str) -> float:
         return difflib.SequenceMatcher(None, typed, known).ratio()
 
-    def score(known: str) -> float:  # a name that holds the typed one's file name wins: cifar100_lt/ldam -> ldam_drw, not la
+    # Of names about as close, one whose file name holds the typed one's: cifar100_lt/ldam -> ldam_drw, not la.
+    def score(known: str) -> float:
         return similarity(known) + 0.2 * (name.stem in known.rpartition("/")[2])
 
     best = max(recipe_names(), key=score)
