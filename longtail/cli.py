@@ -225,7 +225,7 @@ def slurm_options(args: argparse.Namespace) -> dict | None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from longtail.sweep import parse_grid, parse_seeds, sweep
 
-    seeds = parse_seeds(args.seeds) if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None  # '' is refused, not read as no --seeds
     sweep(args.config, args.overrides, parse_grid(args.grid), seeds, args.out, jobs=args.jobs,
           slurm=slurm_options(args), data_root=args.data_root, download=args.download, baseline=args.baseline)
 
@@ -249,7 +249,8 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         show_recorded(args.table, args.from_dir)
         return
     reproduce(args.table, budget=args.budget, out=args.out, jobs=args.jobs, slurm=slurm_options(args),
-              data_root=args.data_root, download=args.download, seeds=parse_seeds(args.seeds) if args.seeds else None)
+              data_root=args.data_root, download=args.download,
+              seeds=parse_seeds(args.seeds) if args.seeds is not None else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=50")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
                    help="a key and its values as a YAML flow list; repeat for a product of grids")
-    p.add_argument("--seeds", type=given, help="train.seed values, e.g. 0,1,2 (default: the config's seed)")
+    p.add_argument("--seeds", help="train.seed values, e.g. 0,1,2 (default: the config's seed)")
     p.add_argument("--out", type=given, required=True, help="the sweep directory: one run directory per point inside")
     p.add_argument("--baseline", help="the report's baseline: a point name without its seed, e.g. loss.name=ce")
     run_options(p)
@@ -377,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the tables")
     p.add_argument("--budget", choices=["smoke", "short", "full"], default="full",
                    help="full: the configs as they are; short: a tenth of the epochs; smoke: 1 epoch of a tiny model")
-    p.add_argument("--seeds", type=given, help="train.seed values (default: the table's)")
+    p.add_argument("--seeds", help="train.seed values (default: the table's)")
     p.add_argument("--out", type=given, help="directory of the runs (default: runs/reproduce/<table>-<budget>)")
     p.add_argument("--from", dest="from_dir", metavar="DIR", type=given,
                    help="run nothing: show the finished runs under DIR (e.g. docs/evidence) beside the paper's numbers")

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from longtail.checkpoint import make_directory
-from longtail.config import load_config, read_yaml
+from longtail.config import load_config, read_yaml, takes_list
 from longtail.errors import ConfigError, LongtailError
 from longtail.jobs import Outcome, Point, last_error, read_results, train_command
 from longtail.methods import check_config
@@ -47,6 +47,13 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
             raise ConfigError("--grid train.seed: give seeds with --seeds 0,1,2")
         if key in (k for k, _ in grid):
             raise ConfigError(f"--grid {key}: given twice; put every value in one list")
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:  # the same point twice would run twice and count twice in the report
+            raise ConfigError(f"--grid {item!r}: {key}={_value_text(repeated[0])} is given twice; give each value once")
+        single = [v for v in values if v is not None and not isinstance(v, list)]
+        if single and takes_list(key):
+            raise ConfigError(f"--grid {item!r}: {key} takes a list and {single[0]!r} is not one; the grid needs one "
+                              f"list per point, e.g. --grid '{key}=[{text.strip()}]'")
         grid.append((key, values))
     return grid
 

@@ -117,7 +117,6 @@ def test_an_output_file_is_replaced_only_with_overwrite(run, tmp_path, capsys, d
     (["posthoc", "RUN", "--tau", "inf"], "argument --tau: expected a finite number, got inf"),
     (["train", "fashion_mnist_lt/ce", "--out", ""], "argument --out: expected a value, got an empty string"),
     (["eval", "RUN", "--data-root", " "], "argument --data-root: expected a value"),
-    (["sweep", "fashion_mnist_lt/ce", "--out", "x", "--seeds", ""], "argument --seeds: expected a value"),
 ])
 def test_flags_refuse_values_that_would_silently_mean_something_else(run, capsys, argv, message):
     argv = [str(run) if a == "RUN" else a for a in argv]

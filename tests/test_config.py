@@ -118,3 +118,76 @@ def test_no_config_key_is_declared_twice():
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         names = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)]
         assert len(names) == len(set(names)), f"{cls.name} declares {sorted({n for n in names if names.count(n) > 1})} twice"
+
+
+@pytest.mark.parametrize("command", ["train", "config", "data", "reproduce"])
+def test_a_config_that_is_not_utf8_is_refused_naming_the_file(tmp_path, capsys, command):
+    from longtail.cli import main
+
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  epochs: 5  # d\u00e9j\u00e0 vu\n".encode("latin-1"))
+    out = tmp_path / "out"
+    args = [command, str(latin1)] + (["--out", str(out)] if command in ("train", "reproduce") else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"longtail {command}: error: config file {latin1} is not a UTF-8 text (YAML) file: line 2" in err
+    assert not out.exists()
+
+
+def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "base.yaml").write_bytes(b"\xff\xfe")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'base.yaml'} is not a UTF-8 text"):
+        load_config(tmp_path / "child.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.imbalance=.nan", "data.imbalance"),  # passed ">= 1", then int(nan) crashed building the subset
+    ("optim.lr=.nan", "optim.lr"),
+    ("optim.lr=.inf", "optim.lr"),  # passed "> 0", then the run diverged
+    ("loss.tau=.inf", "loss.tau"),
+    ("optim.weight_decay=-.inf", "optim.weight_decay"),
+    ("optim.lr=nan", "optim.lr"),  # a string that float() reads as NaN
+    ("optim.lr=Infinity", "optim.lr"),
+    ("loss.drw_start=.nan", "loss.drw_start"),  # a number or null
+    ("schedule.milestones=[0.5, .nan]", r"schedule.milestones\[1\]"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: expected a finite number, got -?(nan|inf)$"):
+        load_config(None, [override])
+
+
+def test_config_refuses_a_nan_it_used_to_print(tmp_path, capsys):
+    from longtail.cli import main
+
+    assert main(["config", "cifar10_lt/ce", "data.imbalance=.nan"]) == 2
+    captured = capsys.readouterr()
+    assert "longtail config: error: data.imbalance: expected a finite number, got nan" in captured.err
+    assert captured.out == ""
+    nan_file = tmp_path / "nan.yaml"
+    nan_file.write_text(f"optim:\n  lr: .nan\ndata:\n  root: {tmp_path / 'none'}\n")  # no data: never trains
+    assert main(["train", str(nan_file), "--out", str(tmp_path / "run")]) == 2
+    assert "optim.lr: expected a finite number" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_in_a_file_is_refused_naming_the_file_key_and_lines(tmp_path, capsys):
+    from longtail.cli import main
+
+    twice = tmp_path / "twice.yaml"
+    # No data there: a run that got past the config would stop at once instead of training.
+    twice.write_text(f"data:\n  name: fashion_mnist_lt\n  name: cifar10_lt\n  root: {tmp_path / 'none'}\n")
+    assert main(["train", str(twice), "--out", str(tmp_path / "run")]) == 2
+    assert (f"longtail train: error: config file {twice} is not valid YAML: key 'name' is given twice in one mapping, "
+            "on lines 2 and 3; keep one") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.2\noptim:\n  momentum: 0.8\n")  # a section twice
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'base.yaml'} .*key 'optim' .*lines 1 and 3"):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_a_key_that_overrides_a_yaml_merge_is_no_duplicate(tmp_path):
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("optim:\n  <<: {lr: 0.2, momentum: 0.8}\n  lr: 0.05\n")
+    cfg = load_config(merged)
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.05, 0.8)

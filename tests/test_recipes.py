@@ -24,6 +24,19 @@ def test_a_recipe_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
         load_config("cifar10_lt/nope")
 
 
+def test_a_mistyped_recipe_name_gets_the_closest_shipped_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "cifar10_lt/ldam_drww", "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert ("no shipped recipe is named 'cifar10_lt/ldam_drww'; did you mean cifar10_lt/ldam_drw? `longtail configs` "
+            "lists the recipes") in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"did you mean cifar100_lt/ldam_drw\?"):  # not cifar100_lt/la
+        load_config("configs/cifar100_lt/ldam.yaml")
+    with pytest.raises(ConfigError, match="'my_config.yaml'; `longtail configs`"):  # nothing close: no guess
+        load_config("my_config.yaml")
+
+
 def test_a_file_wins_over_a_recipe_of_the_same_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cifar10_lt").mkdir()
@@ -58,6 +71,24 @@ def test_base_lays_a_recipe_over_another(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: [x]\n")
     with pytest.raises(ConfigError, match="bad.yaml: base: expected a recipe name"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_missing_base_names_the_file_that_refers_to_it_and_where_it_was_looked_for(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "child.yaml"
+    child.write_text("base: sub/middle.yaml\n")
+    middle = tmp_path / "sub" / "middle.yaml"
+    middle.write_text("base: nonexistent.yaml\n")
+    assert main(["config", str(child)]) == 2
+    captured = capsys.readouterr()
+    assert (f"longtail config: error: {middle}: base: nonexistent.yaml does not exist as "
+            f"{(tmp_path / 'sub' / 'nonexistent.yaml').resolve()} (a base path is relative to the folder of the file "
+            "that names it), and no shipped recipe is named 'nonexistent.yaml'") in captured.err
+    assert captured.out == ""
+    middle.write_text("base: cifar10_lt/ldam_drww\n")
+    with pytest.raises(ConfigError, match=r"middle.yaml: base: cifar10_lt/ldam_drww does not exist as .*did you mean "
+                                          r"cifar10_lt/ldam_drw\?"):
+        load_config(child)
 
 
 def test_shipped_recipes_that_use_base_resolve_to_what_they_spelled_out():

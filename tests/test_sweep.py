@@ -62,6 +62,45 @@ def test_a_bad_grid_value_stops_the_sweep_before_any_run():
 
 
 
+def test_a_list_valued_key_given_one_list_gets_the_nested_form(tmp_path, capsys):
+    from longtail.cli import main
+
+    out = tmp_path / "sw"
+    assert main(["sweep", CE, "--grid", "schedule.milestones=[0.5,0.9]", "--out", str(out)]) == 2
+    assert ("longtail sweep: error: --grid 'schedule.milestones=[0.5,0.9]': schedule.milestones takes a list and 0.5 "
+            "is not one; the grid needs one list per point, e.g. --grid 'schedule.milestones=[[0.5,0.9]]'"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    assert parse_grid(["eval.thresholds=[null,[100,20]]"]) == [("eval.thresholds", [None, [100, 20]])]  # null: a value
+
+
+def test_a_grid_value_given_twice_is_refused_as_a_seed_given_twice_is(tmp_path, capsys):
+    from longtail.cli import main
+
+    out = tmp_path / "sw"
+    # No data there: points that got past the check would stop at once instead of training.
+    assert main(["sweep", CE, f"data.root={tmp_path / 'none'}", "--grid", "loss.name=[ce,ce]", "--out", str(out)]) == 2
+    assert ("longtail sweep: error: --grid 'loss.name=[ce,ce]': loss.name=ce is given twice; give each value once"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"schedule.milestones=\[0.5\] is given twice"):
+        parse_grid(["schedule.milestones=[[0.5],[0.8],[0.5]]"])
+
+
+@pytest.mark.parametrize("command", ["sweep", "reproduce"])
+def test_an_empty_seeds_value_is_refused_not_read_as_the_default(tmp_path, capsys, command):
+    from longtail.cli import main
+
+    out = tmp_path / "out"
+    # No data there: a command that got past --seeds would stop at once instead of training.
+    where = ["--out", str(out), "--data-root", str(tmp_path / "none")]
+    args = [CE, "--grid", "loss.name=[ce]"] if command == "sweep" else ["ldam_drw", "--budget", "smoke"]
+    assert main([command, *args, "--seeds", "", *where]) == 2
+    err = capsys.readouterr().err
+    assert f"longtail {command}: error: --seeds '': expected comma-separated integers, e.g. 0,1,2" in err
+    assert not out.exists()
+
+
 def test_a_baseline_that_is_no_point_stops_the_sweep_before_any_run(tmp_path):
     from longtail.sweep import sweep
 

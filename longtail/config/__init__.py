@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from pathlib import Path
@@ -71,6 +72,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # NaN passes every range check (nan < 1 is false) and infinity passes "> 0"; no key means anything by them.
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -83,6 +87,14 @@ def all_keys() -> list[str]:
     """Every dotted key of the config (`data.name`, ...)."""
     return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
             for f in dataclasses.fields(section.default_factory)]
+
+
+def takes_list(dotted: str) -> bool:
+    """Whether a known dotted key's value is a list (`schedule.milestones`; `eval.thresholds`, which may be null)."""
+    section, _, name = dotted.partition(".")
+    section_type = typing.get_type_hints(Config).get(section)
+    tp = typing.get_type_hints(section_type).get(name) if section_type else None
+    return any(typing.get_origin(t) is list for t in (tp, *typing.get_args(tp)))
 
 
 def closest_keys(typed: str, n: int = 2) -> list[str]:

@@ -8,6 +8,7 @@ Layer: foundation. Imports only `errors`.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from pathlib import Path
 
@@ -24,12 +25,35 @@ def recipes_dir() -> Path:
     return shipped if shipped.is_dir() else PACKAGE.parent / "configs"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping: the YAML spec forbids it, and PyYAML would keep
+    the last value without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:
+            # A merge key (<<) may stand beside keys that override what it merges; those are not duplicates.
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in lines:
+                    raise yaml.constructor.ConstructorError(problem=f"key {key!r} is given twice in one mapping, on "
+                                                                    f"lines {lines[key]} and {line}; keep one")
+                lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not a UTF-8 text (YAML) file: line {line} holds a byte that is not "
+                          "UTF-8; save the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -38,18 +62,38 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def find_recipe(name: str | Path) -> Path:
-    """`name` when it is a file; else the shipped recipe of that name (`cifar10_lt/ce`, `cifar10_lt/ce.yaml`,
-    or `configs/cifar10_lt/ce.yaml` as the README writes it, from any directory)."""
+    """`name` when it is a file; else the shipped recipe of that name, from any directory."""
     path = Path(name)
-    if path.is_file():
-        return path
-    root = recipes_dir()
+    found = path if path.is_file() else shipped_recipe(path)
+    if found is None:
+        raise ConfigError(f"config file {path} does not exist, and no shipped recipe is named {str(name)!r}; "
+                          f"{recipe_hint(path)}")
+    return found
+
+
+def shipped_recipe(name: str | Path) -> Path | None:
+    """The shipped recipe of that name (`cifar10_lt/ce`, `cifar10_lt/ce.yaml`, or `configs/cifar10_lt/ce.yaml` as
+    the README writes it), else None."""
+    path = Path(name)
     rest = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
-    for candidate in (root / rest, root / rest.with_name(rest.name + ".yaml")):
-        if not rest.is_absolute() and candidate.is_file():
-            return candidate
-    raise ConfigError(f"config file {path} does not exist, and no shipped recipe is named {str(name)!r}; "
-                      "`longtail configs` lists the recipes")
+    root = recipes_dir()
+    candidates = () if rest.is_absolute() else (root / rest, root / rest.with_name(rest.name + ".yaml"))
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
+
+
+def recipe_hint(name: Path) -> str:
+    """Where to find the recipe a mistyped name meant: the closest shipped name, and `longtail configs`."""
+    typed = name.as_posix().removeprefix("configs/").removesuffix(".yaml")
+
+    def similarity(known: str) -> float:
+        return difflib.SequenceMatcher(None, typed, known).ratio()
+
+    # Of names about as close, one whose file name holds the typed one's: cifar100_lt/ldam -> ldam_drw, not la.
+    def score(known: str) -> float:
+        return similarity(known) + 0.2 * (name.stem in known.rpartition("/")[2])
+
+    best = max(recipe_names(), key=score)
+    return (f"did you mean {best}? " if similarity(best) >= 0.6 else "") + "`longtail configs` lists the recipes"
 
 
 def read_recipe(path: str | Path, inside: tuple[Path, ...] = ()) -> dict:
@@ -63,7 +107,11 @@ def read_recipe(path: str | Path, inside: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: base: expected a recipe name or a path to a YAML file, got {base!r}")
     beside = path.parent / base
     base_path = next((p for p in (beside, beside.with_name(beside.name + ".yaml")) if p.is_file()), None)
-    base_path = base_path or find_recipe(base)
+    base_path = base_path or shipped_recipe(base)
+    if base_path is None:
+        raise ConfigError(f"{path}: base: {base} does not exist as {beside.resolve()} (a base path is relative to the "
+                          f"folder of the file that names it), and no shipped recipe is named {base!r}; "
+                          f"{recipe_hint(Path(base))}")
     if base_path.resolve() in (*inside, path.resolve()):
         raise ConfigError(f"{path}: base: {base} leads back to {path}; a recipe cannot inherit from itself")
     merged = read_recipe(base_path, (*inside, path.resolve()))
@@ -88,15 +136,17 @@ def describe(path: Path, limit: int = 100) -> str:
     return sentence if len(sentence) <= limit else sentence[:limit - 3].rstrip() + "..."
 
 
+def recipe_names() -> list[str]:
+    """The shipped recipes' names (`cifar10_lt/ce`, ...); the paper tables are `longtail reproduce --list`'s."""
+    root = recipes_dir()
+    return [path.relative_to(root).with_suffix("").as_posix() for path in sorted(root.glob("*/*.yaml"))
+            if path.parent.name != "tables"]
+
+
 def list_recipes(pattern: str | None = None) -> list[tuple[str, str]]:
     """(name, description) of the shipped recipes whose name matches `pattern` (a glob, or a plain word
-    matched anywhere in the name); the paper tables are `longtail reproduce --list`'s."""
-    root = recipes_dir()
+    matched anywhere in the name)."""
     if pattern and not any(c in pattern for c in "*?["):
         pattern = f"*{pattern}*"
-    found = []
-    for path in sorted(root.glob("*/*.yaml")):
-        name = path.relative_to(root).with_suffix("").as_posix()
-        if path.parent.name != "tables" and (not pattern or fnmatch.fnmatch(name, pattern)):
-            found.append((name, describe(path)))
-    return found
+    return [(name, describe(recipes_dir() / f"{name}.yaml")) for name in recipe_names()
+            if not pattern or fnmatch.fnmatch(name, pattern)]
