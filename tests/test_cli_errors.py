@@ -162,3 +162,7 @@ def test_config_refuses_what_train_would_before_a_sweep_runs_a_point(tmp_path, c
     refused(capsys, ["sweep", "fashion_mnist_lt/ce", "--grid", f"{key}=[{good},{bad}]", "--out", str(tmp_path / "s")],
             message)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_directory_given_as_a_config_is_named_as_one(tmp_path, capsys):
+    refused(capsys, ["config", str(tmp_path)], f"config file {tmp_path} is a directory; expected a YAML file")

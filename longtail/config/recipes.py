@@ -45,7 +45,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -64,6 +64,8 @@ def read_yaml(path: str | Path) -> dict:
 def find_recipe(name: str | Path) -> Path:
     """`name` when it is a file; else the shipped recipe of that name, from any directory."""
     path = Path(name)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; expected a YAML file or a shipped recipe's name")
     found = path if path.is_file() else shipped_recipe(path)
     if found is None:
         raise ConfigError(f"config file {path} does not exist, and no shipped recipe is named {str(name)!r}; "
