@@ -166,3 +166,15 @@ def test_config_refuses_what_train_would_before_a_sweep_runs_a_point(tmp_path, c
 
 def test_a_directory_given_as_a_config_is_named_as_one(tmp_path, capsys):
     refused(capsys, ["config", str(tmp_path)], f"config file {tmp_path} is a directory; expected a YAML file")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("data: {name: x\n", "expected ',' or '}', but got '<stream end>' (line 2, column 1)"),
+    ("data:\n\tname: x\n", "found character '\\t' that cannot start any token (line 2, column 1)"),
+    ("a: b: c\n", "mapping values are not allowed here (line 1, column 5)"),
+])
+def test_invalid_yaml_is_one_line_saying_what_and_where(tmp_path, capsys, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    refused(capsys, ["config", str(bad)], f"config file {bad} is not valid YAML: ")
+    refused(capsys, ["config", str(bad)], message)
