@@ -178,3 +178,7 @@ def test_invalid_yaml_is_one_line_saying_what_and_where(tmp_path, capsys, text, 
     bad.write_text(text)
     refused(capsys, ["config", str(bad)], f"config file {bad} is not valid YAML: ")
     refused(capsys, ["config", str(bad)], message)
+
+
+def test_a_model_width_below_one_is_refused_by_config_as_by_train(capsys):
+    refused(capsys, ["config", "fashion_mnist_lt/ce", "model.width=0"], "model.width: must be > 0, got 0")

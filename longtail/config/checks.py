@@ -23,6 +23,7 @@ def check_values(cfg: Config) -> None:
         "train.log_every": cfg.train.log_every,
         "data.mosaic_train_images": cfg.data.mosaic_train_images,
         "data.mosaic_test_images": cfg.data.mosaic_test_images,
+        "model.width": cfg.model.width,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from longtail.config import ModelConfig
-from longtail.errors import ConfigError
 from longtail.models.registry import no_pretrained, register
 
 
@@ -33,7 +32,5 @@ class MLP(nn.Module):
 @register("mlp")
 def mlp(num_classes: int, in_channels: int, image_size: int, model_cfg: ModelConfig) -> MLP:
     """The EWB paper's BN-MLP (3 layers of model.width units) for small inputs such as Fashion-MNIST."""
-    if model_cfg.width < 1:
-        raise ConfigError(f"model.width: the mlp needs a width >= 1, got {model_cfg.width}")
     no_pretrained(model_cfg)
     return MLP(in_channels * image_size * image_size, model_cfg.width)
