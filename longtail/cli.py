@@ -272,9 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train a config; writes a run directory", cmd_train, epilog=SETTINGS)
     p.add_argument("config", help=RECIPE)
-    p.add_argument("overrides", nargs="*", help="dotted overrides without dashes, e.g. train.epochs=5 optim.lr=0.05")
-    p.add_argument("--out", type=given, help="run directory (default: runs/<dataset>/<config name>, the folder the two-stage "
-                   "recipes' method.init_from names)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dotted overrides without dashes, e.g. train.epochs=5 optim.lr=0.05")
+    p.add_argument("--out", type=given, help="run directory (default: runs/<dataset>/<config name>, the folder the "
+                   "two-stage recipes' method.init_from names)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     p.add_argument("--fast", action="store_true", help="train and evaluate in bfloat16 autocast with channels_last (" +
                    " ".join(FAST) + "): about 2.4x faster training on a CPU with AMX (docs/cli.md#speed)")
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("config", "print a recipe's resolved settings as YAML (a dry run: nothing trains)", cmd_config,
                 epilog=SETTINGS)
     p.add_argument("config", nargs="?", help=RECIPE + " (default: the defaults alone)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=5")
     p.add_argument("--diff", action="store_true", help="only the settings that differ from the defaults")
 
     p = command("models", "list the backbones (model.name) and heads (model.head)", cmd_models)
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("data", "show a long-tailed subset: per-class counts, groups, index sha256", cmd_data)
     p.add_argument("name_or_config", help="dataset name (cifar10_lt, cifar100_lt, fashion_mnist_lt, ...) or a config")
-    p.add_argument("overrides", nargs="*", help="overrides, e.g. imbalance=50 selection=first")
+    p.add_argument("overrides", nargs="*", default=[], help="overrides, e.g. imbalance=50 selection=first")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--indices", type=given, help="write the selected original train indices to this file, one per "
                    "line")
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("sweep", "a config over a grid of settings and seeds, one run directory each", cmd_sweep)
     p.add_argument("config", help="YAML config")
-    p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=50")
+    p.add_argument("overrides", nargs="*", default=[], help="overrides for every run, e.g. train.epochs=50")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
                    help="a key and its values as a YAML flow list; repeat for a product of grids")
     p.add_argument("--seeds", help="train.seed values, e.g. 0,1,2 (default: the config's seed)")

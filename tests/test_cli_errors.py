@@ -182,3 +182,10 @@ def test_invalid_yaml_is_one_line_saying_what_and_where(tmp_path, capsys, text, 
 
 def test_a_model_width_below_one_is_refused_by_config_as_by_train(capsys):
     refused(capsys, ["config", "fashion_mnist_lt/ce", "model.width=0"], "model.width: must be > 0, got 0")
+
+
+def test_a_missing_config_names_only_what_is_required(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("the following arguments are required: config")
