@@ -28,7 +28,7 @@ from longtail.errors import ConfigError
 CLASS_AWARE_RUN = 3  # images per class draw (DB-Loss's ClassAwareSampler num_samples_cls)
 
 
-def epoch_generator(seed: int, epoch: int, purpose: str = "sampler") -> torch.Generator:
+def order_generator(seed: int, epoch: int, purpose: str = "sampler") -> torch.Generator:
     """A CPU generator for one (purpose, seed, epoch). torch's CPU generator keeps only 32 bits of its
     seed, so the three are hashed into those bits instead of being packed side by side."""
     digest = hashlib.sha256(f"{purpose}:{seed}:{epoch}".encode()).digest()
@@ -65,7 +65,7 @@ class EpochSampler(Sampler[int]):
 
     def order(self) -> torch.Tensor:
         """The whole epoch's positions, every rank's together (int64, N)."""
-        return self.draw(epoch_generator(self.seed, self.epoch))
+        return self.draw(order_generator(self.seed, self.epoch))
 
     def draw(self, g: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
