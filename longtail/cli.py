@@ -32,6 +32,14 @@ def finite(text: str) -> float:
     return value
 
 
+def non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def given(text: str) -> str:
     """argparse type: a non-empty value; an empty path or list would silently mean the default."""
     if not text.strip():
@@ -333,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("posthoc", "post-hoc logit adjustment of a finished run, folded into its head", cmd_posthoc)
     p.add_argument("run", help="run directory")
     p.add_argument("--kind", choices=["multiplicative", "additive"], default=None)
-    p.add_argument("--tau", type=finite, default=None, help="fixed tau (default: search on the validation split)")
+    p.add_argument("--tau", type=non_negative, default=None,
+                   help="fixed tau, >= 0 (default: search on the validation split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing posthoc-<kind>/ result")
     p.add_argument("--data-root", type=given)
 

@@ -115,6 +115,7 @@ def test_an_output_file_is_replaced_only_with_overwrite(run, tmp_path, capsys, d
 @pytest.mark.parametrize("argv,message", [
     (["posthoc", "RUN", "--tau", "nan"], "argument --tau: expected a finite number, got nan"),
     (["posthoc", "RUN", "--tau", "inf"], "argument --tau: expected a finite number, got inf"),
+    (["posthoc", "RUN", "--tau", "-1"], "argument --tau: expected a number >= 0, got -1"),
     (["train", "fashion_mnist_lt/ce", "--out", ""], "argument --out: expected a value, got an empty string"),
     (["eval", "RUN", "--data-root", " "], "argument --data-root: expected a value"),
 ])

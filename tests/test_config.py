@@ -157,6 +157,18 @@ def test_non_finite_numbers_are_refused_naming_the_key(override, key):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("posthoc.tau=-0.5", r"^posthoc\.tau: must be >= 0, got -0\.5$"),
+    ("method.tau_norm_tau=-1", r"^method\.tau_norm_tau: must be >= 0, got -1\.0$"),
+    ("posthoc.grid=[-1, 2, 0.05]", r"^posthoc\.grid: expected \[start, stop, step\] with 0 <= start <= stop"),
+])
+def test_a_negative_tau_is_refused_naming_the_key(override, message):
+    # It would move the logits toward the frequent classes: the opposite of what every adjustment is for.
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    load_config(None, [override.replace("-", "")])  # the same value >= 0 loads
+
+
 def test_config_refuses_a_nan_it_used_to_print(tmp_path, capsys):
     from longtail.cli import main
 

@@ -44,8 +44,11 @@ def check_values(cfg: Config) -> None:
         "train.track_every": cfg.train.track_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "more.amplitude": cfg.more.amplitude,
+        # A negative tau would push the logits toward the frequent classes, the opposite of every adjustment.
+        "posthoc.tau": cfg.posthoc.tau,
+        "method.tau_norm_tau": cfg.method.tau_norm_tau,
     }.items():
-        if value < 0:
+        if value is not None and value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if any(m < 0 for m in cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones: every entry must be >= 0 (a fraction of training below 1, "
@@ -59,8 +62,10 @@ def check_values(cfg: Config) -> None:
         t = cfg.eval.thresholds
         if len(t) != 2 or t[0] < t[1]:
             raise ConfigError(f"eval.thresholds: expected [many, few] with many >= few, got {t}")
-    if len(cfg.posthoc.grid) != 3 or cfg.posthoc.grid[2] <= 0 or cfg.posthoc.grid[1] < cfg.posthoc.grid[0]:
-        raise ConfigError(f"posthoc.grid: expected [start, stop, step] with step > 0, got {cfg.posthoc.grid}")
+    grid = cfg.posthoc.grid
+    if len(grid) != 3 or grid[0] < 0 or grid[2] <= 0 or grid[1] < grid[0]:
+        raise ConfigError(f"posthoc.grid: expected [start, stop, step] with 0 <= start <= stop and step > 0, "
+                          f"got {grid}")
     if cfg.posthoc.kind != "none" and cfg.model.head == "cosine":
         raise ConfigError("posthoc.kind: a cosine head normalises its weights, so a logit adjustment cannot be folded "
                           "into it; use model.head linear or etf, or posthoc.kind none")

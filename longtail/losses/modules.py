@@ -32,7 +32,8 @@ from longtail.mixing import MixedTargets
 # Each hyper-parameter's range, by the `loss` config key it is read from: a Module checks its arguments by it
 # (`CountsLoss.check`) and `longtail.losses.check_loss_config` the config's keys, so each rule is written once.
 RANGES: dict[str, str] = {
-    "beta": "[0, 1)", "gamma": ">= 0", "ldam_scale": "> 0", "focal_bce_gamma": ">= 0", "cb_bce_beta": "[0, 1)",
+    "tau": ">= 0", "beta": "[0, 1)", "gamma": ">= 0", "ldam_max_margin": ">= 0", "ldam_scale": "> 0",
+    "focal_bce_gamma": ">= 0", "cb_bce_beta": "[0, 1)",
     "db_alpha": ">= 0", "db_beta": "> 0", "db_neg_scale": "> 0", "db_kappa": ">= 0", "db_focal_gamma": ">= 0",
     "db_focal_balance": "> 0", "asl_gamma_neg": ">= 0", "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)",
 }
@@ -139,7 +140,7 @@ class LDAMLoss(ClassIdLoss):
     def __init__(self, class_counts: Counts, max_margin: float = 0.5, scale: float = 30.0,
                  drw_start: Optional[int] = None, beta: float = 0.9999):
         super().__init__(class_counts, drw_start, beta)
-        self.check(scale=scale)
+        self.check(max_margin=max_margin, scale=scale)
         self.max_margin, self.scale = max_margin, scale
 
     def compute(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -155,6 +156,7 @@ class LogitAdjustedLoss(ClassIdLoss):
     def __init__(self, class_counts: Counts, tau: float = 1.0, drw_start: Optional[int] = None,
                  beta: float = 0.9999):
         super().__init__(class_counts, drw_start, beta)
+        self.check(tau=tau)
         self.tau = tau
 
     def compute(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
