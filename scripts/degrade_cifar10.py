@@ -74,10 +74,9 @@ def main(argv: list[str]) -> int:
         shutil.copy2(source / "batches.meta", staged / "batches.meta")
         for name in BATCHES:
             record = load_pickle(source / name)
-            key = "data" if "data" in record else b"data"
-            before = record[key]
-            record[key] = reencode(before, args.quality, args.shift)
-            total += int(np.abs(record[key].astype(np.int16) - before).sum())
+            before = record["data"]  # load_pickle decodes Python 2 keys as latin-1 str, so always "data"
+            record["data"] = reencode(before, args.quality, args.shift)
+            total += int(np.abs(record["data"].astype(np.int16) - before).sum())
             count += before.size
             with open(staged / name, "wb") as f:
                 pickle.dump(record, f, protocol=2)
